@@ -1,0 +1,101 @@
+"""`python -m data_tools check PATH | prepare | derive NAME --out DIR | analyze`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from data_tools.datasets import DERIVED, RAW_SPLITS, load_dataset, load_split, write_folder
+from data_tools.reader import DatasetError
+from experiments import config
+
+
+def _check(args: argparse.Namespace) -> None:
+    from data_tools.analyze import summarize
+
+    start = time.perf_counter()
+    dataset = load_dataset(Path(args.path))  # no cache: a check reads every file
+    s = summarize(dataset)
+    print(f"{args.path}: OK, {s['images']:,} images in {time.perf_counter() - start:.2f} s")
+    for label, count in enumerate(s["per_class"], start=1):
+        print(f"  class {label}: {count:,}")
+    print(f"  dtype {s['dtype']}, values in [{s['min']:.4f}, {s['max']:.4f}]")
+    print(f"  background: {s['black_background']:,} black, {s['white_background']:,} white")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    root = config.data_dir(args.data_dir)
+    for name in RAW_SPLITS:
+        start = time.perf_counter()
+        dataset = load_dataset(root / name, config.cache_dir())
+        print(
+            f"{name}: {len(dataset):,} images, fingerprint {dataset.fingerprint[:12]}, "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+    print(f"cache: {config.cache_dir()}")
+
+
+def _derive(args: argparse.Namespace) -> None:
+    root = config.data_dir(args.data_dir)
+    out = Path(args.out).resolve()
+    if out.is_relative_to(root.resolve()):
+        raise DatasetError(out, "refusing to write inside the read-only datasets folder")
+    dataset = load_split(args.name, root, config.cache_dir())
+    written = write_folder(dataset, out)
+    print(f"{args.name}: {len(dataset):,} images written to {written}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from data_tools.analyze import analyze
+
+    root = config.data_dir(args.data_dir)
+    datasets = {name: load_dataset(root / name, config.cache_dir()) for name in RAW_SPLITS}
+    out = config.reports_dir(args.out)
+    summaries, written = analyze(datasets, out)
+    for path in written:
+        print(f"wrote {path}")
+    if not args.no_mlflow:
+        from experiments.tracking import log_data_analysis
+
+        run_id = log_data_analysis(summaries, written)
+        print(f"logged to MLflow run {run_id} (experiment data-analysis)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    parser.add_argument("--data-dir", help="datasets folder (default: $DATA_DIR, data/raw, shared)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="validate one dataset folder and print its numbers")
+    check.add_argument("path", help="a dataset folder with class folders 1..6")
+    check.set_defaults(func=_check)
+
+    prepare = commands.add_parser("prepare", help="check TRAIN, TEST, TEST2 and fill the cache")
+    prepare.set_defaults(func=_prepare)
+
+    derive = commands.add_parser("derive", help="write a derived set in the original folder format")
+    derive.add_argument("name", choices=sorted(DERIVED))
+    derive.add_argument("--out", required=True, help="new or empty output folder")
+    derive.set_defaults(func=_derive)
+
+    analyze = commands.add_parser("analyze", help="figures and data_summary.md into reports/")
+    analyze.add_argument("--out", help="reports folder (default: reports/)")
+    analyze.add_argument("--no-mlflow", action="store_true", help="do not log a data-analysis run")
+    analyze.set_defaults(func=_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

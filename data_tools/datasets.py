@@ -1,0 +1,144 @@
+"""The datasets of the study: the three raw folders and the sets derived from them by rule.
+
+| name   | what                                              | images |
+|--------|---------------------------------------------------|--------|
+| TRAIN  | raw folder: one script, white on black            | 36,000 |
+| TEST   | raw folder: half TRAIN-like, half a second script | 6,000  |
+| TEST2  | raw folder: only the second script                | 6,000  |
+| TRAIN2 | TRAIN plus every TRAIN image inverted (1 - x)      | 72,000 |
+| TRAIN3 | the white-background images of TEST               | 3,000  |
+
+The background rule (`is_white_background`) is the one place that decides
+black versus white: the mean of the outermost ring of pixels is above 0.5.
+On these data that ring's mean is ~0 for black backgrounds and exactly 1.0
+for white ones, so the threshold sits far from both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools.cache import load_cached
+from data_tools.reader import DatasetError
+
+NUM_CLASSES = 6
+RAW_SPLITS = ("TRAIN", "TEST", "TEST2")
+WHITE_BORDER_THRESHOLD = 0.5
+
+
+def border_mean(images: torch.Tensor) -> torch.Tensor:
+    """Mean of the outermost one-pixel ring of each image (`N x 1 x H x W` or `N x H x W`)."""
+    x = images.reshape(images.shape[0], images.shape[-2], images.shape[-1])
+    ring_sum = x[:, 0, :].sum(1) + x[:, -1, :].sum(1) + x[:, 1:-1, 0].sum(1) + x[:, 1:-1, -1].sum(1)
+    count = 2 * x.shape[-1] + 2 * (x.shape[-2] - 2)
+    return ring_sum / count
+
+
+def is_white_background(images: torch.Tensor) -> torch.Tensor:
+    """The background rule: True where an image has a white background."""
+    return border_mean(images) > WHITE_BORDER_THRESHOLD
+
+
+def invert(images: torch.Tensor) -> torch.Tensor:
+    return 1.0 - images
+
+
+@dataclass
+class Dataset:
+    """A labelled image set held in memory."""
+
+    name: str
+    images: torch.Tensor  # N x 1 x 28 x 28, float32 in [0, 1]
+    labels: torch.Tensor  # N, int64 in 0..5 (folder "1" is label 0)
+    files: tuple[str, ...]  # source file of each image (derived ones are prefixed)
+    fingerprint: str  # sha256 of the source images and labels, and the derivation
+
+    @property
+    def white(self) -> torch.Tensor:
+        return is_white_background(self.images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, mask_or_index: torch.Tensor, name: str) -> Dataset:
+        index = mask_or_index
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        files = tuple(self.files[i] for i in index.tolist())
+        return Dataset(
+            name, self.images[index], self.labels[index], files, f"{self.fingerprint}|{name}"
+        )
+
+
+def load_dataset(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load one dataset folder: images `N x 1 x 28 x 28` float32 and labels `0..5`, stable order."""
+    raw, digest = load_cached(path, cache_dir, NUM_CLASSES)
+    images = torch.from_numpy(np.ascontiguousarray(raw.images)).unsqueeze(1)
+    labels = torch.from_numpy(np.ascontiguousarray(raw.labels))
+    return Dataset(Path(path).name, images, labels, raw.files, digest)
+
+
+def _train2(train: Dataset) -> Dataset:
+    images = torch.cat([train.images, invert(train.images)])
+    labels = torch.cat([train.labels, train.labels])
+    files = train.files + tuple(f"inverted:{f}" for f in train.files)
+    return Dataset("TRAIN2", images, labels, files, f"{train.fingerprint}|TRAIN2")
+
+
+def _train3(test: Dataset) -> Dataset:
+    return test.subset(test.white, "TRAIN3")
+
+
+# derived name -> (raw source, rule)
+DERIVED: dict[str, tuple[str, Callable[[Dataset], Dataset]]] = {
+    "TRAIN2": ("TRAIN", _train2),
+    "TRAIN3": ("TEST", _train3),
+}
+SPLITS = RAW_SPLITS + tuple(DERIVED)
+
+
+def load_split(
+    name: str, data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> Dataset:
+    """Load a raw or derived split by name from the datasets folder."""
+    if name in RAW_SPLITS:
+        return load_dataset(Path(data_dir) / name, cache_dir)
+    if name in DERIVED:
+        source, rule = DERIVED[name]
+        return rule(load_dataset(Path(data_dir) / source, cache_dir))
+    raise DatasetError(name, f"unknown dataset; expected one of {', '.join(SPLITS)}")
+
+
+def write_folder(dataset: Dataset, out: str | os.PathLike) -> Path:
+    """Write a dataset in the original layout (`<label 1..6>/<name>.npy`, float32 `(1, 28, 28)`).
+
+    The folder is built under a temporary name and renamed at the end, so a
+    failure leaves nothing behind. `out` must not exist or be an empty folder.
+    """
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(out, "output folder exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        for label in range(1, NUM_CLASSES + 1):
+            (tmp / str(label)).mkdir()
+        arrays = dataset.images.numpy().astype(np.float32)
+        for index, (image, label) in enumerate(zip(arrays, dataset.labels.tolist(), strict=True)):
+            stem = Path(dataset.files[index].replace("inverted:", "inv_")).stem
+            np.save(tmp / str(label + 1) / f"{stem}_{index}.npy", image, allow_pickle=False)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,102 @@
+"""`python -m experiments steps | train | bench`: the study's command line.
+
+Errors a user can act on (bad data, unknown step, model or setting) print one
+line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_tools import DatasetError
+from experiments.steps import STEPS
+
+
+def _steps(args: argparse.Namespace) -> None:
+    for step in STEPS.values():
+        evals = ", ".join(step.eval_sets)
+        reuse = f" (results of {step.reuses})" if step.reuses else ""
+        print(
+            f"{step.name:<13} train {step.train_set:<7} eval {evals:<11} {step.description}{reuse}"
+        )
+        print(f"{'':<13} labels read by training: {step.label_use}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from experiments.runner import load_step_data, train_and_log
+    from experiments.steps import get_step, training_step
+    from experiments.train import TrainConfig, parse_overrides
+
+    asked = get_step(args.step)
+    step = training_step(args.step)
+    overrides = parse_overrides(args.set or [])
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = TrainConfig(model=args.model).with_overrides(overrides)
+    if step is not asked:
+        print(
+            f"{asked.name} trains nothing: training {step.name} (evaluated on {', '.join(step.eval_sets)})"
+        )
+    data = load_step_data(step, args.data_dir)
+    outcome = train_and_log(data, cfg, run_name=f"train-{cfg.model}")
+    print(f"run {outcome.run_id} in experiment {step.name}")
+    shown = ["best_val_acc", "best_epoch"] + [
+        k for k in outcome.metrics if k.endswith("_acc") and k != "best_val_acc"
+    ]
+    for key in shown:
+        print(f"  {key:<18} {outcome.metrics[key]:.4f}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from experiments.bench import run_bench
+
+    run_bench(args.out, sections=args.only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    steps = commands.add_parser("steps", help="list the declared task steps")
+    steps.set_defaults(func=_steps)
+
+    train = commands.add_parser(
+        "train", help="train one model on one step and log the run to MLflow"
+    )
+    train.add_argument("--step", required=True, choices=list(STEPS))
+    train.add_argument("--model", required=True)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)"
+    )
+    train.add_argument("--data-dir", help="datasets folder (default: $DATA_DIR, data/raw, shared)")
+    train.set_defaults(func=_train)
+
+    bench = commands.add_parser("bench", help="measure data loading (and training) side by side")
+    bench.add_argument("--out", help="reports folder (default: reports/)")
+    bench.add_argument(
+        "--only", action="append", choices=["data"], help="run only these sections"
+    )
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

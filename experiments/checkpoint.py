@@ -1,0 +1,93 @@
+"""Checkpoints that describe themselves, and `load_checkpoint` to get the same predictions back.
+
+A checkpoint is a plain dict saved with `torch.save`, loadable with
+`weights_only=True` (no pickled code): model name and constructor kwargs, the
+resolved preprocessing, the full training config, the best epoch and its
+metrics, and the state dict.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments.preprocess import Preprocessing
+from models import create_model
+
+FORMAT_VERSION = 1
+ARTIFACT_PATH = "checkpoint/model.pt"
+
+
+def make_checkpoint(
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    config: dict[str, Any],
+    epoch: int,
+    metrics: dict[str, float],
+    step: str,
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "preprocessing": preprocessing.to_dict(),
+        "config": dict(config),
+        "step": step,
+        "epoch": epoch,
+        "metrics": dict(metrics),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+@dataclass
+class Loaded:
+    """A model ready to predict, with the preprocessing it was trained with."""
+
+    model: nn.Module
+    preprocessing: Preprocessing
+    checkpoint: dict[str, Any]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Labels 0..5 for raw images `N x 1 x 28 x 28` in [0, 1]."""
+        from experiments.train import predict_logits
+
+        device = next(self.model.parameters()).device
+        x = self.preprocessing.transform(images).to(device)
+        return predict_logits(self.model, x, batch_size).argmax(1).cpu()
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.suffix or os.sep in str(source):
+        raise FileNotFoundError(f"{source}: no such checkpoint file")
+    import mlflow
+
+    from experiments import tracking
+
+    tracking.init()
+    return Path(
+        mlflow.artifacts.download_artifacts(run_id=str(source), artifact_path=ARTIFACT_PATH)
+    )
+
+
+def load_checkpoint(source: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:
+    """Rebuild model and preprocessing from a checkpoint file or an MLflow run id."""
+    checkpoint = torch.load(_resolve(source), map_location="cpu", weights_only=True)
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{source}: unsupported checkpoint format {checkpoint.get('format_version')}"
+        )
+    model = create_model(checkpoint["model"], **checkpoint["model_kwargs"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    return Loaded(model, Preprocessing.from_dict(checkpoint["preprocessing"]), checkpoint)

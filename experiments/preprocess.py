@@ -1,0 +1,132 @@
+"""Preprocessing: polarity, normalization and training-time augmentation, each a named entry.
+
+The order is fixed: polarity (on [0, 1] images) -> normalization -> augmentation.
+Polarity and normalization are deterministic per image and are applied once to
+every set (training, validation, evaluation). Augmentation is random and is
+applied only to training batches, per sample (kornia draws each image's own
+parameters), on whatever device the batch lives on.
+
+| option          | choices                                                              |
+|-----------------|----------------------------------------------------------------------|
+| `polarity`      | `keep`, `to_black` (invert white-background images; background rule of data_tools) |
+| `normalization` | `none`, `half` (mean 0.5, std 0.5), `dataset` (training split's mean/std), `per_image` |
+| `augmentation`  | `none`, `crop` (random resized crop, min area `crop_scale`), `affine` (rotation, shear, scale, translation scaled by `affine_strength`) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+from data_tools import invert, is_white_background
+
+
+def _keep(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _to_black(images: torch.Tensor) -> torch.Tensor:
+    white = is_white_background(images).view(-1, 1, 1, 1)
+    return torch.where(white, invert(images), images)
+
+
+POLARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "keep": _keep,
+    "to_black": _to_black,
+}
+
+
+def _per_image(images: torch.Tensor) -> torch.Tensor:
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    std = images.std(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) / (std + 1e-6)
+
+
+# name -> (fit on training images -> (mean, std) or None, per-image rule or None)
+NORMALIZATIONS: dict[str, Callable[[torch.Tensor], tuple[float, float] | None]] = {
+    "none": lambda images: (0.0, 1.0),
+    "half": lambda images: (0.5, 0.5),
+    "dataset": lambda images: (float(images.mean()), float(images.std())),
+    "per_image": lambda images: None,
+}
+
+
+def _crop(prep: Preprocessing) -> nn.Module:
+    return K.RandomResizedCrop((28, 28), scale=(prep.crop_scale, 1.0), ratio=(0.9, 1.1), p=1.0)
+
+
+def _affine(prep: Preprocessing) -> nn.Module:
+    s = prep.affine_strength
+    return K.RandomAffine(
+        degrees=15 * s,
+        translate=(0.1 * s, 0.1 * s),
+        scale=(1 - 0.1 * s, 1 + 0.1 * s),
+        shear=10 * s,
+        padding_mode="border",  # the image's own background, black or white
+        p=1.0,
+    )
+
+
+AUGMENTATIONS: dict[str, Callable[[Preprocessing], nn.Module] | None] = {
+    "none": None,
+    "crop": _crop,
+    "affine": _affine,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A complete, serialisable description of how images are prepared."""
+
+    polarity: str = "keep"
+    normalization: str = "half"
+    augmentation: str = "none"
+    crop_scale: float = 0.85
+    affine_strength: float = 1.0
+    mean: float = 0.5  # resolved by fit() for the chosen normalization
+    std: float = 0.5
+
+    def __post_init__(self) -> None:
+        for field, registry in (
+            ("polarity", POLARITIES),
+            ("normalization", NORMALIZATIONS),
+            ("augmentation", AUGMENTATIONS),
+        ):
+            value = getattr(self, field)
+            if value not in registry:
+                raise ValueError(
+                    f"unknown {field} {value!r}; expected one of: {', '.join(registry)}"
+                )
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
+
+    def fit(self, train_images: torch.Tensor) -> Preprocessing:
+        """Resolve the normalization statistics from the training images (after polarity)."""
+        stats = NORMALIZATIONS[self.normalization](POLARITIES[self.polarity](train_images))
+        if stats is None:
+            return self
+        mean, std = stats
+        return replace(self, mean=mean, std=max(std, 1e-6))
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """The deterministic part, for every set: polarity, then normalization."""
+        images = POLARITIES[self.polarity](images)
+        if self.normalization == "per_image":
+            return _per_image(images)
+        return (images - self.mean) / self.std
+
+    def augmenter(self) -> nn.Module | None:
+        """The random part, for training batches only (None when there is none)."""
+        build = AUGMENTATIONS[self.augmentation]
+        return build(self) if build else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        return cls(**values)

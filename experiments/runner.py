@@ -1,0 +1,161 @@
+"""One tracked training run: load a step's data, fit, score every evaluation set, log it all.
+
+Used by `python -m experiments train` and by every trial of a search. The run
+ends FINISHED only when training and scoring completed; a pruned trial ends
+KILLED, an error FAILED, each tagged with its `state` (and the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from data_tools import Dataset, load_split
+from experiments import config, tracking
+from experiments.checkpoint import make_checkpoint
+from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified, score
+from experiments.steps import Step
+from experiments.train import FitResult, TrainConfig, fit
+
+
+@dataclass
+class StepData:
+    step: Step
+    train_set: Dataset
+    eval_sets: dict[str, Dataset]
+
+
+def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:
+    """The training set and the evaluation sets of a step, through the dataset cache."""
+    root = config.data_dir(data_dir)
+    cache = config.cache_dir()
+    train_set = load_split(step.train_set, root, cache)
+    loaded = {step.train_set: train_set}
+    eval_sets = {}
+    for name in step.eval_sets:
+        if name not in loaded:
+            loaded[name] = load_split(name, root, cache)
+        eval_sets[name] = loaded[name]
+    return StepData(step, train_set, eval_sets)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    metrics: dict[str, float]
+    result: FitResult
+
+
+def _epoch_sink(row: dict[str, float]) -> None:
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def run_tags(data: StepData, cfg: TrainConfig) -> dict[str, str]:
+    step = data.step
+    tags = {
+        "step": step.name,
+        "model": cfg.model,
+        "train_set": step.train_set,
+        "eval_sets": ",".join(step.eval_sets),
+        "label_use": step.label_use,
+        "seed": str(cfg.seed),
+        f"data.{step.train_set}_fingerprint": data.train_set.fingerprint[:16],
+        **tracking.environment_tags(),
+    }
+    for name, dataset in data.eval_sets.items():
+        tags[f"data.{name}_fingerprint"] = dataset.fingerprint[:16]
+    return tags
+
+
+def train_and_log(
+    data: StepData,
+    cfg: TrainConfig,
+    run_name: str,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
+    log_figures: bool = True,
+) -> RunOutcome:
+    """Train `cfg` on the step's training set and leave a complete run in MLflow."""
+    experiment = tracking.experiment_id(data.step.name)
+    run = mlflow.start_run(
+        experiment_id=experiment,
+        run_name=run_name,
+        parent_run_id=parent_run_id,
+        tags={**run_tags(data, cfg), **(extra_tags or {})},
+    )
+    try:
+        mlflow.log_params(cfg.flat())
+        result = fit(cfg, data.train_set, on_epoch=[_epoch_sink, *on_epoch], label=run_name)
+        mlflow.log_params({f"split.{k}": v for k, v in result.split.items() if k not in cfg.flat()})
+        metrics = {
+            "best_val_acc": result.best_val_acc,
+            "best_val_loss": result.best_val_loss,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+        }
+        evaluations = {
+            name: score(result.model, result.preprocessing, ds, result.device)
+            for name, ds in data.eval_sets.items()
+        }
+        for evaluation in evaluations.values():
+            metrics.update(evaluation.metrics)
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            checkpoint = make_checkpoint(
+                cfg.model,
+                cfg.model_kwargs,
+                result.model,
+                result.preprocessing,
+                cfg.flat(),
+                result.best_epoch,
+                metrics,
+                data.step.name,
+            )
+            (folder / "checkpoint").mkdir()
+            import torch
+
+            torch.save(checkpoint, folder / "checkpoint" / "model.pt")
+            (folder / "history.json").write_text(json.dumps(result.history, indent=1))
+            (folder / "preprocessing.json").write_text(
+                json.dumps(result.preprocessing.to_dict(), indent=1)
+            )
+            if log_figures:
+                figures = folder / "figures"
+                figures.mkdir()
+                plot_curves(result.history, result.best_epoch, figures / "curves.png")
+                for name, evaluation in evaluations.items():
+                    plot_confusion(evaluation, figures / f"confusion_{name}.png")
+                    plot_misclassified(
+                        evaluation, data.eval_sets[name], figures / f"misclassified_{name}.png"
+                    )
+            mlflow.log_artifacts(tmp)
+    except BaseException as exc:
+        _end_with(exc)
+        raise
+    mlflow.set_tag("state", "COMPLETE")
+    mlflow.end_run("FINISHED")
+    return RunOutcome(run.info.run_id, metrics, result)
+
+
+def _end_with(exc: BaseException) -> None:
+    """End the active run with a status and a `state` tag that say what happened."""
+    if type(exc).__name__ == "TrialPruned":
+        mlflow.set_tag("state", "PRUNED")
+        mlflow.end_run("KILLED")
+    elif isinstance(exc, KeyboardInterrupt):
+        mlflow.set_tag("state", "FAIL")
+        mlflow.set_tag("interrupted", "true")
+        mlflow.end_run("KILLED")
+    else:
+        mlflow.set_tag("state", "FAIL")
+        reason = "".join(traceback.format_exception_only(exc)).strip()
+        mlflow.set_tag("fail_reason", reason[:4000])
+        mlflow.end_run("FAILED")

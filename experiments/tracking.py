@@ -1,0 +1,115 @@
+"""MLflow plumbing: the store, experiments with absolute artifact locations, run tags.
+
+The default store is `mlruns/mlflow.db` (SQLite, absolute path) with artifacts
+in `mlruns/artifacts/<experiment>/`. Experiments are created once with an
+explicit artifact location, so artifacts never land in whatever `./mlruns`
+the current directory has. With a tracking server (`MLFLOW_TRACKING_URI=http://...`)
+the server decides where artifacts go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import platform
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from experiments import config
+
+DATA_ANALYSIS_EXPERIMENT = "data-analysis"
+
+
+def init() -> str:
+    """Point MLflow at the project's store; create the store folder. Returns the URI."""
+    uri = config.tracking_uri()
+    if uri.startswith("sqlite:"):
+        config.mlruns_dir().mkdir(parents=True, exist_ok=True)
+        config.artifacts_dir().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """Get or create experiment `name`, with an absolute artifact location for a local store."""
+    init()
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            client.restore_experiment(existing.experiment_id)
+        return existing.experiment_id
+    location = None
+    if config.tracking_uri().startswith(("sqlite:", "file:")):
+        folder = config.artifacts_dir() / name.replace("/", "_")
+        location = folder.resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@functools.cache
+def environment_tags() -> dict[str, str]:
+    """Git commit and package versions: what is needed to rerun a run."""
+    tags = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "numpy", "mlflow", "optuna", "kornia", "scikit-learn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"version.{package}"] = metadata.version(package)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=config.PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=config.PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        tags["git_commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        tags["git_commit"] = "unknown"
+    return tags
+
+
+def log_data_analysis(summaries: Mapping[str, dict], files: Sequence[Path]) -> str:
+    """Log the data analysis as one run named `data-analysis`; return its id."""
+    exp = experiment_id(DATA_ANALYSIS_EXPERIMENT)
+    with mlflow.start_run(
+        experiment_id=exp, run_name="data-analysis", tags=environment_tags()
+    ) as run:
+        metrics = {}
+        for name, s in summaries.items():
+            metrics.update(
+                {
+                    f"{name}_images": s["images"],
+                    f"{name}_white_background": s["white_background"],
+                    f"{name}_black_background": s["black_background"],
+                    f"{name}_mean": s["mean"],
+                    f"{name}_std": s["std"],
+                }
+            )
+            mlflow.set_tag(f"data.{name}_fingerprint", s["fingerprint"])
+        mlflow.log_metrics(metrics)
+        for path in files:
+            mlflow.log_artifact(
+                str(path), artifact_path="figures" if path.suffix == ".png" else None
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = Path(tmp) / "summaries.json"
+            summary.write_text(json.dumps(summaries, indent=2))
+            mlflow.log_artifact(str(summary))
+        return run.info.run_id

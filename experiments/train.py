@@ -1,0 +1,362 @@
+"""The training loop: one `fit()` readable top to bottom, with `train_one_epoch()` and `evaluate()`.
+
+Data are in-memory tensors, moved once to the device. Each epoch produces one
+flat metrics row that goes to every sink: the `on_epoch` callbacks (MLflow,
+Optuna pruning) and the progress display. Early stopping watches the
+validation loss; the best epoch's weights are restored at the end. Nothing
+here sees an evaluation set: those are scored afterwards by `evaluation.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm.auto import tqdm
+
+from data_tools import Dataset
+from experiments.preprocess import Preprocessing
+from models import create_model, hyperparameters
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. `model_kwargs` holds the model's own knobs."""
+
+    model: str = "vgg"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only (nesterov)
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    epochs: int = 10
+    patience: int = 3
+    val_fraction: float = 0.2
+    split_seed: int = 0  # the train/validation split: fixed across the trials of a study
+    seed: int = 0  # weights, shuffling, augmentation
+    train_subset: int = 0  # use only this many training images (0: all); stratified
+    polarity: str = "keep"
+    normalization: str = "half"
+    augmentation: str = "none"
+    crop_scale: float = 0.85
+    affine_strength: float = 1.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        self.model_kwargs = {**hyperparameters(self.model), **self.model_kwargs}
+        self.preprocessing()  # validates the preprocessing choices
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            polarity=self.polarity,
+            normalization=self.normalization,
+            augmentation=self.augmentation,
+            crop_scale=self.crop_scale,
+            affine_strength=self.affine_strength,
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict of every setting (model knobs included): the run's params."""
+        values = asdict(self)
+        values.update(values.pop("model_kwargs"))
+        return values
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with `key=value` overrides; keys are config fields or the model's knobs."""
+        own = {f.name: f for f in fields(self)}
+        knobs = hyperparameters(overrides.get("model", self.model))
+        values = asdict(self)
+        kwargs = dict(values.pop("model_kwargs"))
+        for key, value in overrides.items():
+            if key in own and key != "model_kwargs":
+                values[key] = _coerce(value, getattr(self, key), key)
+            elif key in knobs:
+                kwargs[key] = _coerce(value, knobs[key], key)
+            else:
+                raise ValueError(
+                    f"unknown setting {key!r}; expected a training setting "
+                    f"({', '.join(f for f in own if f != 'model_kwargs')}) or a {values['model']} "
+                    f"hyperparameter ({', '.join(knobs)})"
+                )
+        if values["model"] != self.model:
+            kwargs = {k: v for k, v in kwargs.items() if k in knobs}
+        return TrainConfig(**values, model_kwargs=kwargs)
+
+
+def _coerce(value: Any, like: Any, key: str) -> Any:
+    """Turn a command-line string into the type of the default `like`."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    try:
+        if isinstance(like, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: expected a {type(like).__name__}") from None
+    return value
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected key=value")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu when `auto`; an explicit name is taken as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds libraries that use the global generator)
+    torch.manual_seed(seed)
+
+
+def split_indices(
+    labels: torch.Tensor, val_fraction: float, seed: int, subset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified train/validation split; `subset` > 0 keeps that many training images (stratified)."""
+    index = np.arange(len(labels))
+    y = labels.numpy()
+    train, val = train_test_split(index, test_size=val_fraction, stratify=y, random_state=seed)
+    if 0 < subset < len(train):
+        train, _ = train_test_split(train, train_size=subset, stratify=y[train], random_state=seed)
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """A per-batch schedule over the whole epoch budget (None for a constant rate)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    return None
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    batch_size: int,
+    augment: nn.Module | None,
+    generator: torch.Generator,
+    progress: tqdm | None = None,
+) -> tuple[float, float]:
+    """One pass over the training images in random order; returns (mean loss, accuracy)."""
+    model.train()
+    order = torch.randperm(len(labels), generator=generator).to(images.device)
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        x, y = images[batch], labels[batch]
+        if augment is not None:
+            x = augment(x)
+        with _autocast(images.device):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach() * len(batch)
+        correct += (logits.argmax(1) == y).sum()
+        if progress is not None:
+            progress.update(len(batch))
+    n = len(labels)
+    return float(total_loss) / n, float(correct) / n
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        with _autocast(images.device):
+            outputs.append(model(images[start : start + batch_size]).float())
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on prepared images; no gradients, eval mode."""
+    logits = predict_logits(model, images)
+    loss = float(loss_fn(logits, labels))
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    return loss, accuracy
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    preprocessing: Preprocessing
+    config: TrainConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_loss: float
+    best_val_acc: float
+    split: dict[str, Any]
+    device: torch.device
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def fit(
+    cfg: TrainConfig,
+    train_set: Dataset,
+    on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
+    label: str = "",
+) -> FitResult:
+    """Train `cfg.model` on a split of `train_set`; stop early on validation loss; restore the best."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_idx, val_idx = split_indices(
+        train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset
+    )
+    prep = cfg.preprocessing().fit(train_set.images[train_idx])
+    x_train = prep.transform(train_set.images[train_idx]).to(device)
+    y_train = train_set.labels[train_idx].to(device)
+    x_val = prep.transform(train_set.images[val_idx]).to(device)
+    y_val = train_set.labels[val_idx].to(device)
+    augment = prep.augmenter()
+    if augment is not None:
+        augment = augment.to(device)
+
+    model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict[str, float]] = []
+    best = {"loss": math.inf, "acc": 0.0, "epoch": -1, "state": None}
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        progress = None
+        if _show_progress():
+            progress = tqdm(
+                total=len(y_train), desc=f"{label} epoch {epoch}", unit="img", leave=False
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(
+            model,
+            x_train,
+            y_train,
+            optimizer,
+            scheduler,
+            loss_fn,
+            cfg.batch_size,
+            augment,
+            generator,
+            progress,
+        )
+        val_loss, val_acc = evaluate(model, x_val, y_val, val_loss_fn)
+        if progress is not None:
+            progress.close()
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - start,
+        }
+        history.append(row)
+        print(
+            f"{label} epoch {epoch:>2}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['epoch_seconds']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        if val_loss < best["loss"]:
+            best = {
+                "loss": val_loss,
+                "acc": val_acc,
+                "epoch": epoch,
+                "state": copy.deepcopy(model.state_dict()),
+            }
+        for sink in on_epoch:
+            sink(row)  # may raise optuna.TrialPruned
+        if epoch - best["epoch"] >= cfg.patience:
+            break
+
+    model.load_state_dict(best["state"])
+    split = {
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "train_images": len(train_idx),
+        "val_images": len(val_idx),
+    }
+    return FitResult(
+        model, prep, cfg, history, best["epoch"], best["loss"], best["acc"], split, device
+    )

@@ -1,0 +1,41 @@
+"""ResNet-like network: a 3x3 stem, three stages of basic blocks, global average pooling."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.layers import BasicBlock, classifier, conv_bn_act
+
+
+def residual_stages(
+    in_channels: int, width: int, blocks: int, stages: int
+) -> tuple[nn.Sequential, int]:
+    """Stages of `blocks` basic blocks; channels double and resolution halves from stage 2 on."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for stage in range(stages):
+        out = width * 2**stage
+        for index in range(blocks):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.append(BasicBlock(channels, out, stride))
+            channels = out
+    return nn.Sequential(*layers), channels
+
+
+class ResNet(nn.Module):
+    def __init__(
+        self,
+        num_classes: int = 6,
+        in_channels: int = 1,
+        width: int = 16,
+        blocks: int = 1,
+        dropout: float = 0.2,
+    ):
+        super().__init__()
+        self.stem = conv_bn_act(in_channels, width)
+        self.stages, channels = residual_stages(width, width, blocks, stages=3)  # 28 -> 14 -> 7
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = classifier(channels, num_classes, dropout)
+
+    def forward(self, x):
+        return self.head(self.pool(self.stages(self.stem(x))))

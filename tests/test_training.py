@@ -1,0 +1,204 @@
+"""The training loop, evaluation, MLflow runs and checkpoints on tiny synthetic data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from synthetic import write_study_data
+
+from experiments import config, tracking
+from experiments.__main__ import main as experiments_main
+from experiments.checkpoint import load_checkpoint
+from experiments.evaluation import score
+from experiments.preprocess import AUGMENTATIONS, Preprocessing
+from experiments.runner import load_step_data, train_and_log
+from experiments.steps import STEPS, get_step, training_step
+from experiments.train import TrainConfig, fit
+
+FAST = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "patience": 5}
+
+
+@pytest.fixture
+def larger_data(tmp_path, monkeypatch):
+    root = write_study_data(tmp_path / "bigger", per_class=60)
+    monkeypatch.setenv("DATA_DIR", str(root))
+    return root
+
+
+def test_trainer_beats_chance_clearly(larger_data):
+    data = load_step_data(get_step("task1-step1"))
+    result = fit(TrainConfig(model="vgg", **FAST), data.train_set)
+    assert result.best_val_acc >= 0.8  # chance is 1/6
+    evaluation = score(result.model, result.preprocessing, data.eval_sets["TEST"], result.device)
+    assert evaluation.metrics["TEST_black_acc"] >= 0.8
+    assert set(evaluation.metrics) >= {"TEST_acc", "TEST_white_acc", "TEST_macro_f1", "TEST_f1_6"}
+
+
+def test_same_seed_same_metrics_on_cpu(study_data):
+    data = load_step_data(get_step("task2-step3"))
+    cfg = TrainConfig(model="resnet", augmentation="affine", **FAST)
+    first = fit(cfg, data.train_set).history
+    second = fit(cfg, data.train_set).history
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_split_is_stratified_and_disjoint():
+    from experiments.train import split_indices
+
+    labels = torch.arange(6).repeat_interleave(50)
+    train, val = split_indices(labels, 0.2, seed=0)
+    assert len(set(train.tolist()) & set(val.tolist())) == 0
+    assert torch.bincount(labels[val]).tolist() == [10] * 6
+    small, _ = split_indices(labels, 0.2, seed=0, subset=60)
+    assert torch.bincount(labels[small]).tolist() == [10] * 6
+
+
+def test_augmentation_touches_training_batches_only(study_data, monkeypatch):
+    seen = []
+
+    class Destroy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return torch.zeros_like(x)
+
+    monkeypatch.setitem(AUGMENTATIONS, "destroy", lambda prep: Destroy())
+    data = load_step_data(get_step("task1-step1"))
+    cfg = TrainConfig(model="vgg", augmentation="destroy", **FAST)
+    result = fit(cfg, data.train_set)
+    train_images = len(data.train_set) - round(0.2 * len(data.train_set))
+    assert sum(seen) == len(result.history) * train_images, (
+        "augmented images = training images only"
+    )
+    seen.clear()
+    destroyed = score(result.model, result.preprocessing, data.eval_sets["TEST"], result.device)
+    plain = score(result.model, Preprocessing(), data.eval_sets["TEST"], result.device)
+    assert seen == [], "evaluation never calls the augmentation"
+    assert (destroyed.predictions == plain.predictions).all()
+
+
+def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data):
+    data = load_step_data(get_step("task1-step1"))
+    cfg = TrainConfig(model="efficientnet", **FAST)
+    outcome = train_and_log(data, cfg, run_name="t")
+    tracking.init()
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["state"] == "COMPLETE"
+    assert run.data.tags["step"] == "task1-step1" and run.data.tags["model"] == "efficientnet"
+    assert {
+        "git_commit",
+        "version.torch",
+        "data.TRAIN_fingerprint",
+        "data.TEST2_fingerprint",
+    } <= set(run.data.tags)
+    assert run.data.params["lr"] == "0.003" and run.data.params["width_mult"] == "0.5"
+    assert run.data.params["normalization"] == "half"
+    history = client.get_metric_history(outcome.run_id, "val_acc")
+    assert [m.step for m in history] == list(range(len(outcome.result.history)))
+    for key in (
+        "best_val_acc",
+        "best_epoch",
+        "TEST_acc",
+        "TEST_black_acc",
+        "TEST_white_acc",
+        "TEST2_acc",
+    ):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "figures")}
+    assert {
+        "figures/curves.png",
+        "figures/confusion_TEST.png",
+        "figures/misclassified_TEST2.png",
+    } <= artifacts
+    uri = run.info.artifact_uri
+    assert uri.startswith("file://") and str(config.mlruns_dir()) in uri
+
+    loaded = load_checkpoint(outcome.run_id)
+    predictions = loaded.predict(data.eval_sets["TEST"].images)
+    correct = int((predictions == data.eval_sets["TEST"].labels).sum())
+    assert correct / len(predictions) == run.data.metrics["TEST_acc"]  # same predictions, exactly
+    assert loaded.checkpoint["model"] == "efficientnet"
+    assert loaded.checkpoint["epoch"] == int(run.data.metrics["best_epoch"])
+
+
+def test_failed_run_ends_failed_with_reason(study_data, monkeypatch):
+    import experiments.runner as runner
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("loss is NaN")
+
+    monkeypatch.setattr(runner, "fit", explode)
+    data = load_step_data(get_step("task1-step2"))
+    with pytest.raises(RuntimeError):
+        train_and_log(data, TrainConfig(model="vgg", **FAST), run_name="boom")
+    tracking.init()
+    runs = MlflowClient().search_runs([tracking.experiment_id("task1-step2")])
+    assert runs[0].info.status == "FAILED"
+    assert (
+        runs[0].data.tags["state"] == "FAIL" and "loss is NaN" in runs[0].data.tags["fail_reason"]
+    )
+
+
+@pytest.mark.parametrize("name", [s for s in STEPS if not STEPS[s].reuses])
+def test_every_declared_step_trains_on_tiny_data(study_data, name):
+    data = load_step_data(training_step(name))
+    outcome = train_and_log(
+        data, TrainConfig(model="hybrid", epochs=1, batch_size=32), run_name=name, log_figures=False
+    )
+    for eval_set in STEPS[name].eval_sets:
+        assert 0.0 <= outcome.metrics[f"{eval_set}_acc"] <= 1.0
+
+
+def test_reused_steps_point_at_a_training_step():
+    for step in STEPS.values():
+        if step.reuses:
+            assert step.primary_eval in STEPS[step.reuses].eval_sets
+            assert STEPS[step.reuses].train_set == step.train_set
+
+
+def test_overrides_are_strict():
+    cfg = TrainConfig(model="resnet").with_overrides(
+        {"lr": "0.01", "blocks": "2", "schedule": "onecycle"}
+    )
+    assert cfg.lr == 0.01 and cfg.model_kwargs["blocks"] == 2 and cfg.schedule == "onecycle"
+    with pytest.raises(ValueError, match="unknown setting 'colour'"):
+        TrainConfig().with_overrides({"colour": "red"})
+    with pytest.raises(ValueError, match="expected a int"):
+        TrainConfig().with_overrides({"epochs": "many"})
+    with pytest.raises(ValueError, match="unknown normalization"):
+        TrainConfig(normalization="zscore")
+
+
+def test_cli_train_rejects_unknown_key_with_one_line(study_data):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "train",
+            "--step",
+            "task1-step1",
+            "--model",
+            "vgg",
+            "--set",
+            "nope=1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown setting 'nope'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_runs_a_step(study_data, capsys):
+    code = experiments_main(["train", "--step", "task2-step1", "--model", "vgg", "--epochs", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "task2-step1 trains nothing" in out and "TEST2_acc" in out

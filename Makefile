@@ -8,9 +8,15 @@ STEP ?= task1-step1
 MODEL ?= vgg
 MODELS ?= vgg resnet efficientnet hybrid
 ARGS ?=
+TRIALS ?=
+EPOCHS ?=
+SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
+STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all lint format data analysis train bench ui reproduce clean-cache
+.PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
+	reproduce clean-cache $(STEPS)
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -46,6 +52,27 @@ analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow r
 train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODEL=vgg ARGS='--set lr=3e-3'
 	$(PY) -m experiments train --step $(STEP) --model $(MODEL) $(ARGS)
 
+search: $(STAMP) ## one study: make search STEP=task2-step3 MODEL=resnet [TRIALS=5 EPOCHS=3]
+	$(PY) -m experiments search --step $(STEP) --model $(MODEL) $(SEARCH_FLAGS)
+
+task1-step1: $(STAMP) ## studies TRAIN -> TEST (and TEST2) for MODELS; prints the row
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+task1-step2: $(STAMP) ## studies TRAIN2 (TRAIN + inverted) -> TEST for MODELS
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+task2-step1: $(STAMP) ## the task1-step1 winners on TEST2 (trains only if those studies are missing)
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+task2-step2: $(STAMP) ## studies TEST -> TEST2 for MODELS
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+task2-step3: $(STAMP) ## studies TRAIN3 (TEST's white half) -> TEST2 for MODELS
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+report: $(STAMP) ## comparison table from MLflow into reports/ (md, csv, heatmap)
+	$(PY) -m experiments report
+
 bench: $(STAMP) ## data-loading benchmark side by side; writes reports/bench.md
 	$(PY) -m experiments bench
 
@@ -54,8 +81,13 @@ ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:50
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri "$$($(PY) -c 'from experiments import config; print(config.tracking_uri())')"
 
-reproduce: $(STAMP) data analysis ## the main job (for now: data preparation and analysis; training lands with the search issue)
-	@echo "reproduce: data preparation and analysis done; searches and the report are not built yet (issue 4)"
+dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
+	$(PY) -m experiments dashboard
+
+reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' searches, the report
+	$(MAKE) --no-print-directory data analysis
+	$(MAKE) --no-print-directory $(STEPS)
+	$(MAKE) --no-print-directory report
 
 clean-cache: ## delete the dataset cache (data/cache)
 	rm -rf data/cache

@@ -50,6 +50,58 @@ def _train(args: argparse.Namespace) -> None:
         print(f"  {key:<18} {outcome.metrics[key]:.4f}")
 
 
+def _search(args: argparse.Namespace) -> None:
+    from experiments.report import row_text
+    from experiments.search import default_budget, run_study
+
+    budget = default_budget(
+        trials=args.trials,
+        epochs=args.epochs,
+        timeout=args.timeout,
+        train_subset=args.train_subset,
+        final_epochs=args.final_epochs,
+        seed=args.seed,
+    )
+    from experiments.train import parse_overrides
+
+    budget.extra = parse_overrides(args.set or [])
+    models = args.model
+    for model in models:
+        result = run_study(args.step, model, budget, storage_url=args.storage)
+        acc = {
+            k: v
+            for k, v in result.final_metrics.items()
+            if k.endswith("_acc") and k != "best_val_acc"
+        }
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+        print(
+            f"[{result.study_name}] best trial {result.best_trial} val acc {result.best_val_acc:.4f}; "
+            f"final run {result.final_run_id}: {shown}",
+            flush=True,
+        )
+    print(row_text(args.step))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from experiments.report import build_report, row_text
+
+    out, rows = build_report(args.out)
+    for step in STEPS:
+        print(row_text(step, rows))
+    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    import optuna_dashboard
+
+    from experiments import config
+    from experiments.search import make_storage
+
+    print(f"optuna-dashboard on {config.mask_secrets(config.study_storage(args.storage))}")
+    print(f"open http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    optuna_dashboard.run_server(make_storage(args.storage), host=args.host, port=args.port)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from experiments.bench import run_bench
 
@@ -76,11 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="datasets folder (default: $DATA_DIR, data/raw, shared)")
     train.set_defaults(func=_train)
 
+    search = commands.add_parser("search", help="run or resume the Optuna study of (step, model)")
+    search.add_argument("--step", required=True, choices=list(STEPS))
+    search.add_argument(
+        "--model", required=True, action="append", help="repeatable: one study per model"
+    )
+    search.add_argument(
+        "--trials", type=int, help="finished trials the study should hold (default 5)"
+    )
+    search.add_argument("--epochs", type=int, help="epochs per trial (default 3)")
+    search.add_argument(
+        "--train-subset", type=int, help="training images per trial, 0 = all (default 6000)"
+    )
+    search.add_argument(
+        "--final-epochs", type=int, help="epochs of the best trial's retrain (default 8)"
+    )
+    search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
+    search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")
+    search.add_argument(
+        "--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE or mlruns/optuna.journal)"
+    )
+    search.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="fixed setting for every trial"
+    )
+    search.set_defaults(func=_search)
+
+    report = commands.add_parser("report", help="build the comparison table from MLflow")
+    report.add_argument("--out", help="output folder (default: reports/)")
+    report.set_defaults(func=_report)
+
+    dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
+    dashboard.add_argument("--storage", help="Optuna storage URL (default: the project's journal)")
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(func=_dashboard)
+
     bench = commands.add_parser("bench", help="measure data loading (and training) side by side")
     bench.add_argument("--out", help="reports folder (default: reports/)")
-    bench.add_argument(
-        "--only", action="append", choices=["data"], help="run only these sections"
-    )
+    bench.add_argument("--only", action="append", choices=["data"], help="run only these sections")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -72,7 +72,9 @@ def bench_data(root: Path) -> list[tuple[str, float, str]]:
         t_warm = _timed(warm, repeats=3)
     n = len(files)
     rows.append((f"plain np.load loop, {n:,} files (page cache warm)", t_plain, "baseline"))
-    rows.append(("cold read, no dataset cache (page cache warm)", t_cold, f"{t_plain / t_cold:.1f}x faster"))
+    rows.append(
+        ("cold read, no dataset cache (page cache warm)", t_cold, f"{t_plain / t_cold:.1f}x faster")
+    )
     rows.append(("warm load, dataset cache hit", t_warm, f"{t_plain / t_warm:.1f}x faster"))
     if _drop_page_cache():
         t_plain_disk = _timed(plain)
@@ -80,7 +82,11 @@ def bench_data(root: Path) -> list[tuple[str, float, str]]:
         t_cold_disk = _timed(cold)
         rows.append(("plain np.load loop, page cache dropped", t_plain_disk, "baseline"))
         rows.append(
-            ("cold read, page cache dropped", t_cold_disk, f"{t_plain_disk / t_cold_disk:.1f}x faster")
+            (
+                "cold read, page cache dropped",
+                t_cold_disk,
+                f"{t_plain_disk / t_cold_disk:.1f}x faster",
+            )
         )
     return rows
 
@@ -91,7 +97,12 @@ def _machine() -> str:
 
 def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path:
     sections = sections or ["data"]
-    lines = ["# Benchmarks", "", f"Machine: {_machine()}. Written by `python -m experiments bench`.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {_machine()}. Written by `python -m experiments bench`.",
+        "",
+    ]
     if "data" in sections:
         root = config.data_dir()
         print(f"data: reading {root} three ways ...", flush=True)

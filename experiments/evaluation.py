@@ -93,16 +93,30 @@ def plot_confusion(evaluation: Evaluation, path: Path) -> Path:
 def plot_misclassified(
     evaluation: Evaluation, dataset: Dataset, path: Path, count: int = 32
 ) -> Path:
-    wrong = np.flatnonzero(evaluation.predictions != evaluation.labels)[:count]
+    """A grid of misclassified images; for a mixed set, half from each background."""
+    wrong = evaluation.predictions != evaluation.labels
+    groups = [("", np.flatnonzero(wrong))]
+    if evaluation.white.any() and (~evaluation.white).any():
+        groups = [
+            ("black bg", np.flatnonzero(wrong & ~evaluation.white)),
+            ("white bg", np.flatnonzero(wrong & evaluation.white)),
+        ]
+    per_group = count // len(groups)
+    chosen = [(tag, i) for tag, index in groups for i in index[:per_group]]
     cols = 8
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    rows = max(1, int(np.ceil(len(chosen) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
+    for ax, (tag, i) in zip(axes.flat, chosen, strict=False):
         ax.imshow(dataset.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{evaluation.labels[i] + 1}->{evaluation.predictions[i] + 1}", fontsize=8)
-    fig.suptitle(f"{evaluation.name}: first {len(wrong)} misclassified (true->predicted)")
+        ax.set_title(
+            f"{evaluation.labels[i] + 1}->{evaluation.predictions[i] + 1} {tag}".strip(), fontsize=7
+        )
+    counts = ", ".join(f"{len(index)} {tag}".strip() for tag, index in groups)
+    fig.suptitle(
+        f"{evaluation.name}: misclassified (true->predicted); errors: {counts}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def train_and_log(
     extra_tags: dict[str, str] | None = None,
     on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
     log_figures: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Train `cfg` on the step's training set and leave a complete run in MLflow."""
     experiment = tracking.experiment_id(data.step.name)
@@ -91,6 +93,8 @@ def train_and_log(
         tags={**run_tags(data, cfg), **(extra_tags or {})},
     )
     try:
+        if on_start is not None:
+            on_start(run.info.run_id)
         mlflow.log_params(cfg.flat())
         result = fit(cfg, data.train_set, on_epoch=[_epoch_sink, *on_epoch], label=run_name)
         mlflow.log_params({f"split.{k}": v for k, v in result.split.items() if k not in cfg.flat()})
@@ -143,6 +147,17 @@ def train_and_log(
     mlflow.set_tag("state", "COMPLETE")
     mlflow.end_run("FINISHED")
     return RunOutcome(run.info.run_id, metrics, result)
+
+
+def log_torch_model(run_id: str, model) -> None:
+    """Log a model once with mlflow.pytorch (a LoggedModel), into an ended run."""
+    import mlflow.pytorch
+
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*Pickle.*"
+        )  # our own model classes, not foreign input
+        mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle")
 
 
 def _end_with(exc: BaseException) -> None:

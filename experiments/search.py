@@ -1,0 +1,399 @@
+"""Optuna studies: one per (step, model), every trial a nested MLflow run.
+
+The search space is code, in one function: `suggest(trial, model_name)`.
+
+Budget (multi-fidelity): each trial trains on a stratified subset of the
+training split for a few epochs and reports validation accuracy per epoch to a
+median pruner; the best COMPLETE trial's settings are then retrained on the
+whole training split with early stopping (the `final` run). The objective and
+every choice read only the validation split of the training set; evaluation
+sets are scored after training, for the record.
+
+MLflow layout, inside the step's experiment:
+  study run   `study-<model>`   tags study/step/model/storage/budget; best params, best_val_acc, plots
+    trial run `trial-<n>`       tags trial_number, state (COMPLETE / PRUNED / FAIL), role=trial
+    final run `final`           the best trial retrained; tags best=true, role=final; model logged once
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from experiments import config, tracking
+from experiments.runner import StepData, load_step_data, log_torch_model, train_and_log
+from experiments.steps import get_step, training_step
+from experiments.train import TrainConfig
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def suggest(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
+    """Every searched setting of a trial, as flat `TrainConfig` overrides (logged unchanged)."""
+    params: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd"]),
+        "schedule": trial.suggest_categorical("schedule", ["cosine", "onecycle", "none"]),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.15),
+        "normalization": trial.suggest_categorical(
+            "normalization", ["none", "half", "dataset", "per_image"]
+        ),
+        "polarity": trial.suggest_categorical("polarity", ["keep", "to_black"]),
+        "augmentation": trial.suggest_categorical("augmentation", ["none", "crop", "affine"]),
+    }
+    if params["augmentation"] == "crop":
+        params["crop_scale"] = trial.suggest_float("crop_scale", 0.6, 0.95)
+    elif params["augmentation"] == "affine":
+        params["affine_strength"] = trial.suggest_float("affine_strength", 0.3, 1.0)
+    if model_name == "vgg":
+        params["width"] = trial.suggest_categorical("width", [8, 16, 24, 32])
+        params["depth"] = trial.suggest_int("depth", 1, 2)
+        params["hidden"] = trial.suggest_categorical("hidden", [64, 128, 256])
+        params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
+    elif model_name == "resnet":
+        params["width"] = trial.suggest_categorical("width", [8, 16, 24])
+        params["blocks"] = trial.suggest_int("blocks", 1, 2)
+        params["dropout"] = trial.suggest_float("dropout", 0.0, 0.4)
+    elif model_name == "efficientnet":
+        params["width_mult"] = trial.suggest_categorical("width_mult", [0.25, 0.5, 0.75])
+        params["depth_mult"] = trial.suggest_categorical("depth_mult", [0.25, 0.5, 0.75])
+        params["dropout"] = trial.suggest_float("dropout", 0.0, 0.4)
+        params["drop_path"] = trial.suggest_float("drop_path", 0.0, 0.2)
+    elif model_name == "hybrid":
+        params["width"] = trial.suggest_categorical("width", [8, 16, 24])
+        params["vgg_depth"] = trial.suggest_int("vgg_depth", 1, 2)
+        params["res_blocks"] = trial.suggest_int("res_blocks", 1, 2)
+        params["dropout"] = trial.suggest_float("dropout", 0.0, 0.5)
+    else:
+        raise ValueError(f"no search space for model {model_name!r}")
+    return params
+
+
+@dataclass
+class Budget:
+    """How much a study spends. Defaults fit `make reproduce` on a 2-core CPU."""
+
+    trials: int = 5
+    epochs: int = 3  # per trial
+    train_subset: int = 6000  # training images per trial (0: all)
+    final_epochs: int = 8  # the retrain of the best trial, on the whole training split
+    final_patience: int = 2
+    warmup_epochs: int = 1  # the pruner never prunes before this epoch
+    timeout: float | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # fixed overrides for every trial
+
+    def tags(self) -> dict[str, str]:
+        return {f"budget.{k}": str(v) for k, v in vars(self).items() if k != "extra"}
+
+
+def study_name(step: str, model: str) -> str:
+    return f"{step}/{model}"
+
+
+def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
+    """The journal file by default (safe for several processes on one machine); an RDB by URL."""
+    target = config.study_storage(url)
+    if "://" in target:
+        return optuna.storages.RDBStorage(target, heartbeat_interval=30, grace_period=120)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(target)
+    return optuna.storages.JournalStorage(backend)
+
+
+def load_or_create_study(
+    step: str, model: str, storage: optuna.storages.BaseStorage, budget: Budget
+):
+    return optuna.create_study(
+        study_name=study_name(step, model),
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(
+            seed=budget.seed, n_startup_trials=min(3, budget.trials)
+        ),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=budget.warmup_epochs),
+        load_if_exists=True,
+    )
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a dead process: FAIL in Optuna, KILLED + `interrupted` in MLflow.
+
+    Call only when no other worker of the study is alive (the launcher does, before workers start).
+    """
+    client = MlflowClient()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        failed.append(trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            client.set_tag(run_id, "state", "FAIL")
+            client.set_tag(run_id, "interrupted", "true")
+            client.set_terminated(run_id, status="KILLED")
+    return failed
+
+
+def ensure_parent_run(
+    study: optuna.Study, step: str, model: str, storage_url: str, budget: Budget
+) -> str:
+    """The study's parent run, created once (before any trial) and remembered in the study."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        return run_id
+    client = MlflowClient()
+    tags = {
+        "study": study.study_name,
+        "step": step,
+        "model": model,
+        "role": "study",
+        "storage": config.mask_secrets(storage_url),
+        **budget.tags(),
+        **tracking.environment_tags(),
+    }
+    run = client.create_run(tracking.experiment_id(step), run_name=f"study-{model}", tags=tags)
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
+    def objective(trial: optuna.Trial) -> float:
+        overrides = {**budget.extra, **suggest(trial, model)}
+        overrides.update(
+            epochs=budget.epochs, train_subset=budget.train_subset, seed=budget.seed + trial.number
+        )
+        cfg = TrainConfig(model=model).with_overrides(overrides)
+
+        def report(row: dict[str, float]) -> None:
+            trial.report(row["val_acc"], int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {int(row['epoch'])}")
+
+        outcome = train_and_log(
+            data,
+            cfg,
+            run_name=f"trial-{trial.number}",
+            parent_run_id=parent_run_id,
+            extra_tags={
+                "study": f"{data.step.name}/{model}",
+                "trial_number": str(trial.number),
+                "role": "trial",
+            },
+            on_epoch=[report],
+            log_figures=False,
+            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+        )
+        return outcome.result.best_val_acc
+
+    return objective
+
+
+def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial by validation accuracy (a pruned trial's value is only intermediate)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def _progress_line(started: float):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        best = best_complete_trial(study)
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        best_text = f"{best.value:.4f} (trial {best.number})" if best else "-"
+        print(
+            f"[{study.study_name}] trial {trial.number} {trial.state.name:<8} value {value} "
+            f"best {best_text} elapsed {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+
+    return callback
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    parent_run_id: str
+    best_trial: int
+    best_params: dict[str, Any]
+    best_val_acc: float
+    final_run_id: str | None
+    final_metrics: dict[str, float]
+
+
+def run_study(
+    step_name: str,
+    model: str,
+    budget: Budget | None = None,
+    storage_url: str | None = None,
+    data: StepData | None = None,
+    final: bool = True,
+) -> StudyResult:
+    """Run (or resume) the study of (step, model) until it holds `budget.trials` finished trials."""
+    budget = budget or Budget()
+    step = training_step(step_name)
+    if step.name != get_step(step_name).name:
+        print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
+    tracking.init()
+    storage = make_storage(storage_url)
+    study = load_or_create_study(step.name, model, storage, budget)
+    stale = fail_stale_trials(study)
+    if stale:
+        print(f"[{study.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
+    parent = ensure_parent_run(study, step.name, model, config.study_storage(storage_url), budget)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    remaining = max(0, budget.trials - finished)
+    print(f"[{study.study_name}] {finished} finished trials, running {remaining} more", flush=True)
+    if remaining or (final and not study.user_attrs.get("final_run_id")):
+        data = data or load_step_data(step)
+    if remaining:
+        started = time.perf_counter()
+        study.optimize(
+            _objective(data, model, parent, budget),
+            n_trials=remaining,
+            timeout=budget.timeout,
+            catch=(Exception,),
+            callbacks=[_progress_line(started)],
+        )
+    return finish_study(study, step.name, model, parent, budget, data, final)
+
+
+def finish_study(
+    study: optuna.Study,
+    step: str,
+    model: str,
+    parent: str,
+    budget: Budget,
+    data: StepData | None,
+    final: bool,
+) -> StudyResult:
+    """Tag the best trial, retrain it on the full split (once), fill the parent run."""
+    best = best_complete_trial(study)
+    if best is None:
+        states = {t.number: t.state.name for t in study.trials}
+        raise RuntimeError(
+            f"study {study.study_name} has no COMPLETE trial ({states}); "
+            "see the fail_reason tags of its trial runs in MLflow"
+        )
+    client = MlflowClient()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            client.set_tag(run_id, "best", "true" if trial.number == best.number else "false")
+    final_run_id = study.user_attrs.get("final_run_id")
+    final_metrics: dict[str, float] = {}
+    if final and (final_run_id is None or study.user_attrs.get("final_of_trial") != best.number):
+        final_run_id, final_metrics = _retrain_best(study, best, model, parent, budget, data)
+    elif final_run_id:
+        final_metrics = client.get_run(final_run_id).data.metrics
+    _log_parent(study, best, parent)
+    return StudyResult(
+        study.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
+    )
+
+
+def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[str, float]]:
+    overrides = {**budget.extra, **best.params}
+    overrides.update(
+        epochs=budget.final_epochs, patience=budget.final_patience, train_subset=0, seed=budget.seed
+    )
+    cfg = TrainConfig(model=model).with_overrides(overrides)
+    print(
+        f"[{study.study_name}] retraining trial {best.number} on the full training split",
+        flush=True,
+    )
+    outcome = train_and_log(
+        data,
+        cfg,
+        run_name="final",
+        parent_run_id=parent,
+        extra_tags={
+            "study": study.study_name,
+            "role": "final",
+            "best": "true",
+            "retrain_of_trial": str(best.number),
+        },
+    )
+    log_torch_model(outcome.run_id, outcome.result.model)
+    study.set_user_attr("final_run_id", outcome.run_id)
+    study.set_user_attr("final_of_trial", best.number)
+    return outcome.run_id, outcome.metrics
+
+
+def _log_parent(study: optuna.Study, best: optuna.trial.FrozenTrial, parent: str) -> None:
+    """Best params, best_val_acc, trial counts and Optuna's plots on the study's parent run."""
+    client = MlflowClient()
+    logged = client.get_run(parent).data.params
+    if not any(key.startswith("best.") for key in logged):  # params are immutable: log them once
+        client.log_batch(
+            parent, params=[Param(f"best.{k}", str(v)) for k, v in best.params.items()]
+        )
+    for key, value in best.params.items():  # tags follow the best trial when a resume changes it
+        client.set_tag(parent, f"best.{key}", str(value))
+    client.log_metric(parent, "best_val_acc", best.value)
+    for state in TrialState:
+        count = len(study.get_trials(deepcopy=False, states=(state,)))
+        client.log_metric(parent, f"trials_{state.name.lower()}", count)
+    client.set_tag(parent, "best_trial", str(best.number))
+    if study.user_attrs.get("final_run_id"):
+        client.set_tag(parent, "final_run_id", study.user_attrs["final_run_id"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in _study_plots(study, Path(tmp)):
+            client.log_artifact(parent, str(path), artifact_path="optuna")
+    client.set_terminated(parent, status="FINISHED")
+
+
+def _study_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as oplt
+
+    written = []
+    for name, plot in (
+        ("optimization_history", oplt.plot_optimization_history),
+        ("param_importances", oplt.plot_param_importances),
+        ("parallel_coordinate", oplt.plot_parallel_coordinate),
+        ("intermediate_values", oplt.plot_intermediate_values),
+    ):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API and small-sample notices
+                axes = plot(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.set_size_inches(9, 5)
+            figure.tight_layout()
+            path = folder / f"{name}.png"
+            figure.savefig(path, dpi=90)
+            plt.close(figure)
+            written.append(path)
+        except Exception as exc:  # a plot needs more finished trials than a short study has
+            print(
+                f"[{study.study_name}] skipped plot {name}: {str(exc).splitlines()[0]}",
+                file=sys.stderr,
+            )
+    return written
+
+
+def default_budget(**changes: Any) -> Budget:
+    budget = Budget()
+    for key, value in changes.items():
+        if value is not None:
+            setattr(budget, key, value)
+    if budget.trials < 1 or budget.epochs < 1:
+        raise ValueError("trials and epochs must be >= 1")
+    if budget.timeout is not None and (math.isnan(budget.timeout) or budget.timeout <= 0):
+        raise ValueError("timeout must be a positive number of seconds")
+    return budget

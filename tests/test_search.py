@@ -1,0 +1,146 @@
+"""Optuna studies nested in MLflow, resume after a crash, the report, and label-blind selection."""
+
+from __future__ import annotations
+
+import shutil
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from experiments import tracking
+from experiments.report import build_report
+from experiments.search import (
+    Budget,
+    load_or_create_study,
+    make_storage,
+    run_study,
+    study_name,
+    suggest,
+)
+
+TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
+
+
+def _runs(step: str):
+    tracking.init()
+    client = MlflowClient()
+    return client.search_runs([tracking.experiment_id(step)], max_results=100)
+
+
+def test_study_nests_trials_with_states_and_prunes(study_data, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    result = run_study("task2-step3", "vgg", Budget(**TINY))
+    runs = _runs("task2-step3")
+    parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    trials = sorted(
+        (r for r in runs if r.data.tags.get("role") == "trial"),
+        key=lambda r: int(r.data.tags["trial_number"]),
+    )
+    finals = [r for r in runs if r.data.tags.get("role") == "final"]
+    assert len(parents) == 1 and len(trials) == 3 and len(finals) == 1
+    parent = parents[0]
+    assert (
+        parent.data.tags["study"] == "task2-step3/vgg" and parent.data.tags["budget.trials"] == "3"
+    )
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials + finals)
+    assert [r.data.tags["state"] for r in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert [r.info.status for r in trials] == ["FINISHED", "KILLED", "FINISHED"]
+    assert [r.info.run_name for r in trials] == ["trial-0", "trial-1", "trial-2"]
+    best_tags = [r.data.tags.get("best") for r in trials]
+    assert best_tags.count("true") == 1 and best_tags[1] != "true"
+    assert finals[0].data.tags["best"] == "true" and finals[0].data.tags["retrain_of_trial"] == str(
+        result.best_trial
+    )
+    assert "best_val_acc" in parent.data.metrics
+    assert any(k.startswith("best.") for k in parent.data.params)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "optuna")}
+    assert "optuna/optimization_history.png" in artifacts
+    study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
+    for trial in study.trials:
+        assert trial.user_attrs["mlflow_run_id"] in {r.info.run_id for r in trials}
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    # the trial's params are the run's params, unchanged
+    first = trials[0]
+    for key, value in study.trials[0].params.items():
+        assert first.data.params[key] == str(value)
+
+
+def test_resume_after_crash_fails_stale_trial_and_completes_count(study_data):
+    budget = Budget(**TINY)
+    tracking.init()
+    storage = make_storage()
+    study = load_or_create_study("task2-step2", "resnet", storage, budget)
+    crashed = study.ask()  # left RUNNING, as by a process killed mid-trial
+    client = MlflowClient()
+    run = client.create_run(
+        tracking.experiment_id("task2-step2"), run_name="trial-0", tags={"role": "trial"}
+    )
+    crashed.set_user_attr("mlflow_run_id", run.info.run_id)
+
+    run_study("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
+    study = optuna.load_study(study_name=study_name("task2-step2", "resnet"), storage=storage)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 2
+    stale = client.get_run(run.info.run_id)
+    assert stale.info.status == "KILLED" and stale.data.tags["interrupted"] == "true"
+
+    # resuming a complete study adds no trial
+    run_study("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
+    assert len(optuna.load_study(study_name="task2-step2/resnet", storage=storage).trials) == 3
+
+
+def test_report_builds_table_from_runs(study_data, tmp_path):
+    run_study("task1-step1", "hybrid", Budget(**{**TINY, "trials": 2}))
+    out, rows = build_report(tmp_path / "report")
+    cells = {(c.step, c.model): c for row in rows for c in row}
+    assert cells[("task1-step1", "hybrid")].accuracy is not None
+    assert cells[("task1-step1", "hybrid")].white_acc is not None
+    assert cells[("task2-step1", "hybrid")].accuracy is not None  # reused from task1-step1
+    assert cells[("task2-step2", "vgg")].accuracy is None  # missing study: empty cell
+    text = (out / "comparison.md").read_text()
+    assert "| TRAIN / TEST |" in text and "(0.57," in text
+    assert (out / "comparison.csv").read_text().count("\n") == 21
+    assert (out / "comparison.png").stat().st_size > 0
+
+
+def _permute_labels(folder):
+    """Rotate the class folders of an evaluation set: every label changes."""
+    shutil.move(folder / "1", folder / "tmp")
+    for label in range(2, 7):
+        shutil.move(folder / str(label), folder / str(label - 1))
+    shutil.move(folder / "tmp", folder / "6")
+
+
+def test_selection_ignores_evaluation_labels(study_data, monkeypatch, tmp_path):
+    budget = Budget(**{**TINY, "trials": 3})
+    first = run_study("task1-step1", "vgg", budget, final=False)
+    _permute_labels(study_data / "TEST")
+    _permute_labels(study_data / "TEST2")
+    monkeypatch.setenv("MLRUNS_DIR", str(tmp_path / "mlruns-permuted"))
+    second = run_study("task1-step1", "vgg", budget, final=False)
+    assert (second.best_trial, second.best_params, second.best_val_acc) == (
+        first.best_trial,
+        first.best_params,
+        first.best_val_acc,
+    )
+
+
+@pytest.mark.parametrize("model", ["vgg", "resnet", "efficientnet", "hybrid"])
+def test_search_space_builds_every_model(model):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    from experiments.train import TrainConfig
+
+    for _ in range(4):
+        trial = study.ask()
+        cfg = TrainConfig(model=model).with_overrides(suggest(trial, model))
+        assert cfg.flat()["lr"] == trial.params["lr"]
+        study.tell(trial, 0.0)
+
+
+def test_unknown_model_has_no_search_space():
+    trial = optuna.create_study().ask()
+    with pytest.raises(ValueError, match="no search space"):
+        suggest(trial, "alexnet")

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-subset", type=int, help="training images per trial, 0 = all (default 6000)"
     )
     search.add_argument(
-        "--final-epochs", type=int, help="epochs of the best trial's retrain (default 8)"
+        "--final-epochs", type=int, help="epochs of the best trial's retrain (default 6)"
     )
     search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
     search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")

@@ -89,5 +89,5 @@ def load_checkpoint(source: str | os.PathLike, device: str | torch.device = "cpu
         )
     model = create_model(checkpoint["model"], **checkpoint["model_kwargs"])
     model.load_state_dict(checkpoint["state_dict"])
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # the layout it was trained in
     return Loaded(model, Preprocessing.from_dict(checkpoint["preprocessing"]), checkpoint)

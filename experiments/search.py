@@ -89,7 +89,7 @@ class Budget:
     trials: int = 5
     epochs: int = 3  # per trial
     train_subset: int = 6000  # training images per trial (0: all)
-    final_epochs: int = 8  # the retrain of the best trial, on the whole training split
+    final_epochs: int = 6  # the retrain of the best trial, on the whole training split
     final_patience: int = 2
     warmup_epochs: int = 1  # the pruner never prunes before this epoch
     timeout: float | None = None

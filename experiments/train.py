@@ -54,9 +54,9 @@ class TrainConfig:
     train_subset: int = 0  # use only this many training images (0: all); stratified
     polarity: str = "keep"
     normalization: str = "half"
-    augmentation: str = "none"
+    augmentation: str = "affine"
     crop_scale: float = 0.85
-    affine_strength: float = 1.0
+    affine_strength: float = 0.7
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -289,7 +289,10 @@ def fit(
     if augment is not None:
         augment = augment.to(device)
 
-    model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+    # channels-last activations: 1.3-1.6x faster convolutions on CPU (measured by `make bench`)
+    model = create_model(cfg.model, **cfg.model_kwargs).to(
+        device, memory_format=torch.channels_last
+    )
     optimizer = make_optimizer(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)

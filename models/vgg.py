@@ -21,15 +21,15 @@ def vgg_stages(in_channels: int, width: int, depth: int, stages: int) -> tuple[n
 
 
 class VGG(nn.Module):
-    """28x28 -> 14 -> 7 -> 3 with three stages (16, 32, 64 channels by default); an FC head."""
+    """28x28 -> 14 -> 7 -> 3 with three stages (32, 64, 128 channels by default); an FC head."""
 
     def __init__(
         self,
         num_classes: int = 6,
         in_channels: int = 1,
-        width: int = 16,
-        depth: int = 1,
-        hidden: int = 128,
+        width: int = 32,
+        depth: int = 2,
+        hidden: int = 256,
         dropout: float = 0.3,
     ):
         super().__init__()

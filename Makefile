@@ -10,13 +10,15 @@ MODELS ?= vgg resnet efficientnet hybrid
 ARGS ?=
 TRIALS ?=
 EPOCHS ?=
-SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+WORKERS ?=
+SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
-	reproduce clean-cache $(STEPS)
+	reproduce cluster-test clean-cache $(STEPS)
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,7 +54,7 @@ analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow r
 train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODEL=vgg ARGS='--set lr=3e-3'
 	$(PY) -m experiments train --step $(STEP) --model $(MODEL) $(ARGS)
 
-search: $(STAMP) ## one study: make search STEP=task2-step3 MODEL=resnet [TRIALS=5 EPOCHS=3]
+search: $(STAMP) ## one study: make search STEP=task2-step3 MODEL=resnet [TRIALS=5 EPOCHS=3 WORKERS=2]
 	$(PY) -m experiments search --step $(STEP) --model $(MODEL) $(SEARCH_FLAGS)
 
 task1-step1: $(STAMP) ## studies TRAIN -> TEST (and TEST2) for MODELS; prints the row
@@ -88,6 +90,9 @@ reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' searches
 	$(MAKE) --no-print-directory data analysis
 	$(MAKE) --no-print-directory $(STEPS)
 	$(MAKE) --no-print-directory report
+
+cluster-test: $(STAMP) ## PostgreSQL + MLflow server + 2 workers on a tiny study (installs PostgreSQL if absent)
+	$(PY) -m pytest -q -m slow tests/test_cluster.py
 
 clean-cache: ## delete the dataset cache (data/cache)
 	rm -rf data/cache

@@ -287,13 +287,29 @@ def _to_unit_float(block: np.ndarray, paths: Sequence[str]) -> np.ndarray:
     return block.astype(np.float32) / np.float32(255.0)
 
 
+def check_duplicates(paths: Sequence[str], blobs: Sequence[bytes], labels: Sequence[int]) -> None:
+    """Refuse byte-identical files: the same image twice inflates a class and leaks into validation."""
+    first_seen: dict[int, int] = {}
+    for index, blob in enumerate(blobs):
+        key = hash(blob)
+        other = first_seen.setdefault(key, index)
+        if other != index and blobs[other] == blob:
+            if labels[other] != labels[index]:
+                problem = f"same content as {paths[other]} but under another class folder"
+            else:
+                problem = f"duplicate of {paths[other]}"
+            raise DatasetError(paths[index], problem)
+
+
 def read_dataset(root: str | os.PathLike, num_classes: int = 6) -> RawDataset:
     """Read and check a whole dataset folder (no cache)."""
     root = Path(root)
     pairs = list_files(root, num_classes)
     paths = [path for path, _ in pairs]
-    images = decode(paths, read_all_bytes(paths))
+    blobs = read_all_bytes(paths)
+    images = decode(paths, blobs)
     labels = np.fromiter((label for _, label in pairs), dtype=np.int64, count=len(pairs))
+    check_duplicates(paths, blobs, labels)
     skip = len(str(root)) + 1
     files = tuple(path[skip:].replace(os.sep, "/") for path in paths)
     return RawDataset(images, labels, files)

@@ -7,6 +7,7 @@ line `error: ...` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from data_tools import DatasetError
@@ -65,9 +66,8 @@ def _search(args: argparse.Namespace) -> None:
     from experiments.train import parse_overrides
 
     budget.extra = parse_overrides(args.set or [])
-    models = args.model
-    for model in models:
-        result = run_study(args.step, model, budget, storage_url=args.storage)
+    for model in args.model:
+        result = run_study(args.step, model, budget, storage_url=args.storage, workers=args.workers)
         acc = {
             k: v
             for k, v in result.final_metrics.items()
@@ -80,6 +80,19 @@ def _search(args: argparse.Namespace) -> None:
             flush=True,
         )
     print(row_text(args.step))
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from experiments.search import Budget, worker_main
+
+    worker_main(
+        args.step,
+        args.model,
+        args.quota,
+        args.threads,
+        args.index,
+        Budget(**json.loads(args.budget)),
+    )
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -151,7 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="fixed setting for every trial"
     )
+    search.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the study (default 1)"
+    )
     search.set_defaults(func=_search)
+
+    worker = commands.add_parser(
+        "worker", help="(internal) one search worker, started by search --workers"
+    )
+    worker.add_argument("--step", required=True, choices=list(STEPS))
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--quota", type=int, required=True)
+    worker.add_argument("--threads", type=int, default=1)
+    worker.add_argument("--index", type=int, default=0)
+    worker.add_argument("--budget", required=True, help="the launcher's Budget as JSON")
+    worker.set_defaults(func=_worker)
 
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")

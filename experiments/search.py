@@ -17,12 +17,15 @@ MLflow layout, inside the step's experiment:
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from experiments.steps import get_step, training_step
 from experiments.train import TrainConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_SECONDS = 15
 
 
 def suggest(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
@@ -105,10 +109,19 @@ def study_name(step: str, model: str) -> str:
 
 
 def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
-    """The journal file by default (safe for several processes on one machine); an RDB by URL."""
+    """The journal file by default (several processes on one machine); an RDB by URL (several machines).
+
+    An RDB storage runs heartbeats: a trial whose worker died is failed once its
+    heartbeat is older than the grace period, and retried once with the same params.
+    """
     target = config.study_storage(url)
     if "://" in target:
-        return optuna.storages.RDBStorage(target, heartbeat_interval=30, grace_period=120)
+        return optuna.storages.RDBStorage(
+            target,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=4 * HEARTBEAT_SECONDS,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        )
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(target)
     return optuna.storages.JournalStorage(backend)
@@ -130,21 +143,33 @@ def load_or_create_study(
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a dead process: FAIL in Optuna, KILLED + `interrupted` in MLflow.
+    """Fail trials whose process died: FAIL in Optuna, KILLED + `interrupted` in MLflow.
 
-    Call only when no other worker of the study is alive (the launcher does, before workers start).
+    RDB storage: only trials whose heartbeat expired (other machines' live
+    workers are left alone). Journal storage has no heartbeats: every RUNNING
+    trial is failed, so call this only when no other worker of the study is
+    alive (the launcher does, before it starts workers).
     """
+    if isinstance(study._storage, optuna.storages.RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        optuna.storages.fail_stale_trials(study)
+        stale = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.number not in before
+        ]
+    else:
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in stale:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
     client = MlflowClient()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        failed.append(trial.number)
+    for trial in stale:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             client.set_tag(run_id, "state", "FAIL")
             client.set_tag(run_id, "interrupted", "true")
             client.set_terminated(run_id, status="KILLED")
-    return failed
+    return [t.number for t in stale]
 
 
 def ensure_parent_run(
@@ -232,6 +257,58 @@ class StudyResult:
     final_metrics: dict[str, float]
 
 
+def prepare_study(step_name: str, model: str, budget: Budget, storage_url: str | None):
+    """Create or load the study and its parent run, and fail trials left RUNNING by a dead process.
+
+    Runs once in the launcher, before any worker starts, so that the database,
+    the experiment, the study and the parent run are created by one process.
+    """
+    step = training_step(step_name)
+    if step.name != get_step(step_name).name:
+        print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
+    tracking.init()
+    study = load_or_create_study(step.name, model, make_storage(storage_url), budget)
+    stale = fail_stale_trials(study)
+    if stale:
+        print(f"[{study.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
+    parent = ensure_parent_run(study, step.name, model, config.study_storage(storage_url), budget)
+    return step, study, parent
+
+
+def optimize(
+    study: optuna.Study, data: StepData, model: str, parent: str, budget: Budget, quota: int
+) -> int:
+    """Run trials in this process until it has added `quota` finished (COMPLETE or PRUNED) trials.
+
+    A trial that raises is recorded FAIL (its run FAILED with `fail_reason`) and
+    the study goes on; after `max(3, quota)` failures in a row something is
+    wrong with every trial, and the error says so. Returns the trials added.
+    """
+    started = time.perf_counter()
+    objective = _objective(data, model, parent, budget)
+    added = failures = 0
+    while added < quota:
+        if budget.timeout is not None and time.perf_counter() - started > budget.timeout:
+            print(f"[{study.study_name}] timeout reached after {added} trials", flush=True)
+            break
+        before = len(study.trials)
+        study.optimize(
+            objective, n_trials=1, catch=(Exception,), callbacks=[_progress_line(started)]
+        )
+        last = study.get_trials(deepcopy=False)[before:]
+        if any(t.state in FINISHED for t in last):
+            added += 1
+            failures = 0
+        else:
+            failures += 1
+            if failures >= max(3, quota):
+                raise RuntimeError(
+                    f"study {study.study_name}: {failures} trials failed in a row; "
+                    "see the fail_reason tags of their runs in MLflow"
+                )
+    return added
+
+
 def run_study(
     step_name: str,
     model: str,
@@ -239,34 +316,64 @@ def run_study(
     storage_url: str | None = None,
     data: StepData | None = None,
     final: bool = True,
+    workers: int = 1,
 ) -> StudyResult:
     """Run (or resume) the study of (step, model) until it holds `budget.trials` finished trials."""
     budget = budget or Budget()
-    step = training_step(step_name)
-    if step.name != get_step(step_name).name:
-        print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
-    tracking.init()
-    storage = make_storage(storage_url)
-    study = load_or_create_study(step.name, model, storage, budget)
-    stale = fail_stale_trials(study)
-    if stale:
-        print(f"[{study.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
-    parent = ensure_parent_run(study, step.name, model, config.study_storage(storage_url), budget)
+    data = data or load_step_data(
+        training_step(step_name)
+    )  # bad data stops here: nothing logged yet
+    step, study, parent = prepare_study(step_name, model, budget, storage_url)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, budget.trials - finished)
     print(f"[{study.study_name}] {finished} finished trials, running {remaining} more", flush=True)
-    if remaining or (final and not study.user_attrs.get("final_run_id")):
-        data = data or load_step_data(step)
-    if remaining:
-        started = time.perf_counter()
-        study.optimize(
-            _objective(data, model, parent, budget),
-            n_trials=remaining,
-            timeout=budget.timeout,
-            catch=(Exception,),
-            callbacks=[_progress_line(started)],
-        )
+    if remaining and workers > 1:
+        run_workers(step.name, model, budget, storage_url, remaining, workers)
+    elif remaining:
+        optimize(study, data, model, parent, budget, remaining)
     return finish_study(study, step.name, model, parent, budget, data, final)
+
+
+def run_workers(
+    step: str, model: str, budget: Budget, storage_url: str | None, remaining: int, workers: int
+) -> None:
+    """Split `remaining` trials over `workers` processes sharing the study storage; wait for all."""
+    workers = min(workers, remaining)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # never override the parent
+    if storage_url:
+        env["OPTUNA_STORAGE"] = storage_url
+    procs = []
+    for index, quota in enumerate(quotas):
+        command = [
+            sys.executable, "-m", "experiments", "worker",
+            "--step", step, "--model", model, "--quota", str(quota),
+            "--threads", str(threads), "--index", str(index), "--budget", json.dumps(asdict(budget)),
+        ]  # fmt: skip
+        print(f"[{step}/{model}] worker {index}: {quota} trials, {threads} thread(s)", flush=True)
+        procs.append(subprocess.Popen(command, env=env))
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise RuntimeError(f"study {step}/{model}: worker exit codes {codes}")
+
+
+def worker_main(
+    step_name: str, model: str, quota: int, threads: int, index: int, budget: Budget
+) -> int:
+    """One worker process: join the prepared study and add `quota` finished trials."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tracking.init()
+    step = training_step(step_name)
+    study = optuna.load_study(study_name=study_name(step.name, model), storage=make_storage())
+    study.sampler = optuna.samplers.TPESampler(seed=budget.seed + 1000 * (index + 1))
+    study.pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=2, n_warmup_steps=budget.warmup_epochs
+    )
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    return optimize(study, load_step_data(step), model, parent, budget, quota)
 
 
 def finish_study(

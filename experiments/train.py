@@ -228,7 +228,12 @@ def train_one_epoch(
         if progress is not None:
             progress.update(len(batch))
     n = len(labels)
-    return float(total_loss) / n, float(correct) / n
+    mean_loss = float(total_loss) / n  # one host sync per epoch, not per batch
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training loss is {mean_loss} (diverged); try a lower learning rate"
+        )
+    return mean_loss, float(correct) / n
 
 
 @torch.no_grad()

@@ -1,0 +1,178 @@
+"""Reliability: failing trials, kill -9 and resume, parallel workers, secrets, hostile data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from synthetic import write_dataset
+
+from data_tools import DatasetError, load_dataset
+from experiments import config, tracking
+from experiments.search import (
+    Budget,
+    ensure_parent_run,
+    load_or_create_study,
+    make_storage,
+    run_study,
+)
+
+TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
+
+
+def _trial_runs(step: str):
+    tracking.init()
+    runs = MlflowClient().search_runs(
+        [tracking.experiment_id(step)], "tags.role = 'trial'", max_results=200
+    )
+    return {r.info.run_id: r for r in runs}
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_data, monkeypatch):
+    import experiments.runner as runner
+
+    real_fit = runner.fit
+    calls = []
+
+    def flaky_fit(cfg, *args, **kwargs):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise FloatingPointError("training loss is nan (diverged)")
+        return real_fit(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", flaky_fit)
+    run_study("task2-step3", "vgg", Budget(**TINY), final=False)
+    study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 3
+    failed = [r for r in _trial_runs("task2-step3").values() if r.data.tags["state"] == "FAIL"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "diverged" in failed[0].data.tags["fail_reason"]
+
+
+def test_every_trial_failing_stops_with_a_clear_error(study_data, monkeypatch):
+    import experiments.runner as runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "fit", broken)
+    with pytest.raises(RuntimeError, match="trials failed in a row"):
+        run_study("task2-step3", "resnet", Budget(**TINY), final=False)
+
+
+def _search_command(trials: int, epochs: int, workers: int = 1) -> list[str]:
+    return [
+        sys.executable, "-m", "experiments", "search", "--step", "task2-step3", "--model", "vgg",
+        "--trials", str(trials), "--epochs", str(epochs), "--train-subset", "0", "--final-epochs", "1",
+        "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def test_kill_9_then_resume_finishes_the_requested_trials(study_data):
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen(
+        _search_command(3, 60), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    storage = config.study_storage()
+    running = None
+    deadline = time.time() + 120
+    while time.time() < deadline and running is None:
+        time.sleep(0.5)
+        if not os.path.exists(storage):
+            continue
+        try:
+            study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
+        except KeyError:
+            continue
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "mlflow_run_id" in trial.user_attrs:
+                running = trial
+    assert running is not None, "no trial started in time"
+    time.sleep(1.0)  # inside the trial's epochs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    resumed = subprocess.run(_search_command(3, 2), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"marked interrupted trials [{running.number}] as FAIL" in resumed.stdout
+    study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
+    assert study.trials[running.number].state == TrialState.FAIL
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
+    tracking.init()
+    killed = MlflowClient().get_run(running.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["interrupted"] == "true"
+    # the report never counts it: its cell comes from a COMPLETE final run
+    from experiments.report import collect
+
+    cell = next(c for row in collect() for c in row if (c.step, c.model) == ("task2-step3", "vgg"))
+    assert cell.source == "final" and cell.run_id != killed.info.run_id
+
+
+def test_two_workers_share_one_study_without_losing_a_trial(study_data):
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.run(_search_command(4, 2, workers=2), env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "database is locked" not in output
+    assert output.count("worker ") >= 2
+    study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 4 and len(study.trials) == 4
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert len(set(run_ids)) == 4
+    runs = _trial_runs("task2-step3")
+    assert set(run_ids) == set(runs)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs.values())
+
+
+def test_storage_password_is_masked_in_mlflow(study_data):
+    url = "postgresql://optuna:s3cret-pw@127.0.0.1:5432/studies"
+    assert config.mask_secrets(url) == "postgresql://optuna:***@127.0.0.1:5432/studies"
+    tracking.init()
+    study = load_or_create_study("task2-step3", "vgg", make_storage(), Budget(**TINY))
+    parent = ensure_parent_run(study, "task2-step3", "vgg", url, Budget(**TINY))
+    run = MlflowClient().get_run(parent)
+    everything = str(run.data.tags) + str(run.data.params)
+    assert "s3cret-pw" not in everything and "optuna:***@" in run.data.tags["storage"]
+
+
+def test_duplicate_files_are_refused(tmp_path):
+    root = write_dataset(tmp_path / "DS", per_class=3)
+    (root / "4" / "copy.npy").write_bytes((root / "2" / "img_1.npy").read_bytes())
+    with pytest.raises(DatasetError, match="same content as .*img_1.npy but under another class"):
+        load_dataset(root)
+    (root / "4" / "copy.npy").unlink()
+    (root / "2" / "copy.npy").write_bytes((root / "2" / "img_1.npy").read_bytes())
+    with pytest.raises(DatasetError, match="duplicate of"):
+        load_dataset(root)
+
+
+def test_bad_data_leaves_nothing_in_mlflow(study_data):
+    np.save(study_data / "TEST" / "3" / "bad.npy", np.full((28, 28), np.inf, np.float32))
+    proc = subprocess.run(_search_command(2, 1), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: ") and "NaN or Inf" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    db = config.mlruns_dir() / "mlflow.db"
+    if db.exists():
+        tracking.init()
+        assert (
+            MlflowClient().search_runs(
+                [e.experiment_id for e in MlflowClient().search_experiments()]
+            )
+            == []
+        )
+    assert not os.path.exists(config.study_storage())

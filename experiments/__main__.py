@@ -62,6 +62,7 @@ def _search(args: argparse.Namespace) -> None:
         train_subset=args.train_subset,
         final_epochs=args.final_epochs,
         seed=args.seed,
+        score_trials=args.score_trials or None,
     )
     from experiments.train import parse_overrides
 
@@ -149,12 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--trials", type=int, help="finished trials the study should hold (default 5)"
     )
-    search.add_argument("--epochs", type=int, help="epochs per trial (default 3)")
     search.add_argument(
-        "--train-subset", type=int, help="training images per trial, 0 = all (default 6000)"
+        "--epochs", type=int, help="epochs per trial (default: 12,000 images' worth, 2..20)"
     )
     search.add_argument(
-        "--final-epochs", type=int, help="epochs of the best trial's retrain (default 6)"
+        "--train-subset", type=int, help="training images per trial, 0 = all (default 4000)"
+    )
+    search.add_argument(
+        "--final-epochs",
+        type=int,
+        help="epochs of the best trial's retrain (default: 120,000 images' worth, 3..30)",
     )
     search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
     search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")

@@ -20,7 +20,8 @@ import mlflow
 from data_tools import Dataset, load_split
 from experiments import config, tracking
 from experiments.checkpoint import make_checkpoint
-from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified, score
+from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified
+from experiments.evaluation import score as score_set
 from experiments.steps import Step
 from experiments.train import FitResult, TrainConfig, fit
 
@@ -83,6 +84,7 @@ def train_and_log(
     on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
     log_figures: bool = True,
     on_start: Callable[[str], None] | None = None,
+    score: bool = True,
 ) -> RunOutcome:
     """Train `cfg` on the step's training set and leave a complete run in MLflow."""
     experiment = tracking.experiment_id(data.step.name)
@@ -105,8 +107,8 @@ def train_and_log(
             "epochs_run": len(result.history),
         }
         evaluations = {
-            name: score(result.model, result.preprocessing, ds, result.device)
-            for name, ds in data.eval_sets.items()
+            name: score_set(result.model, result.preprocessing, ds, result.device)
+            for name, ds in (data.eval_sets.items() if score else ())
         }
         for evaluation in evaluations.values():
             metrics.update(evaluation.metrics)

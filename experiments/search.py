@@ -88,20 +88,48 @@ def suggest(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
 
 @dataclass
 class Budget:
-    """How much a study spends. Defaults fit `make reproduce` on a 2-core CPU."""
+    """How much a study spends. Defaults fit `make reproduce` on a 2-core CPU.
+
+    Epoch counts left at None follow from image budgets, so every study spends
+    about the same compute whatever the size of its training set: a trial sees
+    `trial_images` images (2..20 epochs), the final retrain `final_images`
+    (3..30 epochs, early stopping on the full validation split).
+    """
 
     trials: int = 5
-    epochs: int = 3  # per trial
-    train_subset: int = 6000  # training images per trial (0: all)
-    final_epochs: int = 6  # the retrain of the best trial, on the whole training split
+    epochs: int | None = None  # per trial; None: from trial_images
+    train_subset: int = 4000  # training images per trial (0: all)
+    val_subset: int = 3000  # validation images scored per trial epoch (0: all)
+    trial_images: int = 12_000
+    final_epochs: int | None = (
+        None  # the best trial retrained on the whole split; None: from final_images
+    )
+    final_images: int = 120_000
     final_patience: int = 2
     warmup_epochs: int = 1  # the pruner never prunes before this epoch
+    score_trials: bool = False  # also score trials on the evaluation sets (analysis only)
     timeout: float | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # fixed overrides for every trial
 
+    def trial_epochs(self, train_images: int) -> int:
+        if self.epochs:
+            return self.epochs
+        seen = min(self.train_subset or train_images, train_images)
+        return int(min(20, max(2, round(self.trial_images / seen))))
+
+    def retrain_epochs(self, train_images: int) -> int:
+        if self.final_epochs:
+            return self.final_epochs
+        return int(min(30, max(3, math.ceil(self.final_images / train_images))))
+
     def tags(self) -> dict[str, str]:
         return {f"budget.{k}": str(v) for k, v in vars(self).items() if k != "extra"}
+
+
+def _train_images(data: StepData) -> int:
+    """Images in the training part of the 80/20 split."""
+    return round(len(data.train_set) * (1 - TrainConfig().val_fraction))
 
 
 def study_name(step: str, model: str) -> str:
@@ -219,6 +247,7 @@ def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
             },
             on_epoch=[report],
             log_figures=False,
+            score=budget.score_trials,
             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
         )
         return outcome.result.best_val_acc
@@ -499,7 +528,7 @@ def default_budget(**changes: Any) -> Budget:
     for key, value in changes.items():
         if value is not None:
             setattr(budget, key, value)
-    if budget.trials < 1 or budget.epochs < 1:
+    if budget.trials < 1 or (budget.epochs is not None and budget.epochs < 1):
         raise ValueError("trials and epochs must be >= 1")
     if budget.timeout is not None and (math.isnan(budget.timeout) or budget.timeout <= 0):
         raise ValueError("timeout must be a positive number of seconds")

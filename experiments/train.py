@@ -52,6 +52,7 @@ class TrainConfig:
     split_seed: int = 0  # the train/validation split: fixed across the trials of a study
     seed: int = 0  # weights, shuffling, augmentation
     train_subset: int = 0  # use only this many training images (0: all); stratified
+    val_subset: int = 0  # score only this many validation images per epoch (0: all); stratified
     polarity: str = "keep"
     normalization: str = "half"
     augmentation: str = "affine"
@@ -158,14 +159,20 @@ def seed_everything(seed: int) -> None:
 
 
 def split_indices(
-    labels: torch.Tensor, val_fraction: float, seed: int, subset: int = 0
+    labels: torch.Tensor, val_fraction: float, seed: int, subset: int = 0, val_subset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stratified train/validation split; `subset` > 0 keeps that many training images (stratified)."""
+    """A stratified train/validation split; `subset` / `val_subset` > 0 keep that many (stratified).
+
+    The subsets are drawn inside the full split, so a trial's validation images
+    are never training images of the final retrain's split, and vice versa.
+    """
     index = np.arange(len(labels))
     y = labels.numpy()
     train, val = train_test_split(index, test_size=val_fraction, stratify=y, random_state=seed)
     if 0 < subset < len(train):
         train, _ = train_test_split(train, train_size=subset, stratify=y[train], random_state=seed)
+    if 0 < val_subset < len(val):
+        val, _ = train_test_split(val, train_size=val_subset, stratify=y[val], random_state=seed)
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
@@ -283,7 +290,7 @@ def fit(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     train_idx, val_idx = split_indices(
-        train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset
+        train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
     )
     prep = cfg.preprocessing().fit(train_set.images[train_idx])
     x_train = prep.transform(train_set.images[train_idx]).to(device)

@@ -197,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure data loading (and training) side by side")
     bench.add_argument("--out", help="reports folder (default: reports/)")
-    bench.add_argument("--only", action="append", choices=["data"], help="run only these sections")
+    bench.add_argument(
+        "--only",
+        action="append",
+        choices=["data", "train", "logging"],
+        help="run only these sections",
+    )
     bench.set_defaults(func=_bench)
     return parser
 

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--workers", type=int, default=1, help="processes sharing the study (default 1)"
     )
+    search.add_argument(
+        "--score-trials",
+        action="store_true",
+        help="also score every trial on the evaluation sets (analysis only)",
+    )
     search.set_defaults(func=_search)
 
     worker = commands.add_parser(

@@ -226,7 +226,10 @@ def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
     def objective(trial: optuna.Trial) -> float:
         overrides = {**budget.extra, **suggest(trial, model)}
         overrides.update(
-            epochs=budget.epochs, train_subset=budget.train_subset, seed=budget.seed + trial.number
+            epochs=budget.trial_epochs(_train_images(data)),
+            train_subset=budget.train_subset,
+            val_subset=budget.val_subset,
+            seed=budget.seed + trial.number,
         )
         cfg = TrainConfig(model=model).with_overrides(overrides)
 
@@ -442,7 +445,11 @@ def finish_study(
 def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[str, float]]:
     overrides = {**budget.extra, **best.params}
     overrides.update(
-        epochs=budget.final_epochs, patience=budget.final_patience, train_subset=0, seed=budget.seed
+        epochs=budget.retrain_epochs(_train_images(data)),
+        patience=budget.final_patience,
+        train_subset=0,
+        val_subset=0,
+        seed=budget.seed,
     )
     cfg = TrainConfig(model=model).with_overrides(overrides)
     print(

@@ -144,3 +144,21 @@ def test_unknown_model_has_no_search_space():
     trial = optuna.create_study().ask()
     with pytest.raises(ValueError, match="no search space"):
         suggest(trial, "alexnet")
+
+
+def test_budget_epochs_follow_the_image_budgets():
+    budget = Budget()
+    assert budget.trial_epochs(28_800) == 3  # 4,000-image subset, 12,000 images
+    assert budget.trial_epochs(2_400) == 5  # TRAIN3: the whole split is smaller than the subset
+    assert budget.retrain_epochs(28_800) == 5 and budget.retrain_epochs(57_600) == 3
+    assert budget.retrain_epochs(2_400) == 30  # capped
+    assert Budget(epochs=7, final_epochs=2).trial_epochs(100) == 7
+    assert Budget(epochs=7, final_epochs=2).retrain_epochs(100) == 2
+
+
+def test_cli_search_with_default_budget_runs(study_data, capsys):
+    from experiments.__main__ import main
+
+    assert main(["search", "--step", "task2-step1", "--model", "hybrid", "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "trains nothing" in out and "TRAIN / TEST2: " in out and "hybrid 0." in out

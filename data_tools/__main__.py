@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_tools.cli import run
 from data_tools.datasets import DERIVED, RAW_SPLITS, load_dataset, load_split, write_folder
 from data_tools.reader import DatasetError
 from experiments import config
@@ -88,13 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

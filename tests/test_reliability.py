@@ -70,18 +70,20 @@ def test_every_trial_failing_stops_with_a_clear_error(study_data, monkeypatch):
         run_study("task2-step3", "resnet", Budget(**TINY), final=False)
 
 
-def _search_command(trials: int, epochs: int, workers: int = 1) -> list[str]:
+def _search_command(trials: int, epochs: int, workers: int = 1, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "experiments", "search", "--step", "task2-step3", "--model", "vgg",
         "--trials", str(trials), "--epochs", str(epochs), "--train-subset", "0", "--final-epochs", "1",
-        "--workers", str(workers),
+        "--workers", str(workers), *extra,
     ]  # fmt: skip
 
 
 def test_kill_9_then_resume_finishes_the_requested_trials(study_data):
     env = {**os.environ, "CI": "1"}
+    # a long first trial (no early stopping), so the kill lands inside it
+    long_trials = _search_command(3, 400, 1, "--set", "patience=1000")
     proc = subprocess.Popen(
-        _search_command(3, 60), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        long_trials, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     storage = config.study_storage()
     running = None

@@ -129,10 +129,13 @@ def _summary_markdown(summaries: Mapping[str, dict]) -> str:
         "Border-ring means, showing how far the two backgrounds sit from the threshold:",
         "",
     ]
+    def ring(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
     for name, s in summaries.items():
         lines.append(
-            f"- {name}: black backgrounds up to {s['border_mean_black_max']}, "
-            f"white backgrounds from {s['border_mean_white_min']} (fingerprint {s['fingerprint']})"
+            f"- {name}: black backgrounds up to {ring(s['border_mean_black_max'])}, "
+            f"white backgrounds from {ring(s['border_mean_white_min'])} (fingerprint {s['fingerprint']})"
         )
     return "\n".join(lines) + "\n"
 

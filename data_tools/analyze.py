@@ -129,6 +129,7 @@ def _summary_markdown(summaries: Mapping[str, dict]) -> str:
         "Border-ring means, showing how far the two backgrounds sit from the threshold:",
         "",
     ]
+
     def ring(value: float | None) -> str:
         return "—" if value is None else f"{value:.3f}"
 

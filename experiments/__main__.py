@@ -96,6 +96,21 @@ def _worker(args: argparse.Namespace) -> None:
     )
 
 
+def _shift(args: argparse.Namespace) -> None:
+    from experiments.shift import run_shift
+
+    results = run_shift(tuple(args.model or ("vgg", "resnet", "efficientnet", "hybrid")), args.out)
+    for model, result in results.items():
+        m = result.metrics
+        aurocs = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_"))
+        print(f"{model}: TEST acc {m['TEST_acc']:.3f}; AUROC {aurocs}")
+        for name in ("max_softmax", "mahalanobis", "background"):
+            print(
+                f"  abstain by {name}: coverage {m[f'coverage_{name}']:.3f}, "
+                f"accuracy on accepted {m[f'selective_acc_{name}']:.3f}"
+            )
+
+
 def _report(args: argparse.Namespace) -> None:
     from experiments.report import build_report, row_text
 
@@ -189,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, default=0)
     worker.add_argument("--budget", required=True, help="the launcher's Budget as JSON")
     worker.set_defaults(func=_worker)
+
+    shift = commands.add_parser(
+        "shift", help="Task 1: new-script detectors and selective prediction"
+    )
+    shift.add_argument("--model", action="append", help="repeatable (default: all four)")
+    shift.add_argument("--out", help="reports folder (default: reports/)")
+    shift.set_defaults(func=_shift)
 
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")

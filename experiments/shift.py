@@ -1,0 +1,225 @@
+"""Task 1 without TEST labels: detect the new script, and abstain on it.
+
+Reads a TRAIN-trained model (the `final` run of a task1-step1 study), TRAIN
+(labels allowed) and the TEST *images*. TEST labels and TEST's background
+halves are used only to measure, never to fit or to choose a threshold.
+
+Detectors (a higher score means "new script"):
+  background     the background rule: mean of the outer pixel ring;
+  max_softmax    1 - the model's top softmax probability;
+  energy         -logsumexp(logits) (Liu et al., 2020);
+  mahalanobis    distance of the penultimate features to the nearest TRAIN class
+                 mean under a shared covariance (Lee et al., 2018), fitted on TRAIN.
+
+Selective prediction: each model-based detector's threshold is the 95th
+percentile of its scores on TRAIN validation images (so ~5 % of in-script
+images are refused); the background rule keeps its own threshold (0.5). The
+model answers only the TEST images a detector accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from data_tools import Dataset, border_mean
+from data_tools.datasets import WHITE_BORDER_THRESHOLD
+from experiments.checkpoint import Loaded
+from experiments.train import predict_logits, split_indices
+
+REFUSE_FRACTION = 0.05  # of in-script (TRAIN validation) images, sets the model-based thresholds
+
+
+@torch.no_grad()
+def logits_and_features(loaded: Loaded, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and penultimate features (the input of the last linear layer) for raw images."""
+    last = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][-1]
+    captured: list[torch.Tensor] = []
+    hook = last.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach())
+    )
+    try:
+        device = next(loaded.model.parameters()).device
+        logits = predict_logits(
+            loaded.model, loaded.preprocessing.transform(images).to(device)
+        ).cpu()
+    finally:
+        hook.remove()
+    return logits, torch.cat(captured).float().cpu()
+
+
+@dataclass
+class Mahalanobis:
+    means: torch.Tensor  # classes x features
+    precision: torch.Tensor  # features x features
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor) -> Mahalanobis:
+        classes = int(labels.max()) + 1
+        means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
+        centred = features - means[labels]
+        covariance = centred.T @ centred / len(features)
+        eye = torch.eye(covariance.shape[0])
+        precision = torch.linalg.pinv(covariance + 1e-4 * eye.mul(covariance.diagonal().mean()))
+        return cls(means, precision)
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        diff = features[:, None, :] - self.means[None, :, :]
+        distances = torch.einsum("ncf,fg,ncg->nc", diff, self.precision, diff)
+        return distances.min(1).values
+
+
+def detector_scores(
+    logits: torch.Tensor, features: torch.Tensor, images: torch.Tensor, maha: Mahalanobis
+):
+    probabilities = logits.softmax(1)
+    return {
+        "background": border_mean(images).numpy(),
+        "max_softmax": (1 - probabilities.max(1).values).numpy(),
+        "energy": (-torch.logsumexp(logits, 1)).numpy(),
+        "mahalanobis": maha.score(features).numpy(),
+    }
+
+
+@dataclass
+class ShiftResult:
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+
+
+def analyse(
+    loaded: Loaded, train_set: Dataset, test_set: Dataset, fit_images: int = 6000
+) -> ShiftResult:
+    """AUROC of each detector for TEST's new script, and selective accuracy/coverage on TEST."""
+    cfg = loaded.checkpoint["config"]
+    train_idx, val_idx = split_indices(train_set.labels, cfg["val_fraction"], cfg["split_seed"])
+    generator = torch.Generator().manual_seed(0)
+    fit_idx = train_idx[torch.randperm(len(train_idx), generator=generator)[:fit_images]]
+    _, fit_features = logits_and_features(loaded, train_set.images[fit_idx])
+    maha = Mahalanobis.fit(fit_features, train_set.labels[fit_idx])
+
+    val_logits, val_features = logits_and_features(loaded, train_set.images[val_idx])
+    val_scores = detector_scores(val_logits, val_features, train_set.images[val_idx], maha)
+    thresholds = {
+        name: float(np.quantile(s, 1 - REFUSE_FRACTION)) for name, s in val_scores.items()
+    }
+    thresholds["background"] = WHITE_BORDER_THRESHOLD
+
+    logits, features = logits_and_features(loaded, test_set.images)
+    scores = detector_scores(logits, features, test_set.images, maha)
+    is_new = test_set.white.numpy()  # measuring only
+    labels = test_set.labels.numpy()
+    correct = logits.argmax(1).numpy() == labels
+    metrics = {
+        "TEST_acc": float(correct.mean()),
+        "TEST_black_acc": float(correct[~is_new].mean()) if (~is_new).any() else float("nan"),
+    }
+    for name, score in scores.items():
+        if is_new.any() and (~is_new).any():
+            metrics[f"auroc_{name}"] = float(roc_auc_score(is_new, score))
+        accepted = score <= thresholds[name]
+        metrics[f"coverage_{name}"] = float(accepted.mean())
+        metrics[f"selective_acc_{name}"] = (
+            float(correct[accepted].mean()) if accepted.any() else float("nan")
+        )
+        metrics[f"new_script_accepted_{name}"] = (
+            float(accepted[is_new].mean()) if is_new.any() else float("nan")
+        )
+    return ShiftResult(metrics, thresholds)
+
+
+def _final_run(model: str) -> str:
+    from experiments.report import collect
+
+    for row in collect((model,)):
+        cell = row[0]
+        if cell.step == "task1-step1" and cell.run_id:
+            return cell.run_id
+    raise RuntimeError(
+        f"no task1-step1 run for {model}: run `make task1-step1 MODELS={model}` first"
+    )
+
+
+def run_shift(models: tuple[str, ...], out_dir=None) -> dict[str, ShiftResult]:
+    """Analyse each model's task1-step1 final run; log a run per model and write task1_shift.md."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from data_tools import load_split
+    from experiments import config, tracking
+    from experiments.checkpoint import load_checkpoint
+
+    root, cache = config.data_dir(), config.cache_dir()
+    train_set, test_set = load_split("TRAIN", root, cache), load_split("TEST", root, cache)
+    results = {}
+    for model in models:
+        source = _final_run(model)
+        result = analyse(load_checkpoint(source), train_set, test_set)
+        results[model] = result
+        experiment = tracking.experiment_id("task1-shift")
+        tags = {
+            "model": model,
+            "step": "task1-shift",
+            "source_run": source,
+            "label_use": "TRAIN labels; TEST images unlabelled; TEST labels and halves for measuring only",
+            **tracking.environment_tags(),
+        }
+        with mlflow.start_run(experiment_id=experiment, run_name=f"shift-{model}", tags=tags):
+            mlflow.log_params({f"threshold.{k}": round(v, 6) for k, v in result.thresholds.items()})
+            mlflow.log_param("refuse_fraction", REFUSE_FRACTION)
+            mlflow.log_metrics({k: v for k, v in result.metrics.items() if np.isfinite(v)})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "shift.json"
+                path.write_text(
+                    json.dumps(
+                        {"metrics": result.metrics, "thresholds": result.thresholds}, indent=1
+                    )
+                )
+                mlflow.log_artifact(str(path))
+    out = config.reports_dir(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "task1_shift.md").write_text(to_markdown(results))
+    return results
+
+
+def to_markdown(results: dict[str, ShiftResult]) -> str:
+    detectors = ("background", "max_softmax", "energy", "mahalanobis")
+    lines = [
+        "# Task 1: detecting the new script without TEST labels",
+        "",
+        "Written by `python -m experiments shift`. Models: the task1-step1 final runs (trained on",
+        "TRAIN only). TEST labels and TEST's background halves are used only to measure.",
+        f"Model-based thresholds: the {1 - REFUSE_FRACTION:.0%} quantile of each score on TRAIN",
+        "validation images; the background rule uses its own threshold (0.5).",
+        "",
+        "## AUROC for separating TEST's new script (white half) from the training script",
+        "",
+        "| model | TEST acc | TEST black-half acc | " + " | ".join(detectors) + " |",
+        "|---" * (3 + len(detectors)) + "|",
+    ]
+    for model, r in results.items():
+        m = r.metrics
+        aurocs = " | ".join(f"{m.get(f'auroc_{d}', float('nan')):.3f}" for d in detectors)
+        lines.append(f"| {model} | {m['TEST_acc']:.3f} | {m['TEST_black_acc']:.3f} | {aurocs} |")
+    lines += [
+        "",
+        "## Selective prediction on TEST: answer only what the detector accepts",
+        "",
+        "| model | detector | coverage | accuracy on accepted | new-script images accepted |",
+        "|---|---|---|---|---|",
+    ]
+    for model, r in results.items():
+        m = r.metrics
+        for d in detectors:
+            lines.append(
+                f"| {model} | {d} | {m[f'coverage_{d}']:.3f} | {m[f'selective_acc_{d}']:.3f} "
+                f"| {m[f'new_script_accepted_{d}']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"

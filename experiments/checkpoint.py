@@ -75,6 +75,7 @@ def _resolve(source: str | os.PathLike) -> Path:
     from experiments import tracking
 
     tracking.init()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return Path(
         mlflow.artifacts.download_artifacts(run_id=str(source), artifact_path=ARTIFACT_PATH)
     )

@@ -33,6 +33,18 @@ def isolated_stores(tmp_path, monkeypatch):
             mlflow.end_run()
 
 
+def runs_in(experiment: str, filter_string: str = "") -> list:
+    """All MLflow runs of an experiment of the (tmp_path) store, optionally filtered."""
+    from mlflow.tracking import MlflowClient
+
+    from experiments import tracking
+
+    tracking.init()
+    return MlflowClient().search_runs(
+        [tracking.experiment_id(experiment)], filter_string, max_results=200
+    )
+
+
 @pytest.fixture
 def study_data(tmp_path, monkeypatch) -> Path:
     """A tiny TRAIN/TEST/TEST2 folder set, used as DATA_DIR."""

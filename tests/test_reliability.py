@@ -11,6 +11,7 @@ import time
 import numpy as np
 import optuna
 import pytest
+from conftest import runs_in
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from synthetic import write_dataset
@@ -28,12 +29,8 @@ from experiments.search import (
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
 
-def _trial_runs(step: str):
-    tracking.init()
-    runs = MlflowClient().search_runs(
-        [tracking.experiment_id(step)], "tags.role = 'trial'", max_results=200
-    )
-    return {r.info.run_id: r for r in runs}
+def _trial_runs(step: str) -> dict:
+    return {r.info.run_id: r for r in runs_in(step, "tags.role = 'trial'")}
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_data, monkeypatch):

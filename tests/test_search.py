@@ -6,6 +6,7 @@ import shutil
 
 import optuna
 import pytest
+from conftest import runs_in
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -23,16 +24,10 @@ from experiments.search import (
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
 
-def _runs(step: str):
-    tracking.init()
-    client = MlflowClient()
-    return client.search_runs([tracking.experiment_id(step)], max_results=100)
-
-
 def test_study_nests_trials_with_states_and_prunes(study_data, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
     result = run_study("task2-step3", "vgg", Budget(**TINY))
-    runs = _runs("task2-step3")
+    runs = runs_in("task2-step3")
     parents = [r for r in runs if r.data.tags.get("role") == "study"]
     trials = sorted(
         (r for r in runs if r.data.tags.get("role") == "trial"),

@@ -99,7 +99,8 @@ def _worker(args: argparse.Namespace) -> None:
 def _shift(args: argparse.Namespace) -> None:
     from experiments.shift import run_shift
 
-    results = run_shift(tuple(args.model or ("vgg", "resnet", "efficientnet", "hybrid")), args.out)
+    models = tuple(args.model or ("vgg", "resnet", "efficientnet", "hybrid"))
+    results = run_shift(models, args.out, curve=not args.no_curve)
     for model, result in results.items():
         m = result.metrics
         aurocs = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_"))
@@ -109,6 +110,13 @@ def _shift(args: argparse.Namespace) -> None:
                 f"  abstain by {name}: coverage {m[f'coverage_{name}']:.3f}, "
                 f"accuracy on accepted {m[f'selective_acc_{name}']:.3f}"
             )
+        curve = [
+            f"k={k} {m[f'k{k}_TEST_rest_acc']:.3f}"
+            for k in (1, 5, 20, 100)
+            if f"k{k}_TEST_rest_acc" in m
+        ]
+        if curve:
+            print(f"  with k TEST labels per class of the new script: {', '.join(curve)}")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -210,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shift.add_argument("--model", action="append", help="repeatable (default: all four)")
     shift.add_argument("--out", help="reports folder (default: reports/)")
+    shift.add_argument(
+        "--no-curve", action="store_true", help="skip the label-efficiency curve (k TEST labels)"
+    )
     shift.set_defaults(func=_shift)
 
     report = commands.add_parser("report", help="build the comparison table from MLflow")

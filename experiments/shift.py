@@ -132,6 +132,85 @@ def analyse(
     return ShiftResult(metrics, thresholds)
 
 
+K_SHOTS = (1, 5, 20, 100)
+
+
+def sample_k_shot(test_set: Dataset, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k labelled images per class from TEST's new script (white half), and every other TEST index.
+
+    The second index set is where the fine-tuned model is evaluated: it never
+    holds an image the model was fine-tuned on.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    white = test_set.white
+    chosen = []
+    for label in range(int(test_set.labels.max()) + 1):
+        pool = torch.nonzero(white & (test_set.labels == label)).flatten()
+        chosen.append(pool[torch.randperm(len(pool), generator=generator)[:k]])
+    shots = torch.cat(chosen).sort().values
+    rest = torch.ones(len(test_set), dtype=torch.bool)
+    rest[shots] = False
+    return shots, torch.nonzero(rest).flatten()
+
+
+def fine_tune(
+    loaded: Loaded, images: torch.Tensor, labels: torch.Tensor, replay: Dataset, seed: int = 0
+) -> nn.Module:
+    """A copy of the model fine-tuned on the k-shot images plus as many TRAIN images (replay).
+
+    A fixed recipe (Adam 3e-4, 8 passes over ~1,000 images), so nothing is chosen
+    by looking at evaluation labels.
+    """
+    import copy
+
+    from experiments.train import train_one_epoch
+
+    generator = torch.Generator().manual_seed(seed)
+    repeats = max(1, 500 // len(labels))
+    replay_idx = torch.randperm(len(replay), generator=generator)[: len(labels) * repeats]
+    x = torch.cat([images.repeat(repeats, 1, 1, 1), replay.images[replay_idx]])
+    y = torch.cat([labels.repeat(repeats), replay.labels[replay_idx]])
+    model = copy.deepcopy(loaded.model)
+    device = next(model.parameters()).device
+    prep = loaded.preprocessing
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    augment = prep.augmenter()
+    xs, ys = prep.transform(x).to(device), y.to(device)
+    for _ in range(8):
+        train_one_epoch(
+            model, xs, ys, optimizer, None, nn.CrossEntropyLoss(), 64, augment, generator
+        )
+    return model.eval()
+
+
+def label_efficiency(
+    loaded: Loaded,
+    train_set: Dataset,
+    test_set: Dataset,
+    ks: tuple[int, ...] = K_SHOTS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """TEST accuracy on the images not used for fine-tuning, after k labelled new-script images per class."""
+    metrics = {}
+    for k in ks:
+        shots, rest = sample_k_shot(test_set, k, seed)
+        model = fine_tune(loaded, test_set.images[shots], test_set.labels[shots], train_set, seed)
+        device = next(model.parameters()).device
+        logits = predict_logits(
+            model, loaded.preprocessing.transform(test_set.images[rest]).to(device)
+        ).cpu()
+        correct = (logits.argmax(1) == test_set.labels[rest]).numpy()
+        white = test_set.white[rest].numpy()
+        metrics[f"k{k}_TEST_rest_acc"] = float(correct.mean())
+        metrics[f"k{k}_white_rest_acc"] = (
+            float(correct[white].mean()) if white.any() else float("nan")
+        )
+        metrics[f"k{k}_black_rest_acc"] = (
+            float(correct[~white].mean()) if (~white).any() else float("nan")
+        )
+    return metrics
+
+
 def _final_run(model: str) -> str:
     from experiments.report import collect
 
@@ -144,7 +223,7 @@ def _final_run(model: str) -> str:
     )
 
 
-def run_shift(models: tuple[str, ...], out_dir=None) -> dict[str, ShiftResult]:
+def run_shift(models: tuple[str, ...], out_dir=None, curve: bool = True) -> dict[str, ShiftResult]:
     """Analyse each model's task1-step1 final run; log a run per model and write task1_shift.md."""
     import json
     import tempfile
@@ -161,14 +240,20 @@ def run_shift(models: tuple[str, ...], out_dir=None) -> dict[str, ShiftResult]:
     results = {}
     for model in models:
         source = _final_run(model)
-        result = analyse(load_checkpoint(source), train_set, test_set)
+        loaded = load_checkpoint(source)
+        result = analyse(loaded, train_set, test_set)
+        if curve:
+            result.metrics.update(label_efficiency(loaded, train_set, test_set))
         results[model] = result
         experiment = tracking.experiment_id("task1-shift")
         tags = {
             "model": model,
             "step": "task1-shift",
             "source_run": source,
-            "label_use": "TRAIN labels; TEST images unlabelled; TEST labels and halves for measuring only",
+            "label_use": (
+                "TRAIN labels; TEST images unlabelled; TEST labels and halves for measuring only; "
+                f"the label-efficiency rows use k in {K_SHOTS} TEST labels per class"
+            ),
             **tracking.environment_tags(),
         }
         with mlflow.start_run(experiment_id=experiment, run_name=f"shift-{model}", tags=tags):
@@ -222,4 +307,23 @@ def to_markdown(results: dict[str, ShiftResult]) -> str:
                 f"| {model} | {d} | {m[f'coverage_{d}']:.3f} | {m[f'selective_acc_{d}']:.3f} "
                 f"| {m[f'new_script_accepted_{d}']:.3f} |"
             )
+    curve_models = [m for m, r in results.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in r.metrics]
+    if curve_models:
+        lines += [
+            "",
+            "## Label efficiency: k labelled images per class of the new script (uses k TEST labels)",
+            "",
+            "The TRAIN model fine-tuned on k images per class drawn from TEST's white half (seed 0),",
+            "mixed with as many TRAIN images; accuracy on every other TEST image (never trained on).",
+            "",
+            "| model | k | TEST acc (rest) | white half | black half |",
+            "|---|---|---|---|---|",
+        ]
+        for model in curve_models:
+            m = results[model].metrics
+            for k in K_SHOTS:
+                lines.append(
+                    f"| {model} | {k} | {m[f'k{k}_TEST_rest_acc']:.3f} | {m[f'k{k}_white_rest_acc']:.3f} "
+                    f"| {m[f'k{k}_black_rest_acc']:.3f} |"
+                )
     return "\n".join(lines) + "\n"

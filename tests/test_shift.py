@@ -26,6 +26,7 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
     run_study("task1-step1", "vgg", Budget(trials=1, epochs=3, train_subset=0, final_epochs=3))
     results = run_shift(("vgg",), tmp_path / "reports")
     metrics = results["vgg"].metrics
+    assert 0.0 <= metrics["k1_TEST_rest_acc"] <= 1.0 and 0.0 <= metrics["k5_white_rest_acc"] <= 1.0
     assert metrics["auroc_background"] == 1.0  # the synthetic new script is drawn on white
     for name in ("max_softmax", "energy", "mahalanobis"):
         assert 0.0 <= metrics[f"auroc_{name}"] <= 1.0
@@ -37,3 +38,18 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
     runs = MlflowClient().search_runs([tracking.experiment_id("task1-shift")])
     assert runs and runs[0].data.tags["label_use"].startswith("TRAIN labels")
     assert np.isclose(runs[0].data.metrics["auroc_background"], 1.0)
+
+
+def test_k_shot_sampler_never_evaluates_on_its_training_images(study_data):
+    from data_tools import load_split
+    from experiments.shift import sample_k_shot
+
+    test = load_split("TEST", study_data)
+    for k in (1, 5):
+        shots, rest = sample_k_shot(test, k, seed=0)
+        assert len(shots) == 6 * k and bool(test.white[shots].all())
+        assert torch.bincount(test.labels[shots], minlength=6).tolist() == [k] * 6
+        assert set(shots.tolist()).isdisjoint(rest.tolist())
+        assert len(shots) + len(rest) == len(test)
+    again, _ = sample_k_shot(test, 5, seed=0)
+    assert torch.equal(again, sample_k_shot(test, 5, seed=0)[0])

@@ -18,7 +18,7 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
-	reproduce cluster-test clean-cache task1-shift $(STEPS)
+	reproduce cluster-test clean-cache task1-shift task2-mixed $(STEPS)
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ task2-step3: $(STAMP) ## studies TRAIN3 (TEST's white half) -> TEST2 for MODELS
 
 task1-shift: $(STAMP) ## Task 1 without TEST labels: new-script detectors (AUROC), selective prediction
 	$(PY) -m experiments shift $(foreach m,$(MODELS),--model $(m))
+
+task2-mixed: $(STAMP) ## studies on TRAIN + TEST together (polarity to_black fixed) -> TEST2
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
 report: $(STAMP) ## comparison table from MLflow into reports/ (md, csv, heatmap)
 	$(PY) -m experiments report

@@ -7,6 +7,7 @@
 | TEST2  | raw folder: only the second script                | 6,000  |
 | TRAIN2 | TRAIN plus every TRAIN image inverted (1 - x)      | 72,000 |
 | TRAIN3 | the white-background images of TEST               | 3,000  |
+| TRAIN_TEST | TRAIN and TEST together (Task 2 only)         | 42,000 |
 
 The background rule (`is_white_background`) is the one place that decides
 black versus white: the mean of the outermost ring of pixels is above 0.5.
@@ -97,10 +98,20 @@ def _train3(test: Dataset) -> Dataset:
     return test.subset(test.white, "TRAIN3")
 
 
-# derived name -> (raw source, rule)
-DERIVED: dict[str, tuple[str, Callable[[Dataset], Dataset]]] = {
-    "TRAIN2": ("TRAIN", _train2),
-    "TRAIN3": ("TEST", _train3),
+def _train_test(train: Dataset, test: Dataset) -> Dataset:
+    images = torch.cat([train.images, test.images])
+    labels = torch.cat([train.labels, test.labels])
+    files = tuple(f"TRAIN/{f}" for f in train.files) + tuple(f"TEST/{f}" for f in test.files)
+    return Dataset(
+        "TRAIN_TEST", images, labels, files, f"{train.fingerprint}|{test.fingerprint}|TRAIN_TEST"
+    )
+
+
+# derived name -> (raw sources, rule)
+DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., Dataset]]] = {
+    "TRAIN2": (("TRAIN",), _train2),
+    "TRAIN3": (("TEST",), _train3),
+    "TRAIN_TEST": (("TRAIN", "TEST"), _train_test),
 }
 SPLITS = RAW_SPLITS + tuple(DERIVED)
 
@@ -112,8 +123,8 @@ def load_split(
     if name in RAW_SPLITS:
         return load_dataset(Path(data_dir) / name, cache_dir)
     if name in DERIVED:
-        source, rule = DERIVED[name]
-        return rule(load_dataset(Path(data_dir) / source, cache_dir))
+        sources, rule = DERIVED[name]
+        return rule(*(load_dataset(Path(data_dir) / source, cache_dir) for source in sources))
     raise DatasetError(name, f"unknown dataset; expected one of {', '.join(SPLITS)}")
 
 

@@ -144,9 +144,12 @@ def to_markdown(rows: list[list[Cell]]) -> str:
             if cell.accuracy is None:
                 cells.append("")
             else:
-                cells.append(
-                    f"**{_fmt(cell.accuracy)}** ({_fmt(cell.reference, 2)}, {_fmt(cell.delta, 3, True)})"
+                reference = (
+                    f" ({_fmt(cell.reference, 2)}, {_fmt(cell.delta, 3, True)})"
+                    if cell.reference is not None
+                    else ""
                 )
+                cells.append(f"**{_fmt(cell.accuracy)}**{reference}")
         lines.append(f"| {step.row_label} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -43,6 +43,21 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_SECONDS = 15
 
 
+class FixedSettings:
+    """A trial whose `suggest_*` calls return the step's fixed settings instead of searching them."""
+
+    def __init__(self, trial: optuna.Trial, fixed: dict[str, Any]):
+        self._trial, self._fixed = trial, fixed
+
+    def __getattr__(self, name: str):
+        method = getattr(self._trial, name)
+        if not name.startswith("suggest_"):
+            return method
+        return lambda key, *args, **kwargs: (
+            self._fixed[key] if key in self._fixed else method(key, *args, **kwargs)
+        )
+
+
 def suggest(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
     """Every searched setting of a trial, as flat `TrainConfig` overrides (logged unchanged)."""
     params: dict[str, Any] = {
@@ -224,7 +239,8 @@ def ensure_parent_run(
 
 def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
     def objective(trial: optuna.Trial) -> float:
-        overrides = {**budget.extra, **suggest(trial, model)}
+        fixed = data.step.fixed_settings
+        overrides = {**budget.extra, **suggest(FixedSettings(trial, fixed), model), **fixed}
         overrides.update(
             epochs=budget.trial_epochs(_train_images(data)),
             train_subset=budget.train_subset,
@@ -443,7 +459,7 @@ def finish_study(
 
 
 def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[str, float]]:
-    overrides = {**budget.extra, **best.params}
+    overrides = {**budget.extra, **best.params, **data.step.fixed_settings}
     overrides.update(
         epochs=budget.retrain_epochs(_train_images(data)),
         patience=budget.final_patience,

@@ -9,6 +9,7 @@ training reads, so every row of the report says it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class Step:
     description: str
     label_use: str = "TRAIN labels only"
     reuses: str | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()  # settings every trial of the step keeps (not searched)
+
+    @property
+    def fixed_settings(self) -> dict[str, Any]:
+        return dict(self.fixed)
 
     @property
     def primary_eval(self) -> str:
@@ -57,6 +63,14 @@ STEPS: dict[str, Step] = {
             ("TEST2",),
             "train on TRAIN3 = TEST's white-background half, evaluate on TEST2",
             label_use="TEST white-half labels (allowed in Task 2)",
+        ),
+        Step(
+            "task2-mixed",
+            "TRAIN_TEST",
+            ("TEST2",),
+            "train on TRAIN and TEST together, every image turned to a black background",
+            label_use="TRAIN and TEST labels (allowed in Task 2)",
+            fixed=(("polarity", "to_black"),),
         ),
     )
 }

@@ -20,6 +20,7 @@ from experiments.search import (
     study_name,
     suggest,
 )
+from experiments.steps import STEPS
 
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
@@ -97,7 +98,7 @@ def test_report_builds_table_from_runs(study_data, tmp_path):
     assert cells[("task2-step2", "vgg")].accuracy is None  # missing study: empty cell
     text = (out / "comparison.md").read_text()
     assert "| TRAIN / TEST |" in text and "(0.57," in text
-    assert (out / "comparison.csv").read_text().count("\n") == 21
+    assert (out / "comparison.csv").read_text().count("\n") == 1 + 4 * len(STEPS)
     assert (out / "comparison.png").stat().st_size > 0
 
 
@@ -157,3 +158,14 @@ def test_cli_search_with_default_budget_runs(study_data, capsys):
     assert main(["search", "--step", "task2-step1", "--model", "hybrid", "--trials", "2"]) == 0
     out = capsys.readouterr().out
     assert "trains nothing" in out and "TRAIN / TEST2: " in out and "hybrid 0." in out
+
+
+def test_fixed_step_settings_are_kept_and_not_searched(study_data):
+    run_study("task2-mixed", "hybrid", Budget(**{**TINY, "trials": 2}))
+    study = optuna.load_study(study_name="task2-mixed/hybrid", storage=make_storage())
+    assert all("polarity" not in t.params for t in study.trials)
+    runs = runs_in("task2-mixed")
+    trained = [r for r in runs if r.data.tags.get("role") in ("trial", "final")]
+    assert len(trained) == 3 and all(r.data.params["polarity"] == "to_black" for r in trained)
+    final = next(r for r in trained if r.data.tags["role"] == "final")
+    assert final.data.tags["train_set"] == "TRAIN_TEST" and "TEST2_acc" in final.data.metrics

@@ -257,5 +257,9 @@ def row_text(step_name: str, rows: list[list[Cell]] | None = None) -> str:
     """One step's row as a line of text, for the make targets."""
     rows = rows or collect()
     row = next(r for r in rows if r[0].step == step_name)
-    parts = [f"{c.model} {_fmt(c.accuracy) or '—'} (ref {_fmt(c.reference, 2)})" for c in row]
+    parts = [
+        f"{c.model} {_fmt(c.accuracy) or '—'}"
+        + (f" (ref {_fmt(c.reference, 2)})" if c.reference is not None else "")
+        for c in row
+    ]
     return f"{STEPS[step_name].row_label}: " + ", ".join(parts)

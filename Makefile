@@ -72,7 +72,7 @@ task2-step2: $(STAMP) ## studies TEST -> TEST2 for MODELS
 task2-step3: $(STAMP) ## studies TRAIN3 (TEST's white half) -> TEST2 for MODELS
 	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
-task1-shift: $(STAMP) ## Task 1 without TEST labels: new-script detectors (AUROC), selective prediction
+task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, label-efficiency curve
 	$(PY) -m experiments shift $(foreach m,$(MODELS),--model $(m))
 
 task2-mixed: $(STAMP) ## studies on TRAIN + TEST together (polarity to_black fixed) -> TEST2
@@ -81,7 +81,7 @@ task2-mixed: $(STAMP) ## studies on TRAIN + TEST together (polarity to_black fix
 report: $(STAMP) ## comparison table from MLflow into reports/ (md, csv, heatmap)
 	$(PY) -m experiments report
 
-bench: $(STAMP) ## data-loading benchmark side by side; writes reports/bench.md
+bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
 
 ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000

@@ -391,6 +391,17 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             "No CUDA device in this run: the GPU figures come from a run on one.",
             "",
         ]
+    lines += [
+        "## What was tried",
+        "",
+        "- Kept: in-memory tensors and batched kornia augmentation (no per-sample Python on the hot",
+        "  path); channels-last models (1.3-1.6x faster convolutions on this CPU, measured once by hand",
+        "  with the default models); one host sync per epoch instead of per batch.",
+        "- Not kept: two 1-thread processes instead of one 2-thread process (~10 % more images/s in",
+        "  total for vgg and resnet, measured once by hand; not yet used by `make reproduce`).",
+        "- Not tried yet: `torch.compile` on CPU, a cheaper default VGG for the search.",
+        "",
+    ]
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     print("targets:")
     for target, measured, met in targets:

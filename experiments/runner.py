@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 
 from data_tools import Dataset, load_split
 from experiments import config, tracking
@@ -126,8 +127,6 @@ def train_and_log(
                 data.step.name,
             )
             (folder / "checkpoint").mkdir()
-            import torch
-
             torch.save(checkpoint, folder / "checkpoint" / "model.pt")
             (folder / "history.json").write_text(json.dumps(result.history, indent=1))
             (folder / "preprocessing.json").write_text(

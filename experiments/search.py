@@ -237,17 +237,27 @@ def ensure_parent_run(
     return run.info.run_id
 
 
+def _config(
+    model: str, budget: Budget, data: StepData, params: dict[str, Any], **fidelity: Any
+) -> TrainConfig:
+    """One place that layers a run's settings: budget extras < searched params < step's fixed < fidelity."""
+    overrides = {**budget.extra, **params, **data.step.fixed_settings, **fidelity}
+    return TrainConfig(model=model).with_overrides(overrides)
+
+
 def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
     def objective(trial: optuna.Trial) -> float:
-        fixed = data.step.fixed_settings
-        overrides = {**budget.extra, **suggest(FixedSettings(trial, fixed), model), **fixed}
-        overrides.update(
+        params = suggest(FixedSettings(trial, data.step.fixed_settings), model)
+        cfg = _config(
+            model,
+            budget,
+            data,
+            params,
             epochs=budget.trial_epochs(_train_images(data)),
             train_subset=budget.train_subset,
             val_subset=budget.val_subset,
             seed=budget.seed + trial.number,
         )
-        cfg = TrainConfig(model=model).with_overrides(overrides)
 
         def report(row: dict[str, float]) -> None:
             trial.report(row["val_acc"], int(row["epoch"]))
@@ -459,15 +469,17 @@ def finish_study(
 
 
 def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[str, float]]:
-    overrides = {**budget.extra, **best.params, **data.step.fixed_settings}
-    overrides.update(
+    cfg = _config(
+        model,
+        budget,
+        data,
+        best.params,
         epochs=budget.retrain_epochs(_train_images(data)),
         patience=budget.final_patience,
         train_subset=0,
         val_subset=0,
         seed=budget.seed,
     )
-    cfg = TrainConfig(model=model).with_overrides(overrides)
     print(
         f"[{study.study_name}] retraining trial {best.number} on the full training split",
         flush=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data_tools.cli import run
@@ -29,6 +30,8 @@ def _train(args: argparse.Namespace) -> None:
     from experiments.steps import get_step, training_step
     from experiments.train import TrainConfig, parse_overrides
 
+    if args.data_dir:  # also where a transfer step's pretraining reads TRAIN
+        os.environ["DATA_DIR"] = args.data_dir
     asked = get_step(args.step)
     step = training_step(args.step)
     overrides = parse_overrides(args.set or [])
@@ -36,7 +39,17 @@ def _train(args: argparse.Namespace) -> None:
         overrides["epochs"] = args.epochs
     if args.seed is not None:
         overrides["seed"] = args.seed
-    cfg = TrainConfig(model=args.model).with_overrides(overrides)
+    base: dict = dict(step.fixed_settings)
+    if step.pretrain:
+        from experiments import transfer
+        from experiments.search import Budget
+
+        pretrained = transfer.fine_tune_base(
+            args.model, transfer.step_polarity(step), Budget(), create=True
+        )
+        base = {**pretrained, **transfer.FINE_TUNE_DEFAULTS, **base}
+        print(f"fine-tuning the pretrained run {pretrained['init_from']}")
+    cfg = TrainConfig(model=args.model).with_overrides({**base, **overrides})
     if step is not asked:
         print(
             f"{asked.name} trains nothing: training {step.name} (evaluated on {', '.join(step.eval_sets)})"

@@ -34,7 +34,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments import config, tracking
+from experiments import config, tracking, transfer
 from experiments.runner import StepData, load_step_data, log_torch_model, train_and_log
 from experiments.steps import get_step, training_step
 from experiments.train import TrainConfig
@@ -240,20 +240,33 @@ def ensure_parent_run(
 def _config(
     model: str, budget: Budget, data: StepData, params: dict[str, Any], **fidelity: Any
 ) -> TrainConfig:
-    """One place that layers a run's settings: budget extras < searched params < step's fixed < fidelity."""
-    overrides = {**budget.extra, **params, **data.step.fixed_settings, **fidelity}
+    """One place that layers a run's settings.
+
+    pretrained base (transfer steps) < budget extras < searched params < step's fixed < fidelity.
+    """
+    base = {}
+    if data.step.pretrain:
+        polarity = transfer.step_polarity(data.step)
+        base = transfer.fine_tune_base(model, polarity, budget)
+    overrides = {**base, **budget.extra, **params, **data.step.fixed_settings, **fidelity}
     return TrainConfig(model=model).with_overrides(overrides)
+
+
+def _suggest(trial: optuna.Trial, data: StepData, model: str) -> dict[str, Any]:
+    """A trial's searched settings: the model's space, or the fine-tuning space of a transfer step."""
+    fixed = FixedSettings(trial, data.step.fixed_settings)
+    return transfer.suggest_fine_tune(fixed, model) if data.step.pretrain else suggest(fixed, model)
 
 
 def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(FixedSettings(trial, data.step.fixed_settings), model)
+        params = _suggest(trial, data, model)
         cfg = _config(
             model,
             budget,
             data,
             params,
-            epochs=budget.trial_epochs(_train_images(data)),
+            epochs=params.get("epochs") or budget.trial_epochs(_train_images(data)),
             train_subset=budget.train_subset,
             val_subset=budget.val_subset,
             seed=budget.seed + trial.number,
@@ -273,6 +286,7 @@ def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
                 "study": f"{data.step.name}/{model}",
                 "trial_number": str(trial.number),
                 "role": "trial",
+                **_transfer_tags(cfg),
             },
             on_epoch=[report],
             log_figures=False,
@@ -282,6 +296,10 @@ def _objective(data: StepData, model: str, parent_run_id: str, budget: Budget):
         return outcome.result.best_val_acc
 
     return objective
+
+
+def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
+    return {"pretrained_run": cfg.init_from, "freeze": cfg.freeze} if cfg.init_from else {}
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -382,6 +400,9 @@ def run_study(
         training_step(step_name)
     )  # bad data stops here: nothing logged yet
     step, study, parent = prepare_study(step_name, model, budget, storage_url)
+    if step.pretrain:  # the pretrained model exists before any trial (workers only read it)
+        pretrained = transfer.pretrained_run(model, transfer.step_polarity(step), budget)
+        MlflowClient().set_tag(parent, "pretrained_run", pretrained)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, budget.trials - finished)
     print(f"[{study.study_name}] {finished} finished trials, running {remaining} more", flush=True)
@@ -474,7 +495,7 @@ def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[s
         budget,
         data,
         best.params,
-        epochs=budget.retrain_epochs(_train_images(data)),
+        epochs=best.params.get("epochs") or budget.retrain_epochs(_train_images(data)),
         patience=budget.final_patience,
         train_subset=0,
         val_subset=0,
@@ -494,6 +515,7 @@ def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[s
             "role": "final",
             "best": "true",
             "retrain_of_trial": str(best.number),
+            **_transfer_tags(cfg),
         },
     )
     log_torch_model(outcome.run_id, outcome.result.model)

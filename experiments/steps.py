@@ -21,6 +21,8 @@ class Step:
     label_use: str = "TRAIN labels only"
     reuses: str | None = None
     fixed: tuple[tuple[str, Any], ...] = ()  # settings every trial of the step keeps (not searched)
+    pretrain: str | None = None  # transfer: start from a model trained on this set, then fine-tune
+    row: str = ""  # the report's row label (default: "<train_set> / <primary eval>")
 
     @property
     def fixed_settings(self) -> dict[str, Any]:
@@ -33,7 +35,7 @@ class Step:
 
     @property
     def row_label(self) -> str:
-        return f"{self.train_set} / {self.primary_eval}"
+        return self.row or f"{self.train_set} / {self.primary_eval}"
 
 
 STEPS: dict[str, Step] = {
@@ -72,8 +74,37 @@ STEPS: dict[str, Step] = {
             label_use="TRAIN and TEST labels (allowed in Task 2)",
             fixed=(("polarity", "to_black"),),
         ),
+        Step(
+            "task2-transfer",
+            "TEST",
+            ("TEST2",),
+            "start from the TRAIN model (task1-step1 final run), fine-tune on TEST, evaluate on TEST2",
+            label_use="TRAIN labels (pretraining) and TEST labels (fine-tuning; allowed in Task 2)",
+            pretrain="TRAIN",
+            row="TRAIN → TEST (fine-tuned) / TEST2",
+        ),
+        Step(
+            "task2-transfer-white",
+            "TRAIN3",
+            ("TEST2",),
+            "start from a TRAIN model pretrained with every image turned to a black background, "
+            "fine-tune on TRAIN3 (TEST's white half), evaluate on TEST2",
+            label_use="TRAIN labels (pretraining) and TEST white-half labels (fine-tuning; allowed in Task 2)",
+            pretrain="TRAIN",
+            row="TRAIN → TRAIN3 (fine-tuned) / TEST2",
+            fixed=(("polarity", "to_black"),),
+        ),
     )
 }
+
+# Pretraining for the transfer steps when the task1-step1 final run does not fit (another
+# polarity, or no study yet): not a row of the report, an experiment of its own.
+PRETRAIN = Step(
+    "task2-pretrain",
+    "TRAIN",
+    ("TEST", "TEST2"),
+    "pretraining on TRAIN for the transfer steps",
+)
 
 
 def get_step(name: str) -> Step:

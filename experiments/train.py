@@ -31,6 +31,7 @@ from models import create_model, hyperparameters
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
+FREEZE = ("none", "early", "body")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class TrainConfig:
     augmentation: str = "affine"
     crop_scale: float = 0.85
     affine_strength: float = 0.7
+    init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
+    freeze: str = (
+        "none"  # transfer: none | early (first half of the body) | body (all but the head)
+    )
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -69,6 +74,12 @@ class TrainConfig:
             raise ValueError(
                 f"unknown schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}"
             )
+        if self.freeze not in FREEZE:
+            raise ValueError(
+                f"unknown freeze {self.freeze!r}; expected one of: {', '.join(FREEZE)}"
+            )
+        if self.freeze != "none" and not self.init_from:
+            raise ValueError(f"freeze={self.freeze} needs init_from (a pretrained checkpoint)")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -176,7 +187,35 @@ def split_indices(
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
+def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
+    """Copy the weights of `cfg.init_from` into `model`, then freeze what `cfg.freeze` says.
+
+    `early` freezes the first half of the body's parameter tensors (in layer
+    order), `body` every parameter outside `model.head` (a linear probe). Frozen
+    layers' batch-norm statistics still follow the new data (train mode).
+    """
+    from experiments.checkpoint import load_checkpoint
+
+    source = load_checkpoint(cfg.init_from)
+    if source.checkpoint["model"] != cfg.model:
+        raise ValueError(
+            f"init_from {cfg.init_from}: a {source.checkpoint['model']} checkpoint, not {cfg.model}"
+        )
+    try:
+        model.load_state_dict(source.model.state_dict())
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ValueError(
+            f"init_from {cfg.init_from}: weights do not fit {cfg.model}({cfg.model_kwargs}): {first}"
+        ) from None
+    body = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    frozen = {"none": [], "early": body[: len(body) // 2], "body": body}[cfg.freeze]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -305,6 +344,8 @@ def fit(
     model = create_model(cfg.model, **cfg.model_kwargs).to(
         device, memory_format=torch.channels_last
     )
+    if cfg.init_from:
+        load_pretrained(model, cfg)
     optimizer = make_optimizer(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)

@@ -1,0 +1,97 @@
+"""Transfer steps: pretraining is found or made once, fine-tunes start from it and say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import runs_in
+
+from data_tools import load_split
+from experiments.checkpoint import load_checkpoint
+from experiments.search import Budget, run_study
+from experiments.train import TrainConfig, fit
+
+SMALL = {"width": 8, "depth": 1, "hidden": 64}
+TINY = dict(trials=2, epochs=2, train_subset=0, final_epochs=2, warmup_epochs=0)
+
+
+def test_transfer_study_pretrains_once_and_fine_tunes_from_it(study_data):
+    run_study("task2-transfer", "vgg", Budget(**TINY))
+    pretrain = runs_in("task2-pretrain")
+    assert len(pretrain) == 1  # no task1-step1 study yet: one pretraining run on TRAIN, defaults
+    source = pretrain[0]
+    assert source.data.tags["role"] == "pretrain" and source.data.tags["train_set"] == "TRAIN"
+    assert source.data.tags["settings_from"] == "defaults"
+    runs = runs_in("task2-transfer")
+    children = [r for r in runs if r.data.tags.get("role") in ("trial", "final")]
+    assert len(children) == 3
+    for run in children:
+        assert run.data.tags["pretrained_run"] == source.info.run_id
+        assert run.data.params["init_from"] == source.info.run_id
+        assert run.data.params["freeze"] in ("none", "early", "body")
+        assert run.data.tags["label_use"].startswith("TRAIN labels (pretraining) and TEST labels")
+        assert (
+            run.data.tags["train_set"] == "TEST"
+            and "TEST2_acc" in run.data.metrics
+            or (run.data.tags["role"] == "trial")
+        )
+        assert run.data.params["normalization"] == source.data.params["normalization"]
+    parent = next(r for r in runs if r.data.tags.get("role") == "study")
+    assert parent.data.tags["pretrained_run"] == source.info.run_id
+    run_study("task2-transfer", "vgg", Budget(**TINY))  # resumed: nothing pretrained again
+    assert len(runs_in("task2-pretrain")) == 1
+
+
+def test_transfer_reuses_the_task1_final_run_or_pretrains_the_fixed_polarity(study_data):
+    step1 = run_study("task1-step1", "vgg", Budget(**{**TINY, "trials": 1}))
+    source_polarity = runs_in("task1-step1", f"attributes.run_id = '{step1.final_run_id}'")[
+        0
+    ].data.params["polarity"]
+    run_study("task2-transfer", "vgg", Budget(**{**TINY, "trials": 1}))
+    finals = runs_in("task2-transfer", "tags.role = 'final'")
+    assert finals[0].data.tags["pretrained_run"] == step1.final_run_id  # no polarity fixed: reused
+    run_study("task2-transfer-white", "vgg", Budget(**{**TINY, "trials": 1}))
+    white = runs_in("task2-transfer-white", "tags.role = 'final'")[0]
+    assert white.data.params["polarity"] == "to_black"
+    pretrain = runs_in("task2-pretrain")
+    if source_polarity == "to_black":
+        assert white.data.tags["pretrained_run"] == step1.final_run_id and not pretrain
+    else:
+        assert [r.info.run_id for r in pretrain] == [white.data.tags["pretrained_run"]]
+        assert pretrain[0].data.params["polarity"] == "to_black"
+        assert pretrain[0].data.tags["settings_from"] == step1.final_run_id
+
+
+def _pretrained_file(study_data, tmp_path) -> str:
+    from experiments.checkpoint import make_checkpoint
+
+    train = load_split("TRAIN", study_data)
+    cfg = TrainConfig(model="vgg", epochs=1, model_kwargs=SMALL)
+    result = fit(cfg, train)
+    path = tmp_path / "pretrained.pt"
+    checkpoint = make_checkpoint(
+        "vgg", cfg.model_kwargs, result.model, result.preprocessing, cfg.flat(), 0, {}, "t"
+    )
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def test_freeze_body_trains_only_the_head(study_data, tmp_path):
+    path = _pretrained_file(study_data, tmp_path)
+    before = load_checkpoint(path).model.state_dict()
+    cfg = TrainConfig(model="vgg", epochs=2, model_kwargs=SMALL, init_from=path, freeze="body")
+    result = fit(cfg, load_split("TEST", study_data))
+    after = result.model.state_dict()
+    for name, tensor in after.items():
+        if name.endswith("weight") or name.endswith("bias"):
+            changed = not torch.equal(tensor.cpu(), before[name])
+            assert changed == name.startswith("head."), name
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(study_data, tmp_path):
+    path = _pretrained_file(study_data, tmp_path)
+    cfg = TrainConfig(model="vgg", epochs=1, model_kwargs={**SMALL, "width": 16}, init_from=path)
+    with pytest.raises(ValueError, match="weights do not fit vgg"):
+        fit(cfg, load_split("TEST", study_data))
+    with pytest.raises(ValueError, match="needs init_from"):
+        TrainConfig(model="vgg", freeze="body")

@@ -26,7 +26,7 @@ from experiments.steps import PRETRAIN, Step
 
 SOURCE_STEP = "task1-step1"
 FINE_TUNE_FIXED = {"optimizer": "adam", "schedule": "cosine", "batch_size": 64, "weight_decay": 0.0}
-FINE_TUNE_DEFAULTS = {"lr": 3e-4, "freeze": "none", "epochs": 6, "augmentation": "affine"}
+FINE_TUNE_DEFAULTS = {"lr": 1e-3, "freeze": "none", "epochs": 10, "augmentation": "affine"}
 # what a pretrained checkpoint decides for its fine-tunes (the rest is the fine-tune's own)
 INHERITED = ("normalization", "polarity")
 
@@ -36,7 +36,7 @@ def suggest_fine_tune(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
     params: dict[str, Any] = {
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "freeze": trial.suggest_categorical("freeze", ["none", "early", "body"]),
-        "epochs": trial.suggest_int("epochs", 2, 6),
+        "epochs": trial.suggest_int("epochs", 3, 12),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.1),
         "augmentation": trial.suggest_categorical("augmentation", ["none", "affine"]),
     }

@@ -113,7 +113,7 @@ def _shift(args: argparse.Namespace) -> None:
     from experiments.shift import run_shift
 
     models = tuple(args.model or ("vgg", "resnet", "efficientnet", "hybrid"))
-    results = run_shift(models, args.out, curve=not args.no_curve)
+    results = run_shift(models, args.out, curve=not args.no_curve, adapt=not args.no_adapt)
     for model, result in results.items():
         m = result.metrics
         aurocs = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_"))
@@ -130,15 +130,23 @@ def _shift(args: argparse.Namespace) -> None:
         ]
         if curve:
             print(f"  with k TEST labels per class of the new script: {', '.join(curve)}")
+        if "selftrain_TEST_acc" in m:
+            print(
+                f"  self-training on unlabelled TEST: TEST acc {m['selftrain_TEST_acc']:.3f} "
+                f"(white half {m['TEST_white_acc']:.3f} -> {m['selftrain_white_acc']:.3f}); "
+                f"k-means purity on the new script {m.get('kmeans_new_purity', float('nan')):.3f}"
+            )
 
 
 def _report(args: argparse.Namespace) -> None:
     from experiments.report import build_report, row_text
 
-    out, rows = build_report(args.out)
+    out, rows = build_report(args.out, ensemble_k=args.ensemble, tta=args.tta)
     for step in STEPS:
         print(row_text(step, rows))
     print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+    if args.ensemble:
+        print(f"ensembles: {out / 'ensembles.csv'} (members in comparison.md)")
 
 
 def _dashboard(args: argparse.Namespace) -> None:
@@ -234,10 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     shift.add_argument(
         "--no-curve", action="store_true", help="skip the label-efficiency curve (k TEST labels)"
     )
+    shift.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="skip unsupervised adaptation (self-training, k-means on unlabelled TEST images)",
+    )
     shift.set_defaults(func=_shift)
 
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")
+    report.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add ensemble rows: best K final runs of each TEST2 step, and all Task 2 runs (0: none)",
+    )
+    report.add_argument(
+        "--tta", action="store_true", help="also score the ensembles with test-time augmentation"
+    )
     report.set_defaults(func=_report)
 
     dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard on the study storage")

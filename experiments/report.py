@@ -234,22 +234,101 @@ def plot_heatmap(rows: list[list[Cell]], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(out: str | Path | None = None) -> tuple[Path, list[list[Cell]]]:
-    """Write comparison.md/.csv/.png into `out` and log them to a `report` run."""
+def ensembles_markdown(results) -> list[str]:
+    from experiments.ensemble import members_text
+
+    if not results:
+        return []
+    lines = [
+        "",
+        "## Ensembles and test-time augmentation (TEST2)",
+        "",
+        "Softmax averages of final runs. *best k*: a step's k final runs with the highest",
+        "validation accuracy on that step's own split; *all*: every final run of the Task 2 steps",
+        "that train on labelled TEST images, a rule fixed in advance. TEST2 labels only score.",
+        "TTA: each member averaged over the image and its four one-pixel shifts.",
+        "",
+        "| ensemble | k | TTA | TEST2 acc | members |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {len(r.members)} | {'yes' if r.tta else 'no'} "
+            f"| **{_fmt(r.accuracy, 4)}** | {members_text(r.members)} |"
+        )
+    return lines
+
+
+def write_ensembles_csv(results, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ensemble", "k", "tta", "eval_set", "accuracy", "members"])
+        for r in results:
+            writer.writerow(
+                [
+                    r.name,
+                    len(r.members),
+                    r.tta,
+                    r.eval_set,
+                    r.accuracy,
+                    " ".join(f"{m.step}/{m.model}:{m.run_id}" for m in r.members),
+                ]
+            )
+
+
+def build_report(
+    out: str | Path | None = None, ensemble_k: int = 0, tta: bool = False
+) -> tuple[Path, list[list[Cell]]]:
+    """Write comparison.md/.csv/.png into `out` and log them to a `report` run.
+
+    `ensemble_k` > 0 adds the ensemble rows (best k of each TEST2 step, and all
+    Task 2 labelled runs together), `tta` their test-time-augmented twins. The
+    Task 1 section comes from the `task1-shift` runs.
+    """
+    from experiments import ensemble, findings
+
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect()
-    (out_dir / "comparison.md").write_text(to_markdown(rows))
+    client = MlflowClient()
+    ensembles = []
+    if ensemble_k > 0:
+        from data_tools import load_split
+
+        test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
+        ensembles = ensemble.run_ensembles(ensemble_k, (False, True) if tta else (False,), test2)
+    shift = findings.shift_runs(client)
+    figure = out_dir / "figures" / "label_efficiency.png"
+    has_figure = findings.plot_label_efficiency(shift, figure)
+    text = "\n".join(
+        [
+            to_markdown(rows).rstrip("\n"),
+            *ensembles_markdown(ensembles),
+            *findings.task2_section(rows, ensembles),
+            *findings.task1_section(shift, "figures/label_efficiency.png" if has_figure else None),
+        ]
+    )
+    (out_dir / "comparison.md").write_text(text + "\n")
     write_csv(rows, out_dir / "comparison.csv")
     plot_heatmap(rows, out_dir / "comparison.png")
+    written = ["comparison.md", "comparison.csv", "comparison.png"]
+    if ensembles:
+        write_ensembles_csv(ensembles, out_dir / "ensembles.csv")
+        written.append("ensembles.csv")
     experiment = tracking.experiment_id(REPORT_EXPERIMENT)
     with mlflow.start_run(
         experiment_id=experiment, run_name="report", tags=tracking.environment_tags()
     ):
-        for name in ("comparison.md", "comparison.csv", "comparison.png"):
+        for name in written:
             mlflow.log_artifact(str(out_dir / name))
+        if has_figure:
+            mlflow.log_artifact(str(figure), artifact_path="figures")
         filled = sum(c.accuracy is not None for row in rows for c in row)
         mlflow.log_metric("cells_filled", filled)
+        mlflow.log_params({"ensemble_k": ensemble_k, "tta": tta})
+        mlflow.log_metrics(ensemble.finite(ensemble.summary(ensembles)))
+        for r in ensembles:
+            mlflow.set_tag(f"members.{r.name}", ensemble.members_text(r.members)[:4000])
     return out_dir, rows
 
 

@@ -117,6 +117,7 @@ def analyse(
     metrics = {
         "TEST_acc": float(correct.mean()),
         "TEST_black_acc": float(correct[~is_new].mean()) if (~is_new).any() else float("nan"),
+        "TEST_white_acc": float(correct[is_new].mean()) if is_new.any() else float("nan"),
     }
     for name, score in scores.items():
         if is_new.any() and (~is_new).any():
@@ -211,6 +212,117 @@ def label_efficiency(
     return metrics
 
 
+CONFIDENCE = 0.95  # self-training keeps pseudo-labels at least this confident (a fixed recipe)
+SELF_TRAIN_ROUNDS = 3
+
+
+def self_train(
+    loaded: Loaded,
+    train_set: Dataset,
+    test_images: torch.Tensor,
+    rounds: int = SELF_TRAIN_ROUNDS,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Self-training on unlabelled TEST images: pseudo-label what the model is confident about,
+    fine-tune on those plus as many TRAIN images (replay), repeat.
+
+    A fixed recipe (threshold 0.95, 3 rounds, Adam 3e-4, 2 passes per round, at
+    most as many pseudo-labels per class as the rarest confident class has), so
+    nothing is chosen by looking at TEST labels. Returns the adapted model and,
+    per round, how many images were pseudo-labelled (no accuracy: that needs labels).
+    """
+    import copy
+
+    from experiments.train import train_one_epoch
+
+    generator = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(loaded.model)
+    device = next(model.parameters()).device
+    prep = loaded.preprocessing
+    x_test = prep.transform(test_images).to(device)
+    augment = prep.augmenter()
+    log = []
+    for round_index in range(rounds):
+        probabilities = predict_logits(model, x_test).softmax(1).cpu()
+        confident, predicted = probabilities.max(1)
+        keep = torch.nonzero(confident >= confidence).flatten()
+        counts = torch.bincount(predicted[keep], minlength=probabilities.shape[1])
+        per_class = int(counts[counts > 0].min()) if (counts > 0).any() else 0
+        chosen = []
+        for label in range(probabilities.shape[1]):  # class-balanced: no class swamps the rest
+            pool = keep[predicted[keep] == label]
+            chosen.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
+        pseudo = torch.cat(chosen)
+        log.append({"round": round_index, "pseudo_labelled": len(pseudo), "per_class": per_class})
+        if len(pseudo) == 0:
+            break
+        replay_idx = torch.randperm(len(train_set), generator=generator)[: len(pseudo)]
+        xs = torch.cat([x_test[pseudo], prep.transform(train_set.images[replay_idx]).to(device)])
+        ys = torch.cat([predicted[pseudo], train_set.labels[replay_idx]]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+        for _ in range(2):
+            train_one_epoch(
+                model, xs, ys, optimizer, None, nn.CrossEntropyLoss(), 64, augment, generator
+            )
+        log[-1]["ids"], log[-1]["labels"] = pseudo, predicted[pseudo]  # for measuring only
+    return model.eval(), log
+
+
+def adaptation(
+    loaded: Loaded, train_set: Dataset, test_set: Dataset, seed: int = 0
+) -> dict[str, float]:
+    """Unsupervised adaptation, measured: self-training, and k-means on the new script's features.
+
+    TEST labels are read only after the fact, to score: the adapted model's
+    accuracy, the pseudo-labels' accuracy, and the k-means clusters' purity (the
+    accuracy a client would get by naming each of the 6 clusters with one label).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    model, log = self_train(loaded, train_set, test_set.images, seed=seed)
+    device = next(model.parameters()).device
+    logits = predict_logits(model, loaded.preprocessing.transform(test_set.images).to(device))
+    correct = (logits.argmax(1).cpu() == test_set.labels).numpy()
+    white = test_set.white.numpy()
+    metrics = {
+        "selftrain_TEST_acc": float(correct.mean()),
+        "selftrain_white_acc": float(correct[white].mean()) if white.any() else float("nan"),
+        "selftrain_black_acc": float(correct[~white].mean()) if (~white).any() else float("nan"),
+    }
+    for entry in log:
+        r = entry["round"]
+        metrics[f"selftrain_round{r}_pseudo_labelled"] = float(entry["pseudo_labelled"])
+        ids = entry.get("ids")
+        if ids is not None and len(ids):
+            right = (entry["labels"] == test_set.labels[ids]).numpy()
+            on_white = test_set.white[ids].numpy()
+            metrics[f"selftrain_round{r}_pseudo_acc"] = float(right.mean())
+            metrics[f"selftrain_round{r}_pseudo_white_share"] = float(on_white.mean())
+            if on_white.any():
+                metrics[f"selftrain_round{r}_pseudo_white_acc"] = float(right[on_white].mean())
+    # k-means on the penultimate features of the images the background rule calls new (no labels)
+    new = is_new_by_background(test_set.images)
+    if int(new.sum()) >= 6:
+        _, features = logits_and_features(loaded, test_set.images[new])
+        clusters = KMeans(n_clusters=6, n_init=10, random_state=seed).fit_predict(features.numpy())
+        truth = test_set.labels[new].numpy()
+        metrics["kmeans_new_purity"] = cluster_purity(truth, clusters)
+        metrics["kmeans_new_ari"] = float(adjusted_rand_score(truth, clusters))
+    return metrics
+
+
+def cluster_purity(truth: np.ndarray, clusters: np.ndarray) -> float:
+    """Share of images whose label is their cluster's majority label."""
+    majority = sum(np.bincount(truth[clusters == c]).max() for c in np.unique(clusters))
+    return float(majority / len(truth))
+
+
+def is_new_by_background(images: torch.Tensor) -> torch.Tensor:
+    return border_mean(images) > WHITE_BORDER_THRESHOLD
+
+
 def _final_run(model: str) -> str:
     from experiments.report import collect
 
@@ -223,7 +335,9 @@ def _final_run(model: str) -> str:
     )
 
 
-def run_shift(models: tuple[str, ...], out_dir=None, curve: bool = True) -> dict[str, ShiftResult]:
+def run_shift(
+    models: tuple[str, ...], out_dir=None, curve: bool = True, adapt: bool = True
+) -> dict[str, ShiftResult]:
     """Analyse each model's task1-step1 final run; log a run per model and write task1_shift.md."""
     import json
     import tempfile
@@ -242,6 +356,8 @@ def run_shift(models: tuple[str, ...], out_dir=None, curve: bool = True) -> dict
         source = _final_run(model)
         loaded = load_checkpoint(source)
         result = analyse(loaded, train_set, test_set)
+        if adapt:
+            result.metrics.update(adaptation(loaded, train_set, test_set))
         if curve:
             result.metrics.update(label_efficiency(loaded, train_set, test_set))
         results[model] = result
@@ -306,6 +422,40 @@ def to_markdown(results: dict[str, ShiftResult]) -> str:
             lines.append(
                 f"| {model} | {d} | {m[f'coverage_{d}']:.3f} | {m[f'selective_acc_{d}']:.3f} "
                 f"| {m[f'new_script_accepted_{d}']:.3f} |"
+            )
+    adapted = [m for m, r in results.items() if "selftrain_TEST_acc" in r.metrics]
+    if adapted:
+        lines += [
+            "",
+            "## Unsupervised adaptation with unlabelled TEST images",
+            "",
+            f"Self-training: {SELF_TRAIN_ROUNDS} rounds of pseudo-labels with confidence >= "
+            f"{CONFIDENCE} (class-balanced), fine-tuned with as many TRAIN images. k-means: 6",
+            "clusters of the model's penultimate features of the images the background rule calls",
+            "new; purity = the accuracy if each cluster were named by one labelled example.",
+            "TEST labels are read only to score.",
+            "",
+            "| model | TEST acc before | after | white half before | after | pseudo-labels (last round) "
+            "| their accuracy on the white half | k-means purity | ARI |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for model in adapted:
+            m = results[model].metrics
+            last = max(
+                (
+                    int(k[len("selftrain_round") :].split("_")[0])
+                    for k in m
+                    if k.endswith("_pseudo_labelled")
+                ),
+                default=0,
+            )
+            nan = float("nan")
+            lines.append(
+                f"| {model} | {m['TEST_acc']:.3f} | {m['selftrain_TEST_acc']:.3f} "
+                f"| {m.get('TEST_white_acc', nan):.3f} | {m['selftrain_white_acc']:.3f} "
+                f"| {m.get(f'selftrain_round{last}_pseudo_labelled', nan):.0f} "
+                f"| {m.get(f'selftrain_round{last}_pseudo_white_acc', nan):.3f} "
+                f"| {m.get('kmeans_new_purity', nan):.3f} | {m.get('kmeans_new_ari', nan):.3f} |"
             )
     curve_models = [m for m, r in results.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in r.metrics]
     if curve_models:

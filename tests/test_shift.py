@@ -32,8 +32,13 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
         assert 0.0 <= metrics[f"auroc_{name}"] <= 1.0
         assert 0.0 <= metrics[f"coverage_{name}"] <= 1.0
     assert metrics["coverage_background"] == 0.5  # refuses exactly the white half
+    # unsupervised adaptation ran and was scored (labels only to measure)
+    assert 0.0 <= metrics["selftrain_TEST_acc"] <= 1.0
+    assert 0.0 <= metrics["selftrain_white_acc"] <= 1.0
+    assert metrics["selftrain_round0_pseudo_labelled"] % 6 == 0  # class-balanced
+    assert 0.0 <= metrics["kmeans_new_purity"] <= 1.0 and metrics["kmeans_new_purity"] >= 1 / 6
     text = (tmp_path / "reports" / "task1_shift.md").read_text()
-    assert "| vgg | background |" in text
+    assert "| vgg | background |" in text and "Unsupervised adaptation" in text
     tracking.init()
     runs = MlflowClient().search_runs([tracking.experiment_id("task1-shift")])
     assert runs and runs[0].data.tags["label_use"].startswith("TRAIN labels")
@@ -53,3 +58,30 @@ def test_k_shot_sampler_never_evaluates_on_its_training_images(study_data):
         assert len(shots) + len(rest) == len(test)
     again, _ = sample_k_shot(test, 5, seed=0)
     assert torch.equal(again, sample_k_shot(test, 5, seed=0)[0])
+
+
+def test_self_training_uses_only_confident_class_balanced_pseudo_labels(study_data):
+    from data_tools import load_split
+    from experiments.checkpoint import load_checkpoint
+    from experiments.shift import self_train
+
+    run = run_study(
+        "task1-step1", "vgg", Budget(trials=1, epochs=3, train_subset=0, final_epochs=3)
+    )
+    loaded = load_checkpoint(run.final_run_id)
+    train, test = load_split("TRAIN", study_data), load_split("TEST", study_data)
+    _, log = self_train(loaded, train, test.images, rounds=1, confidence=1.01)
+    assert log[0]["pseudo_labelled"] == 0  # nothing is that confident: nothing is trained on
+    _, log = self_train(loaded, train, test.images, rounds=1, confidence=0.0)
+    counts = torch.bincount(log[0]["labels"], minlength=6)
+    assert len(set(counts[counts > 0].tolist())) == 1  # the same number per predicted class
+
+
+def test_kmeans_purity_is_one_for_separable_clusters():
+    import numpy as np
+
+    from experiments.shift import cluster_purity
+
+    truth = np.repeat(np.arange(6), 10)
+    assert cluster_purity(truth, (truth + 3) % 6) == 1.0  # names do not matter, only the grouping
+    assert cluster_purity(truth, np.zeros(60, dtype=int)) == 10 / 60

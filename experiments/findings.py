@@ -1,0 +1,234 @@
+"""The report's generated prose: Task 1 findings and advice, Task 2's best TEST2 result.
+
+Every number comes from MLflow (the `task1-shift` runs, the comparison cells,
+the ensembles); every sentence is chosen by those numbers, so a rerun with other
+results writes other advice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from experiments.shift import K_SHOTS  # noqa: E402
+
+SHIFT_EXPERIMENT = "task1-shift"
+MODEL_DETECTORS = ("max_softmax", "energy", "mahalanobis")
+TARGET_TEST2 = 0.99
+
+
+def shift_runs(client: MlflowClient) -> dict[str, dict[str, float]]:
+    """The newest shift run's metrics per model (empty without `make task1-shift`)."""
+    experiment = client.get_experiment_by_name(SHIFT_EXPERIMENT)
+    if experiment is None:
+        return {}
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.step = 'task1-shift'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    newest: dict[str, dict[str, float]] = {}
+    for run in runs:
+        model = run.data.tags.get("model", "")
+        if model and model not in newest:
+            newest[model] = dict(run.data.metrics)
+    return newest
+
+
+def plot_label_efficiency(shift: dict[str, dict[str, float]], path: Path) -> bool:
+    """TEST accuracy (on images not fine-tuned on) against k labelled new-script images per class."""
+    models = [m for m, values in shift.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in values]
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for model in models:
+        values = shift[model]
+        ks = [0, *K_SHOTS]
+        overall = [values["TEST_acc"], *(values[f"k{k}_TEST_rest_acc"] for k in K_SHOTS)]
+        white = [values.get("TEST_white_acc")] + [values[f"k{k}_white_rest_acc"] for k in K_SHOTS]
+        axes[0].plot(ks, overall, marker="o", label=model)
+        if white[0] is not None:
+            axes[1].plot(ks, white, marker="o", label=model)
+    for ax, title in zip(
+        axes, ("all of TEST (rest)", "new script (white half, rest)"), strict=True
+    ):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks([0, *K_SHOTS], [str(k) for k in (0, *K_SHOTS)])
+        ax.set_xlabel("labelled new-script images per class (k)")
+        ax.set_title(title)
+        ax.axhline(1 / 6, color="grey", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _range(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if abs(high - low) < 5e-4 else f"{low:.3f}-{high:.3f}"
+
+
+def task1_section(shift: dict[str, dict[str, float]], figure: str | None) -> list[str]:
+    lines = ["", "## Task 1: findings and advice", ""]
+    if not shift:
+        return lines + ["No `task1-shift` runs yet: run `make task1-shift`, then `make report`."]
+    models = sorted(shift)
+    black = [shift[m]["TEST_black_acc"] for m in models if "TEST_black_acc" in shift[m]]
+    white = [shift[m]["TEST_white_acc"] for m in models if "TEST_white_acc" in shift[m]]
+    overall = [shift[m]["TEST_acc"] for m in models]
+    lines += [
+        "Generated from the newest `task1-shift` run of each model (TRAIN-only models; TEST",
+        "labels read only to measure, except in the rows that say they use k TEST labels).",
+        "",
+        f"- **In-script accuracy**: on TEST images in the training script the models are right "
+        f"{_range(black)} of the time; on the new script {_range(white)} (chance: 0.167); "
+        f"overall TEST {_range(overall)}.",
+    ]
+    best_model, best_detector, best_auc = None, None, -1.0
+    for model in models:
+        for detector in MODEL_DETECTORS:
+            auc = shift[model].get(f"auroc_{detector}")
+            if auc is not None and auc > best_auc:
+                best_model, best_detector, best_auc = model, detector, auc
+    background = [shift[m].get("auroc_background") for m in models]
+    background = [v for v in background if v is not None]
+    if best_detector:
+        m = shift[best_model]
+        soft = [shift[x]["auroc_max_softmax"] for x in models if "auroc_max_softmax" in shift[x]]
+        lines.append(
+            f"- **Detecting the new script** without labels: the model's own confidence (max "
+            f"softmax) separates it with AUROC {_range(soft)}; the best model-based detector is "
+            f"{best_detector} on {best_model} (AUROC {best_auc:.3f}). The background rule scores "
+            f"AUROC {_range(background)}, but only because this new script happens to be drawn on "
+            "white: it would miss a new script drawn on black."
+        )
+        lines.append(
+            f"- **Selective prediction** with that detector (threshold from TRAIN validation "
+            f"only): the model answers {m[f'coverage_{best_detector}']:.1%} of TEST and is right on "
+            f"{m[f'selective_acc_{best_detector}']:.3f} of what it answers; "
+            f"{m[f'new_script_accepted_{best_detector}']:.1%} of new-script images slip through."
+        )
+    adapted = [x for x in models if "selftrain_TEST_acc" in shift[x]]
+    if adapted:
+        gains = [shift[x]["selftrain_white_acc"] - shift[x]["TEST_white_acc"] for x in adapted]
+        after = [shift[x]["selftrain_white_acc"] for x in adapted]
+        purity = [shift[x]["kmeans_new_purity"] for x in adapted if "kmeans_new_purity" in shift[x]]
+        pseudo = [
+            value
+            for x in adapted
+            for key, value in shift[x].items()
+            if key.startswith("selftrain_round0_pseudo_white_acc")
+        ]
+        verdict = (
+            "does not rescue the new script"
+            if max(gains) < 0.05
+            else "helps, but far from what a few labels give"
+        )
+        lines.append(
+            f"- **Unsupervised adaptation** (self-training on unlabelled TEST images) {verdict}: "
+            f"new-script accuracy {_range(after)} after, a change of {min(gains):+.3f} to "
+            f"{max(gains):+.3f}. The first round's confident pseudo-labels on the new script are "
+            f"right only {_range(pseudo)} of the time, so training on them mostly teaches the "
+            "model its own mistakes: the new script's glyphs do not look like the old script's "
+            "glyphs of the same class."
+        )
+        if purity:
+            lines.append(
+                f"- **Clustering** the new script's features into 6 groups gives purity "
+                f"{_range(purity)}: naming each cluster with one labelled example would reach about "
+                "that accuracy, an upper bound for label-free methods built on these features."
+            )
+    curve = [x for x in models if f"k{K_SHOTS[-1]}_TEST_rest_acc" in shift[x]]
+    if curve:
+        k_mid = 20 if 20 in K_SHOTS else K_SHOTS[len(K_SHOTS) // 2]
+        mid = [shift[x][f"k{k_mid}_white_rest_acc"] for x in curve]
+        top = [shift[x][f"k{K_SHOTS[-1]}_white_rest_acc"] for x in curve]
+        total = [shift[x][f"k{K_SHOTS[-1]}_TEST_rest_acc"] for x in curve]
+        lines.append(
+            f"- **A few labels**: fine-tuned on k labelled new-script images per class, "
+            f"new-script accuracy reaches {_range(mid)} with k = {k_mid} ({6 * k_mid} images) and "
+            f"{_range(top)} with k = {K_SHOTS[-1]} (TEST overall {_range(total)}); evaluated only "
+            "on TEST images not used for fine-tuning (uses k TEST labels)."
+        )
+        if figure:
+            lines += ["", f"![label efficiency]({figure})"]
+    lines += ["", "**Advice to the client.**", ""]
+    advice = []
+    if black and white:
+        advice.append(
+            f"Do not ship the TRAIN model for the new script: it is right {_range(black)} on the old "
+            f"script and about chance ({_range(white)}) on the new one."
+        )
+    if best_detector:
+        advice.append(
+            'Ship it with a new-script detector and let it say "unknown" on what the detector '
+            f"flags: it then answers {shift[best_model][f'coverage_{best_detector}']:.0%} of these "
+            f"images at {shift[best_model][f'selective_acc_{best_detector}']:.1%} accuracy."
+        )
+    if curve:
+        advice.append(
+            f"Label a handful of the new script: {6 * k_mid} labelled images ({k_mid} per class) "
+            f"lift new-script accuracy to {_range(mid)}; {6 * K_SHOTS[-1]} images to {_range(top)}. "
+            "This is worth far more than any label-free adaptation measured here."
+        )
+    lines += [f"{i}. {text}" for i, text in enumerate(advice, 1)]
+    return lines
+
+
+def task2_section(rows, ensembles) -> list[str]:
+    """Which runs reach the TEST2 target, and which do not."""
+    lines = ["", f"## Task 2: reaching {TARGET_TEST2} on TEST2", ""]
+    singles = [
+        (cell.accuracy, f"{cell.step}/{cell.model}")
+        for row in rows
+        for cell in row
+        if cell.accuracy is not None
+        and cell.step.startswith("task2")
+        and cell.step != "task2-step1"
+    ]
+    if not singles:
+        return lines + ["No Task 2 studies yet."]
+    singles.sort(reverse=True)
+    best_single = singles[0]
+    lines.append(
+        f"- Best single model: **{best_single[0]:.4f}** ({best_single[1]}); "
+        f"{sum(a >= TARGET_TEST2 for a, _ in singles)} of {len(singles)} single-model cells reach "
+        f"{TARGET_TEST2}."
+    )
+    if ensembles:
+        best = max(ensembles, key=lambda r: r.accuracy or 0.0)
+        reached = [r for r in ensembles if (r.accuracy or 0) >= TARGET_TEST2]
+        lines.append(
+            f"- Best ensemble: **{best.accuracy:.4f}** ({best.name}, {len(best.members)} members"
+            f"{', TTA' if best.tta else ''}); {len(reached)} of {len(ensembles)} ensemble rows "
+            f"reach {TARGET_TEST2}."
+        )
+        tta_pairs = {}
+        for r in ensembles:
+            tta_pairs.setdefault(r.name, {})[r.tta] = r.accuracy
+        gains = [v[True] - v[False] for v in tta_pairs.values() if True in v and False in v]
+        if gains:
+            lines.append(
+                f"- Test-time augmentation changes ensemble accuracy by {min(gains):+.4f} to "
+                f"{max(gains):+.4f}."
+            )
+    best_overall = max([best_single[0]] + [r.accuracy or 0.0 for r in ensembles])
+    verdict = (
+        f"The target {TARGET_TEST2} is met."
+        if best_overall >= TARGET_TEST2
+        else f"The target {TARGET_TEST2} is **not** met: the best is {best_overall:.4f}."
+    )
+    lines.append(f"- {verdict}")
+    return lines

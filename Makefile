@@ -11,6 +11,9 @@ ARGS ?=
 TRIALS ?=
 EPOCHS ?=
 WORKERS ?=
+ENSEMBLE ?= 3
+TTA ?=
+REPORT_FLAGS = --ensemble $(ENSEMBLE) $(if $(TTA),--tta)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
@@ -18,7 +21,7 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
-	reproduce cluster-test clean-cache task1-shift task2-mixed $(STEPS)
+	reproduce beyond cluster-test clean-cache task1-shift task2-mixed task2-transfer $(STEPS)
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -72,14 +75,18 @@ task2-step2: $(STAMP) ## studies TEST -> TEST2 for MODELS
 task2-step3: $(STAMP) ## studies TRAIN3 (TEST's white half) -> TEST2 for MODELS
 	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
-task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, label-efficiency curve
+task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, self-training, label-efficiency curve
 	$(PY) -m experiments shift $(foreach m,$(MODELS),--model $(m))
 
 task2-mixed: $(STAMP) ## studies on TRAIN + TEST together (polarity to_black fixed) -> TEST2
 	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
-report: $(STAMP) ## comparison table from MLflow into reports/ (md, csv, heatmap)
-	$(PY) -m experiments report
+task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on TRAIN3 (to_black) -> TEST2
+	$(PY) -m experiments search --step task2-transfer $(MODEL_FLAGS) $(SEARCH_FLAGS)
+	$(PY) -m experiments search --step task2-transfer-white $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
+	$(PY) -m experiments report $(REPORT_FLAGS)
 
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
@@ -96,6 +103,10 @@ reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' searches
 	$(MAKE) --no-print-directory data analysis
 	$(MAKE) --no-print-directory $(STEPS)
 	$(MAKE) --no-print-directory report
+
+beyond: $(STAMP) ## after reproduce: task2-mixed, task2-transfer, task1-shift, then the report with TTA
+	$(MAKE) --no-print-directory task2-mixed task2-transfer task1-shift
+	$(MAKE) --no-print-directory report TTA=1
 
 cluster-test: $(STAMP) ## PostgreSQL + MLflow server + 2 workers on a tiny study (installs PostgreSQL if absent)
 	$(PY) -m pytest -q -m slow tests/test_cluster.py

@@ -38,6 +38,8 @@ def test_tta_shifts_by_one_pixel_and_keeps_the_background():
 
     image = torch.ones(1, 1, 28, 28)  # white background
     image[0, 0, 10, 12] = 0.0  # one dark stroke pixel at row 10, column 12
-    moved = KT.translate(image, torch.tensor([[1.0, 0.0]]), padding_mode="border", align_corners=True)
+    moved = KT.translate(
+        image, torch.tensor([[1.0, 0.0]]), padding_mode="border", align_corners=True
+    )
     assert torch.nonzero(moved[0, 0] < 0.5).tolist() == [[10, 13]]  # dx = +1 moves right
     assert float(moved.max()) == 1.0 and float(moved[0, 0, :, 0].min()) == 1.0  # border repeated

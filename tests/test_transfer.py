@@ -95,3 +95,17 @@ def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(study_data, tm
         fit(cfg, load_split("TEST", study_data))
     with pytest.raises(ValueError, match="needs init_from"):
         TrainConfig(model="vgg", freeze="body")
+
+
+def test_train_command_fine_tunes_a_transfer_step(study_data, capsys):
+    from experiments.__main__ import main
+
+    code = main(["train", "--step", "task2-transfer-white", "--model", "vgg", "--epochs", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning the pretrained run" in out and "TEST2_acc" in out
+    pretrain = runs_in("task2-pretrain")
+    assert len(pretrain) == 1 and pretrain[0].data.params["polarity"] == "to_black"
+    run = runs_in("task2-transfer-white")[0]
+    assert run.data.params["init_from"] == pretrain[0].info.run_id
+    assert run.data.params["polarity"] == "to_black" and run.data.params["epochs"] == "1"

@@ -15,7 +15,7 @@ TINY = dict(trials=1, epochs=2, train_subset=0, final_epochs=2, warmup_epochs=0)
 def test_report_adds_ensemble_rows_with_their_members(study_data, tmp_path):
     results = {m: run_study("task2-step3", m, Budget(**TINY)) for m in ("vgg", "resnet")}
     out, _ = build_report(tmp_path / "reports", ensemble_k=2, tta=True)
-    rows = list(csv.DictReader(open(out / "ensembles.csv")))
+    rows = list(csv.DictReader((out / "ensembles.csv").read_text().splitlines()))
     by_name = {(r["ensemble"], r["tta"]): r for r in rows}
     best1 = by_name[("task2-step3: best 1", "False")]
     best2 = by_name[("task2-step3: best 2", "True")]

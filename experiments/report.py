@@ -215,7 +215,7 @@ def write_csv(rows: list[list[Cell]], path: Path) -> None:
 
 def plot_heatmap(rows: list[list[Cell]], path: Path) -> None:
     values = np.array([[np.nan if c.accuracy is None else c.accuracy for c in row] for row in rows])
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 1.5 + 0.55 * len(rows)))
     ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(rows[0])), [COLUMN_TITLES.get(c.model, c.model) for c in rows[0]])
     ax.set_yticks(range(len(rows)), [STEPS[row[0].step].row_label for row in rows])

@@ -21,7 +21,7 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
-	reproduce beyond cluster-test clean-cache task1-shift task2-mixed task2-transfer $(STEPS)
+	reproduce beyond cluster-test clean-cache task1-shift task2-mixed task2-long task2-transfer $(STEPS)
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on
 	$(PY) -m experiments search --step task2-transfer $(MODEL_FLAGS) $(SEARCH_FLAGS)
 	$(PY) -m experiments search --step task2-transfer-white $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
+task2-long: $(STAMP) ## the task2-step3 winners retrained for 40 epochs (no search; needs task2-step3)
+	$(PY) -m experiments search --step task2-step3-long $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
 report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
 	$(PY) -m experiments report $(REPORT_FLAGS)
 
@@ -104,8 +107,8 @@ reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' searches
 	$(MAKE) --no-print-directory $(STEPS)
 	$(MAKE) --no-print-directory report
 
-beyond: $(STAMP) ## after reproduce: task2-mixed, task2-transfer, task1-shift, then the report with TTA
-	$(MAKE) --no-print-directory task2-mixed task2-transfer task1-shift
+beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
+	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift
 	$(MAKE) --no-print-directory report TTA=1
 
 cluster-test: $(STAMP) ## PostgreSQL + MLflow server + 2 workers on a tiny study (installs PostgreSQL if absent)

@@ -399,6 +399,8 @@ def run_study(
     data = data or load_step_data(
         training_step(step_name)
     )  # bad data stops here: nothing logged yet
+    if data.step.params_from:
+        return retrain_from(data.step, model, budget, storage_url, data)
     step, study, parent = prepare_study(step_name, model, budget, storage_url)
     if step.pretrain:  # the pretrained model exists before any trial (workers only read it)
         pretrained = transfer.pretrained_run(model, transfer.step_polarity(step), budget)
@@ -411,6 +413,71 @@ def run_study(
     elif remaining:
         optimize(study, data, model, parent, budget, remaining)
     return finish_study(study, step.name, model, parent, budget, data, final)
+
+
+def retrain_from(
+    step, model: str, budget: Budget, storage_url: str | None, data: StepData
+) -> StudyResult:
+    """A step without a search: retrain the best trial of `step.params_from` with `step.retrain`.
+
+    The run is the step's `final` (tags study, role=final, best=true, params_from,
+    retrain_of_trial); it is made once per source trial and found again after.
+    """
+    tracking.init()
+    source_name = study_name(step.params_from, model)
+    try:
+        source = optuna.load_study(study_name=source_name, storage=make_storage(storage_url))
+    except KeyError:
+        raise RuntimeError(
+            f"{step.name} retrains the best trial of {source_name}, which does not exist yet: "
+            f"run `make {step.params_from} MODELS={model}` first"
+        ) from None
+    best = best_complete_trial(source)
+    if best is None:
+        raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")
+    name = study_name(step.name, model)
+    client = MlflowClient()
+    found = client.search_runs(
+        [tracking.experiment_id(step.name)],
+        f"tags.study = '{name}' AND tags.role = 'final' AND tags.state = 'COMPLETE' "
+        f"AND tags.retrain_of_trial = '{best.number}' AND tags.params_from = '{source_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        run = found[0]
+        print(f"[{name}] already retrained: run {run.info.run_id}", flush=True)
+        return StudyResult(
+            name, "", best.number, best.params, best.value, run.info.run_id, run.data.metrics
+        )
+    cfg = _config(
+        model,
+        budget,
+        data,
+        best.params,
+        **{"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.retrain_settings},
+    )
+    print(
+        f"[{name}] retraining {source_name} trial {best.number}: "
+        + ", ".join(f"{k}={v}" for k, v in step.retrain_settings.items()),
+        flush=True,
+    )
+    outcome = train_and_log(
+        data,
+        cfg,
+        run_name="final",
+        extra_tags={
+            "study": name,
+            "role": "final",
+            "best": "true",
+            "params_from": source_name,
+            "retrain_of_trial": str(best.number),
+        },
+    )
+    log_torch_model(outcome.run_id, outcome.result.model)
+    return StudyResult(
+        name, "", best.number, best.params, best.value, outcome.run_id, outcome.metrics
+    )
 
 
 def run_workers(

@@ -23,10 +23,16 @@ class Step:
     fixed: tuple[tuple[str, Any], ...] = ()  # settings every trial of the step keeps (not searched)
     pretrain: str | None = None  # transfer: start from a model trained on this set, then fine-tune
     row: str = ""  # the report's row label (default: "<train_set> / <primary eval>")
+    params_from: str | None = None  # no search: retrain the best trial of this step's study
+    retrain: tuple[tuple[str, Any], ...] = ()  # settings of that retrain (e.g. a longer schedule)
 
     @property
     def fixed_settings(self) -> dict[str, Any]:
         return dict(self.fixed)
+
+    @property
+    def retrain_settings(self) -> dict[str, Any]:
+        return dict(self.retrain)
 
     @property
     def primary_eval(self) -> str:
@@ -73,6 +79,17 @@ STEPS: dict[str, Step] = {
             "train on TRAIN and TEST together, every image turned to a black background",
             label_use="TRAIN and TEST labels (allowed in Task 2)",
             fixed=(("polarity", "to_black"),),
+        ),
+        Step(
+            "task2-step3-long",
+            "TRAIN3",
+            ("TEST2",),
+            "the task2-step3 studies' best settings retrained for 40 epochs without early "
+            "stopping (the epoch with the best validation loss is kept), evaluate on TEST2",
+            label_use="TEST white-half labels (allowed in Task 2)",
+            params_from="task2-step3",
+            retrain=(("epochs", 40), ("patience", 40)),
+            row="TRAIN3, 40 epochs / TEST2",
         ),
         Step(
             "task2-transfer",

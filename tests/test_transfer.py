@@ -109,3 +109,22 @@ def test_train_command_fine_tunes_a_transfer_step(study_data, capsys):
     run = runs_in("task2-transfer-white")[0]
     assert run.data.params["init_from"] == pretrain[0].info.run_id
     assert run.data.params["polarity"] == "to_black" and run.data.params["epochs"] == "1"
+
+
+def test_long_step_retrains_the_source_studys_best_trial_once(study_data):
+    from experiments.steps import STEPS
+
+    with pytest.raises(RuntimeError, match="make task2-step3"):
+        run_study("task2-step3-long", "vgg", Budget(**TINY))
+    source = run_study("task2-step3", "vgg", Budget(**TINY))
+    long = run_study("task2-step3-long", "vgg", Budget(**TINY))
+    runs = runs_in("task2-step3-long")
+    assert len(runs) == 1 and runs[0].info.run_id == long.final_run_id
+    tags, params = runs[0].data.tags, runs[0].data.params
+    assert tags["role"] == "final" and tags["params_from"] == "task2-step3/vgg"
+    assert tags["retrain_of_trial"] == str(source.best_trial)
+    assert params["epochs"] == str(dict(STEPS["task2-step3-long"].retrain)["epochs"])
+    for key, value in source.best_params.items():
+        assert params[key] == str(value)
+    again = run_study("task2-step3-long", "vgg", Budget(**TINY))  # found, not retrained
+    assert again.final_run_id == long.final_run_id and len(runs_in("task2-step3-long")) == 1

@@ -160,6 +160,12 @@ def test_reused_steps_point_at_a_training_step():
         if step.reuses:
             assert step.primary_eval in STEPS[step.reuses].eval_sets
             assert STEPS[step.reuses].train_set == step.train_set
+        if step.params_from:  # retrains another study's winner: same training set
+            assert STEPS[step.params_from].train_set == step.train_set
+        if step.pretrain:
+            assert step.pretrain == "TRAIN" and "pretraining" in step.label_use
+    labels = [step.row_label for step in STEPS.values()]
+    assert len(set(labels)) == len(labels)  # every row of the report says which step it is
 
 
 def test_overrides_are_strict():

@@ -35,10 +35,11 @@ def test_task1_section_states_the_numbers_and_chooses_its_words(tmp_path):
     text = "\n".join(task1_section(_shift(0.13), "figures/x.png"))
     assert "mahalanobis on vgg (AUROC 0.970)" in text
     assert "answers 50.0% of TEST and is right on 0.950" in text
-    assert "does not rescue the new script" in text
+    assert "leaves the new script near chance" in text
     assert "0.700 with k = 20 (120 images)" in text and "![label efficiency]" in text
     better = "\n".join(task1_section(_shift(0.4), None))
     assert "helps, but far from what a few labels give" in better
+    assert "1 labelled image per class gives 0.300" in better
     assert "No `task1-shift` runs yet" in "\n".join(task1_section({}, None))
     assert plot_label_efficiency(_shift(0.13), tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0

@@ -216,16 +216,14 @@ def write_csv(rows: list[list[Cell]], path: Path) -> None:
 def plot_heatmap(rows: list[list[Cell]], path: Path) -> None:
     values = np.array([[np.nan if c.accuracy is None else c.accuracy for c in row] for row in rows])
     fig, ax = plt.subplots(figsize=(8.5, 1.5 + 0.55 * len(rows)))
-    ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
+    ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(rows[0])), [COLUMN_TITLES.get(c.model, c.model) for c in rows[0]])
     ax.set_yticks(range(len(rows)), [STEPS[row[0].step].row_label for row in rows])
     for i, row in enumerate(rows):
         for j, cell in enumerate(row):
-            text = (
-                "—"
-                if cell.accuracy is None
-                else f"{cell.accuracy:.3f}\n(ref {_fmt(cell.reference, 2)})"
-            )
+            text = "—" if cell.accuracy is None else f"{cell.accuracy:.3f}"
+            if cell.accuracy is not None and cell.reference is not None:
+                text += f"\n(ref {_fmt(cell.reference, 2)})"
             color = "black" if cell.accuracy is not None and cell.accuracy > 0.6 else "white"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_title("evaluation accuracy of each study's best run")

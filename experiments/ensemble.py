@@ -31,6 +31,7 @@ SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 TASK2_LABELLED = (
     "task2-step2",
     "task2-step3",
+    "task2-step3-long",
     "task2-mixed",
     "task2-transfer",
     "task2-transfer-white",

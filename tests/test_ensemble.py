@@ -43,3 +43,15 @@ def test_tta_shifts_by_one_pixel_and_keeps_the_background():
     )
     assert torch.nonzero(moved[0, 0] < 0.5).tolist() == [[10, 13]]  # dx = +1 moves right
     assert float(moved.max()) == 1.0 and float(moved[0, 0, :, 0].min()) == 1.0  # border repeated
+
+
+def test_the_all_group_holds_every_labelled_task2_training_step():
+    from experiments.ensemble import TASK2_LABELLED
+    from experiments.steps import STEPS
+
+    expected = {
+        s.name
+        for s in STEPS.values()
+        if s.name.startswith("task2") and not s.reuses and s.train_set != "TRAIN"
+    }
+    assert set(TASK2_LABELLED) == expected

@@ -462,19 +462,7 @@ def retrain_from(
         + ", ".join(f"{k}={v}" for k, v in step.retrain_settings.items()),
         flush=True,
     )
-    outcome = train_and_log(
-        data,
-        cfg,
-        run_name="final",
-        extra_tags={
-            "study": name,
-            "role": "final",
-            "best": "true",
-            "params_from": source_name,
-            "retrain_of_trial": str(best.number),
-        },
-    )
-    log_torch_model(outcome.run_id, outcome.result.model)
+    outcome = _train_final(data, cfg, name, best.number, params_from=source_name)
     return StudyResult(
         name, "", best.number, best.params, best.value, outcome.run_id, outcome.metrics
     )
@@ -572,23 +560,30 @@ def _retrain_best(study, best, model, parent, budget, data) -> tuple[str, dict[s
         f"[{study.study_name}] retraining trial {best.number} on the full training split",
         flush=True,
     )
+    outcome = _train_final(data, cfg, study.study_name, best.number, parent)
+    study.set_user_attr("final_run_id", outcome.run_id)
+    study.set_user_attr("final_of_trial", best.number)
+    return outcome.run_id, outcome.metrics
+
+
+def _train_final(data, cfg, study: str, trial: int, parent: str | None = None, **tags: str):
+    """The `final` run of a study: train, log tags that the report finds it by, log the model once."""
     outcome = train_and_log(
         data,
         cfg,
         run_name="final",
         parent_run_id=parent,
         extra_tags={
-            "study": study.study_name,
+            "study": study,
             "role": "final",
             "best": "true",
-            "retrain_of_trial": str(best.number),
+            "retrain_of_trial": str(trial),
             **_transfer_tags(cfg),
+            **tags,
         },
     )
     log_torch_model(outcome.run_id, outcome.result.model)
-    study.set_user_attr("final_run_id", outcome.run_id)
-    study.set_user_attr("final_of_trial", best.number)
-    return outcome.run_id, outcome.metrics
+    return outcome
 
 
 def _log_parent(study: optuna.Study, best: optuna.trial.FrozenTrial, parent: str) -> None:

@@ -60,9 +60,7 @@ class TrainConfig:
     crop_scale: float = 0.85
     affine_strength: float = 0.7
     init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
-    freeze: str = (
-        "none"  # transfer: none | early (first half of the body) | body (all but the head)
-    )
+    freeze: str = "none"  # transfer: none | early (first half of the body) | body (all but head)
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -384,13 +384,27 @@ def run_shift(
                     )
                 )
                 mlflow.log_artifact(str(path))
+    # the file covers every model with a shift run, not only the ones run now
+    from mlflow.tracking import MlflowClient
+
+    from experiments.findings import shift_runs
+
+    shown = {m: ShiftResult(v, {}) for m, v in sorted(shift_runs(MlflowClient()).items())}
+    shown.update(results)
     out = config.reports_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "task1_shift.md").write_text(to_markdown(results))
+    (out / "task1_shift.md").write_text(to_markdown(shown))
     return results
 
 
 def to_markdown(results: dict[str, ShiftResult]) -> str:
+    from collections import defaultdict
+
+    # a metric that was not finite is not logged: show it as nan, do not fail
+    results = {
+        model: ShiftResult(defaultdict(lambda: float("nan"), r.metrics), r.thresholds)
+        for model, r in results.items()
+    }
     detectors = ("background", "max_softmax", "energy", "mahalanobis")
     lines = [
         "# Task 1: detecting the new script without TEST labels",

@@ -39,6 +39,10 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
     assert 0.0 <= metrics["kmeans_new_purity"] <= 1.0 and metrics["kmeans_new_purity"] >= 1 / 6
     text = (tmp_path / "reports" / "task1_shift.md").read_text()
     assert "| vgg | background |" in text and "Unsupervised adaptation" in text
+    run_study("task1-step1", "hybrid", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
+    run_shift(("hybrid",), tmp_path / "reports", curve=False, adapt=False)
+    text = (tmp_path / "reports" / "task1_shift.md").read_text()
+    assert "| vgg | background |" in text and "| hybrid | background |" in text  # both kept
     tracking.init()
     runs = MlflowClient().search_runs([tracking.experiment_id("task1-shift")])
     assert runs and runs[0].data.tags["label_use"].startswith("TRAIN labels")

@@ -87,9 +87,8 @@ def pretrained_run(model: str, polarity: str | None, budget, create: bool = True
     if source is not None and polarity in (None, source.data.params.get("polarity")):
         return source.info.run_id
     settings = _pretrain_settings(source, model)
-    for key in ("device", "init_from", "freeze", "train_subset", "val_subset"):
-        settings.pop(key, None)
-    settings.pop("epochs", None)  # from the budget, like a final run
+    for key in ("device", "init_from", "freeze", "train_subset", "val_subset", "epochs"):
+        settings.pop(key, None)  # a full-split run; its epochs come from the budget, like a final
     settings.update(
         polarity=polarity or settings.get("polarity", "keep"),
         patience=budget.final_patience,
@@ -115,18 +114,13 @@ def pretrained_run(model: str, polarity: str | None, budget, create: bool = True
     return _pretrain(model, settings, key, source, budget)
 
 
-def _train_images(dataset) -> int:
-    from experiments.train import TrainConfig
-
-    return round(len(dataset) * (1 - TrainConfig().val_fraction))
-
-
 def _pretrain(model: str, settings: dict[str, Any], key: str, source, budget) -> str:
     from experiments.runner import load_step_data, train_and_log
+    from experiments.search import _train_images
     from experiments.train import TrainConfig
 
     data = load_step_data(PRETRAIN)
-    settings["epochs"] = budget.retrain_epochs(_train_images(data.train_set))
+    settings["epochs"] = budget.retrain_epochs(_train_images(data))
     cfg = TrainConfig(model=model).with_overrides(
         {k: v for k, v in settings.items() if k != "model"}
     )

@@ -20,6 +20,13 @@ from experiments.shift import K_SHOTS  # noqa: E402
 SHIFT_EXPERIMENT = "task1-shift"
 MODEL_DETECTORS = ("max_softmax", "energy", "mahalanobis")
 TARGET_TEST2 = 0.99
+# the detector the advice quotes, fixed before any result: choosing it by its TEST AUROC would
+# read TEST's halves, so the hindsight-best detector is reported as such, never advised
+ADVICE_DETECTOR = "max_softmax"
+
+
+def _values(shift: dict[str, dict[str, float]], key: str) -> list[float]:
+    return [shift[m][key] for m in sorted(shift) if key in shift[m]]
 
 
 def shift_runs(client: MlflowClient) -> dict[str, dict[str, float]]:
@@ -115,10 +122,13 @@ def task1_section(shift: dict[str, dict[str, float]], figure: str | None) -> lis
             "white: it would miss a new script drawn on black."
         )
         lines.append(
-            f"- **Selective prediction** with that detector (threshold from TRAIN validation "
-            f"only): the model answers {m[f'coverage_{best_detector}']:.1%} of TEST and is right on "
-            f"{m[f'selective_acc_{best_detector}']:.3f} of what it answers; "
-            f"{m[f'new_script_accepted_{best_detector}']:.1%} of new-script images slip through."
+            f"- **Selective prediction** with the detector declared in advance, {ADVICE_DETECTOR} "
+            "(threshold from TRAIN validation only): the models answer "
+            f"{_range(_values(shift, f'coverage_{ADVICE_DETECTOR}'))} of TEST and are right on "
+            f"{_range(_values(shift, f'selective_acc_{ADVICE_DETECTOR}'))} of what they answer. "
+            f"The best pair in hindsight, {best_detector} on {best_model}, answers "
+            f"{m[f'coverage_{best_detector}']:.1%} at {m[f'selective_acc_{best_detector}']:.3f}; "
+            "it was picked by AUROC on TEST's halves, so that figure is optimistic."
         )
     adapted = [x for x in models if "selftrain_TEST_acc" in shift[x]]
     if adapted:
@@ -183,11 +193,12 @@ def task1_section(shift: dict[str, dict[str, float]], figure: str | None) -> lis
             f"Do not ship the TRAIN model for the new script: it is right {_range(black)} on the old "
             f"script and about chance ({_range(white)}) on the new one."
         )
-    if best_detector:
+    if _values(shift, f"coverage_{ADVICE_DETECTOR}"):
         advice.append(
             'Ship it with a new-script detector and let it say "unknown" on what the detector '
-            f"flags: it then answers {shift[best_model][f'coverage_{best_detector}']:.0%} of these "
-            f"images at {shift[best_model][f'selective_acc_{best_detector}']:.1%} accuracy."
+            f"flags: with its own confidence ({ADVICE_DETECTOR}) it answers "
+            f"{_range(_values(shift, f'coverage_{ADVICE_DETECTOR}'))} of these images at "
+            f"{_range(_values(shift, f'selective_acc_{ADVICE_DETECTOR}'))} accuracy."
         )
     if curve:
         advice.append(

@@ -17,6 +17,8 @@ def _shift(white_after: float) -> dict[str, dict[str, float]]:
         "auroc_energy": 0.88,
         "auroc_mahalanobis": 0.97,
         "coverage_mahalanobis": 0.5,
+        "coverage_max_softmax": 0.6,
+        "selective_acc_max_softmax": 0.8,
         "selective_acc_mahalanobis": 0.95,
         "new_script_accepted_mahalanobis": 0.03,
         "selftrain_TEST_acc": 0.56,
@@ -34,7 +36,10 @@ def _shift(white_after: float) -> dict[str, dict[str, float]]:
 def test_task1_section_states_the_numbers_and_chooses_its_words(tmp_path):
     text = "\n".join(task1_section(_shift(0.13), "figures/x.png"))
     assert "mahalanobis on vgg (AUROC 0.970)" in text
-    assert "answers 50.0% of TEST and is right on 0.950" in text
+    assert "declared in advance, max_softmax" in text and "answer 0.600 of TEST" in text
+    assert "are right on 0.800 of what they answer" in text
+    assert "mahalanobis on vgg, answers 50.0% at 0.950" in text and "optimistic" in text
+    assert "(max_softmax) it answers 0.600 of these images at 0.800 accuracy" in text
     assert "leaves the new script near chance" in text
     assert "0.700 with k = 20 (120 images)" in text and "![label efficiency]" in text
     better = "\n".join(task1_section(_shift(0.4), None))

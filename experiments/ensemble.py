@@ -22,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_tools import Dataset
+from experiments import tracking
 from experiments.checkpoint import load_checkpoint
 from experiments.steps import STEPS
 from experiments.train import predict_logits
@@ -61,23 +62,10 @@ class EnsembleResult:
 
 def final_runs(client: MlflowClient, step: str) -> list[Member]:
     """The newest COMPLETE final run of each study of `step`."""
-    experiment = client.get_experiment_by_name(step)
-    if experiment is None:
-        return []
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        "tags.role = 'final' AND tags.state = 'COMPLETE'",
-        order_by=["attributes.start_time DESC"],
-        max_results=500,
-    )
-    newest: dict[str, Member] = {}
-    for run in runs:
-        model = run.data.tags.get("model", "")
-        if model not in newest:
-            newest[model] = Member(
-                run.info.run_id, step, model, run.data.metrics.get("best_val_acc", float("nan"))
-            )
-    return list(newest.values())
+    return [
+        Member(run.info.run_id, step, model, run.data.metrics.get("best_val_acc", float("nan")))
+        for model, run in tracking.newest_final_runs(client, step).items()
+    ]
 
 
 def best_k(client: MlflowClient, step: str, k: int) -> list[Member]:

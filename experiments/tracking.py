@@ -58,6 +58,23 @@ def experiment_id(name: str) -> str:
 
 
 @functools.cache
+def newest_final_runs(client: MlflowClient, step: str) -> dict:
+    """The newest COMPLETE `final` run of each model's study of `step`, by model name."""
+    experiment = client.get_experiment_by_name(step)
+    if experiment is None:
+        return {}
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.role = 'final' AND tags.state = 'COMPLETE'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
+    newest: dict = {}
+    for run in runs:
+        newest.setdefault(run.data.tags.get("model", ""), run)
+    return newest
+
+
 def environment_tags() -> dict[str, str]:
     """Git commit and package versions: what is needed to rerun a run."""
     tags = {"python": platform.python_version()}

@@ -45,20 +45,6 @@ def suggest_fine_tune(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
     return params
 
 
-def _source_run(client: MlflowClient, model: str):
-    """The newest COMPLETE final run of the task1-step1 study of `model`, or None."""
-    experiment = client.get_experiment_by_name(SOURCE_STEP)
-    if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.study = '{SOURCE_STEP}/{model}' AND tags.role = 'final' AND tags.state = 'COMPLETE'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def _pretrain_settings(source, model: str) -> dict[str, Any]:
     """The TRAIN settings to pretrain with: the source run's, or the defaults without one."""
     from experiments.train import TrainConfig
@@ -83,7 +69,7 @@ def pretrained_run(model: str, polarity: str | None, budget, create: bool = True
     """
     tracking.init()
     client = MlflowClient()
-    source = _source_run(client, model)
+    source = tracking.newest_final_runs(client, SOURCE_STEP).get(model)
     if source is not None and polarity in (None, source.data.params.get("polarity")):
         return source.info.run_id
     settings = _pretrain_settings(source, model)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STEP ?= task1-step1
 MODEL ?= vgg
-MODELS ?= vgg resnet efficientnet hybrid
+MODELS ?=# empty: every registered model (python -m models list)
 ARGS ?=
 TRIALS ?=
 EPOCHS ?=
@@ -17,14 +17,16 @@ REPORT_FLAGS = --ensemble $(ENSEMBLE) $(if $(TTA),--tta)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
+# the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
-	reproduce beyond cluster-test clean-cache task1-shift task2-mixed task2-long task2-transfer $(STEPS)
+	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@echo "  task steps (each a target, e.g. make task2-step3 MODELS=resnet): see python -m experiments steps"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +42,10 @@ test: $(STAMP) ## run the fast test suite (slow tests: make test-all)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q -m ''
 
-lint: $(STAMP) ## ruff format check and lint
+lint: $(STAMP) ## ruff format check and lint, and the import-layer contracts (lint-imports)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
@@ -52,7 +55,7 @@ data: $(STAMP) ## check TRAIN, TEST, TEST2 and fill the dataset cache
 	$(PY) -m data_tools prepare
 
 analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow run)
-	$(PY) -m data_tools analyze
+	$(PY) -m experiments analyze
 
 train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODEL=vgg ARGS='--set lr=3e-3'
 	$(PY) -m experiments train --step $(STEP) --model $(MODEL) $(ARGS)
@@ -60,33 +63,17 @@ train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODE
 search: $(STAMP) ## one study: make search STEP=task2-step3 MODEL=resnet [TRIALS=5 EPOCHS=3 WORKERS=2]
 	$(PY) -m experiments search --step $(STEP) --model $(MODEL) $(SEARCH_FLAGS)
 
-task1-step1: $(STAMP) ## studies TRAIN -> TEST (and TEST2) for MODELS; prints the row
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
-task1-step2: $(STAMP) ## studies TRAIN2 (TRAIN + inverted) -> TEST for MODELS
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
-task2-step1: $(STAMP) ## the task1-step1 winners on TEST2 (trains only if those studies are missing)
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
-task2-step2: $(STAMP) ## studies TEST -> TEST2 for MODELS
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
-task2-step3: $(STAMP) ## studies TRAIN3 (TEST's white half) -> TEST2 for MODELS
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
 task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, self-training, label-efficiency curve
-	$(PY) -m experiments shift $(foreach m,$(MODELS),--model $(m))
-
-task2-mixed: $(STAMP) ## studies on TRAIN + TEST together (polarity to_black fixed) -> TEST2
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+	$(PY) -m experiments shift $(MODEL_FLAGS)
 
 task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on TRAIN3 (to_black) -> TEST2
 	$(PY) -m experiments search --step task2-transfer $(MODEL_FLAGS) $(SEARCH_FLAGS)
 	$(PY) -m experiments search --step task2-transfer-white $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
-task2-long: $(STAMP) ## the task2-step3 winners retrained for 40 epochs (no search; needs task2-step3)
-	$(PY) -m experiments search --step task2-step3-long $(MODEL_FLAGS) $(SEARCH_FLAGS)
+task2-long: task2-step3-long ## the task2-step3 winners retrained for 40 epochs (no search)
+
+task%: $(STAMP) ## any declared step: its studies for MODELS (search, reuse, retrain or fine-tune)
+	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
 
 report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
 	$(PY) -m experiments report $(REPORT_FLAGS)

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from data_tools import paths as config
 from data_tools.cli import run
 from data_tools.datasets import DERIVED, RAW_SPLITS, load_dataset, load_split, write_folder
 from data_tools.reader import DatasetError
-from experiments import config
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -49,19 +49,12 @@ def _derive(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from data_tools.analyze import analyze
+    """Figures and data_summary.md only; `python -m experiments analyze` also logs them to MLflow."""
+    from data_tools.analyze import analyze_folders
 
-    root = config.data_dir(args.data_dir)
-    datasets = {name: load_dataset(root / name, config.cache_dir()) for name in RAW_SPLITS}
-    out = config.reports_dir(args.out)
-    summaries, written = analyze(datasets, out)
+    _, written = analyze_folders(config.data_dir(args.data_dir), config.reports_dir(args.out))
     for path in written:
         print(f"wrote {path}")
-    if not args.no_mlflow:
-        from experiments.tracking import log_data_analysis
-
-        run_id = log_data_analysis(summaries, written)
-        print(f"logged to MLflow run {run_id} (experiment data-analysis)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="figures and data_summary.md into reports/")
     analyze.add_argument("--out", help="reports folder (default: reports/)")
-    analyze.add_argument("--no-mlflow", action="store_true", help="do not log a data-analysis run")
     analyze.set_defaults(func=_analyze)
     return parser
 

@@ -112,7 +112,7 @@ def _summary_markdown(summaries: Mapping[str, dict]) -> str:
     lines = [
         "# Data summary",
         "",
-        "Written by `python -m data_tools analyze`. Background rule: mean of the outermost",
+        "Written by `python -m data_tools analyze` (or `python -m experiments analyze`, which also logs it). Background rule: mean of the outermost",
         "pixel ring > 0.5 means a white background (`data_tools.is_white_background`).",
         "",
         "| dataset | images | per class (labels 1..6) | range | mean | std | black bg | white bg |",
@@ -162,3 +162,14 @@ def analyze(datasets: Mapping[str, Dataset], out_dir: Path) -> tuple[dict, list[
     summary.write_text(_summary_markdown(summaries))
     written.append(summary)
     return summaries, written
+
+
+def analyze_folders(
+    root: Path, out_dir: Path, cache: Path | None = None
+) -> tuple[dict, list[Path]]:
+    """Load TRAIN, TEST and TEST2 from `root` (through the cache) and analyze them."""
+    from data_tools.datasets import RAW_SPLITS, load_dataset
+    from data_tools.paths import cache_dir
+
+    datasets = {name: load_dataset(root / name, cache or cache_dir()) for name in RAW_SPLITS}
+    return analyze(datasets, out_dir)

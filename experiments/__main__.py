@@ -1,4 +1,4 @@
-"""`python -m experiments steps | train | bench`: the study's command line.
+"""`python -m experiments steps | train | search | report | shift | bench | ...`: the command line.
 
 Errors a user can act on (bad data, unknown step, model or setting) print one
 line `error: ...` and exit with status 2.
@@ -13,49 +13,36 @@ import sys
 
 from data_tools.cli import run
 from experiments.steps import STEPS
+from models import MODELS
 
 
 def _steps(args: argparse.Namespace) -> None:
+    if args.names:
+        print(" ".join(STEPS))
+        return
     for step in STEPS.values():
         evals = ", ".join(step.eval_sets)
-        reuse = f" (results of {step.reuses})" if step.reuses else ""
+        source = f" ({step.kind} of {step.source})" if step.source else ""
         print(
-            f"{step.name:<13} train {step.train_set:<7} eval {evals:<11} {step.description}{reuse}"
+            f"{step.name:<13} train {step.train_set:<7} eval {evals:<11} {step.description}{source}"
         )
         print(f"{'':<13} labels read by training: {step.label_use}")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from experiments.runner import load_step_data, train_and_log
-    from experiments.steps import get_step, training_step
-    from experiments.train import TrainConfig, parse_overrides
+    from experiments.driver import train_once
+    from experiments.settings import parse_overrides
 
     if args.data_dir:  # also where a transfer step's pretraining reads TRAIN
         os.environ["DATA_DIR"] = args.data_dir
-    asked = get_step(args.step)
-    step = training_step(args.step)
-    overrides = parse_overrides(args.set or [])
+    user: dict = parse_overrides(args.set or [])
     if args.epochs is not None:
-        overrides["epochs"] = args.epochs
+        user["epochs"] = args.epochs
     if args.seed is not None:
-        overrides["seed"] = args.seed
-    base: dict = dict(step.fixed_settings)
-    if step.pretrain:
-        from experiments import transfer
-        from experiments.search import Budget
-
-        pretrained = transfer.fine_tune_base(
-            args.model, transfer.step_polarity(step), Budget(), create=True
-        )
-        base = {**pretrained, **transfer.FINE_TUNE_DEFAULTS, **base}
-        print(f"fine-tuning the pretrained run {pretrained['init_from']}")
-    cfg = TrainConfig(model=args.model).with_overrides({**base, **overrides})
-    if step is not asked:
-        print(
-            f"{asked.name} trains nothing: training {step.name} (evaluated on {', '.join(step.eval_sets)})"
-        )
-    data = load_step_data(step, args.data_dir)
-    outcome = train_and_log(data, cfg, run_name=f"train-{cfg.model}")
+        user["seed"] = args.seed
+    step, outcome = train_once(args.step, args.model, user, args.data_dir)
+    if step.name != args.step:
+        print(f"{args.step} trains nothing: trained {step.name} ({', '.join(step.eval_sets)})")
     print(f"run {outcome.run_id} in experiment {step.name}")
     shown = ["best_val_acc", "best_epoch"] + [
         k for k in outcome.metrics if k.endswith("_acc") and k != "best_val_acc"
@@ -65,8 +52,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
+    from experiments.driver import run_step
     from experiments.report import row_text
-    from experiments.search import default_budget, run_study
+    from experiments.settings import parse_overrides
+    from experiments.space import default_budget
 
     budget = default_budget(
         trials=args.trials,
@@ -76,12 +65,10 @@ def _search(args: argparse.Namespace) -> None:
         final_epochs=args.final_epochs,
         seed=args.seed,
         score_trials=args.score_trials or None,
+        overrides=parse_overrides(args.set or []),
     )
-    from experiments.train import parse_overrides
-
-    budget.extra = parse_overrides(args.set or [])
-    for model in args.model:
-        result = run_study(args.step, model, budget, storage_url=args.storage, workers=args.workers)
+    for model in args.model or list(MODELS):
+        result = run_step(args.step, model, budget, storage_url=args.storage, workers=args.workers)
         acc = {
             k: v
             for k, v in result.final_metrics.items()
@@ -97,7 +84,8 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from experiments.search import Budget, worker_main
+    from experiments.driver import worker_main
+    from experiments.space import Budget
 
     worker_main(
         args.step,
@@ -109,11 +97,25 @@ def _worker(args: argparse.Namespace) -> None:
     )
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from data_tools.analyze import analyze_folders
+    from experiments import config
+    from experiments.tracking import log_data_analysis
+
+    summaries, written = analyze_folders(config.data_dir(), config.reports_dir(args.out))
+    for path in written:
+        print(f"wrote {path}")
+    run_id = log_data_analysis(summaries, written)
+    print(f"logged to MLflow run {run_id} (experiment data-analysis)")
+
+
 def _shift(args: argparse.Namespace) -> None:
+    from experiments.report import write_shift_report
     from experiments.shift import run_shift
 
-    models = tuple(args.model or ("vgg", "resnet", "efficientnet", "hybrid"))
-    results = run_shift(models, args.out, curve=not args.no_curve, adapt=not args.no_adapt)
+    models = tuple(args.model or MODELS)
+    results = run_shift(models, curve=not args.no_curve, adapt=not args.no_adapt)
+    print(f"wrote {write_shift_report(args.out)}")
     for model, result in results.items():
         m = result.metrics
         aurocs = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_"))
@@ -153,7 +155,7 @@ def _dashboard(args: argparse.Namespace) -> None:
     import optuna_dashboard
 
     from experiments import config
-    from experiments.search import make_storage
+    from experiments.study import make_storage
 
     print(f"optuna-dashboard on {config.mask_secrets(config.study_storage(args.storage))}")
     print(f"open http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
@@ -171,13 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     steps = commands.add_parser("steps", help="list the declared task steps")
+    steps.add_argument("--names", action="store_true", help="only the names, on one line")
     steps.set_defaults(func=_steps)
 
     train = commands.add_parser(
         "train", help="train one model on one step and log the run to MLflow"
     )
     train.add_argument("--step", required=True, choices=list(STEPS))
-    train.add_argument("--model", required=True)
+    train.add_argument("--model", required=True, choices=list(MODELS))
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument(
@@ -189,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run or resume the Optuna study of (step, model)")
     search.add_argument("--step", required=True, choices=list(STEPS))
     search.add_argument(
-        "--model", required=True, action="append", help="repeatable: one study per model"
+        "--model",
+        action="append",
+        choices=list(MODELS),
+        help="repeatable: one study per model (default: every registered model)",
     )
     search.add_argument(
         "--trials", type=int, help="finished trials the study should hold (default 5)"
@@ -227,17 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="(internal) one search worker, started by search --workers"
     )
     worker.add_argument("--step", required=True, choices=list(STEPS))
-    worker.add_argument("--model", required=True)
+    worker.add_argument("--model", required=True, choices=list(MODELS))
     worker.add_argument("--quota", type=int, required=True)
     worker.add_argument("--threads", type=int, default=1)
     worker.add_argument("--index", type=int, default=0)
     worker.add_argument("--budget", required=True, help="the launcher's Budget as JSON")
     worker.set_defaults(func=_worker)
 
+    analyze = commands.add_parser(
+        "analyze", help="data figures and data_summary.md, logged as a data-analysis MLflow run"
+    )
+    analyze.add_argument("--out", help="reports folder (default: reports/)")
+    analyze.set_defaults(func=_analyze)
+
     shift = commands.add_parser(
         "shift", help="Task 1: new-script detectors and selective prediction"
     )
-    shift.add_argument("--model", action="append", help="repeatable (default: all four)")
+    shift.add_argument(
+        "--model", action="append", choices=list(MODELS), help="repeatable (default: all)"
+    )
     shift.add_argument("--out", help="reports folder (default: reports/)")
     shift.add_argument(
         "--no-curve", action="store_true", help="skip the label-efficiency curve (k TEST labels)"

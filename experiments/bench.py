@@ -112,7 +112,7 @@ def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / seconds
 
 
-def step_flops(model_name: str, batch: int) -> float:
+def step_flops(model_name: str, batch: int, **model_kwargs) -> float:
     """FLOPs of one training step at `batch`: 3 x the forward FLOPs counted by torch.
 
     Backward costs two forwards (input and weight gradients). The backward is not
@@ -125,7 +125,7 @@ def step_flops(model_name: str, batch: int) -> float:
 
     from models import create_model
 
-    model = create_model(model_name)
+    model = create_model(model_name, **model_kwargs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(batch, 1, 28, 28))
     return 3.0 * float(counter.get_total_flops())
@@ -177,7 +177,8 @@ def project_throughput(model_name: str, train_set, images: int) -> tuple[float, 
     """Images/s of this project's loop (default config) on `images` images; returns (rate, batch)."""
     import torch
 
-    from experiments.train import TrainConfig, make_optimizer, train_one_epoch
+    from experiments.settings import TrainConfig
+    from experiments.train import make_optimizer, train_one_epoch
     from models import create_model
 
     cfg = TrainConfig(model=model_name)
@@ -231,8 +232,8 @@ def bench_logging(root: Path) -> tuple[float, float]:
     import mlflow
 
     from experiments.runner import load_step_data, train_and_log
+    from experiments.settings import TrainConfig
     from experiments.steps import get_step
-    from experiments.train import TrainConfig
 
     spent = [0.0]
     originals = {}

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 from torch import nn
 
+from experiments import tracking
+from experiments.inference import predict_logits
 from experiments.preprocess import Preprocessing
 from models import create_model
 
@@ -57,8 +60,6 @@ class Loaded:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Labels 0..5 for raw images `N x 1 x 28 x 28` in [0, 1]."""
-        from experiments.train import predict_logits
-
         device = next(self.model.parameters()).device
         x = self.preprocessing.transform(images).to(device)
         return predict_logits(self.model, x, batch_size).argmax(1).cpu()
@@ -70,10 +71,6 @@ def _resolve(source: str | os.PathLike) -> Path:
         return path
     if path.suffix or os.sep in str(source):
         raise FileNotFoundError(f"{source}: no such checkpoint file")
-    import mlflow
-
-    from experiments import tracking
-
     tracking.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return Path(

@@ -6,12 +6,14 @@ Precedence: explicit argument (CLI flag) > environment variable > default.
 |----------------------|-----------------------|--------------------------------------------------------|
 | datasets folder      | `DATA_DIR`            | `data/raw` if present, else `../shared/data/ann-numpy-array-images` |
 | dataset cache        | `CACHE_DIR`           | `data/cache`                                           |
+| reports              | `REPORTS_DIR`         | `reports/`                                             |
 | tracking store       | `MLRUNS_DIR`          | `mlruns/` (SQLite `mlflow.db`, artifacts in `artifacts/`) |
 | tracking database    | `MLFLOW_TRACKING_URI` | `sqlite:////<abs MLRUNS_DIR>/mlflow.db`                |
 | Optuna storage       | `OPTUNA_STORAGE`      | journal file `<MLRUNS_DIR>/optuna.journal`             |
-| reports              | `REPORTS_DIR`         | `reports/`                                             |
 
-Nothing here imports torch or mlflow, so it is cheap to import anywhere.
+The data paths are `data_tools.paths` (the data layer knows nothing of the
+study layer), re-exported here so that experiments read every location from
+this module. Nothing here imports torch or mlflow, so it is cheap to import.
 """
 
 from __future__ import annotations
@@ -20,39 +22,24 @@ import os
 import re
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "ann-numpy-array-images"
+from data_tools.paths import PROJECT_ROOT, cache_dir, data_dir, env_path, reports_dir
+
 NUM_CLASSES = 6
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name, "").strip()
-    return Path(value).expanduser().resolve() if value else None
-
-
-def data_dir(override: str | Path | None = None) -> Path:
-    """The folder holding TRAIN/, TEST/ and TEST2/ (read-only input)."""
-    if override:
-        return Path(override).expanduser().resolve()
-    env = _env_path("DATA_DIR")
-    if env:
-        return env
-    local = PROJECT_ROOT / "data" / "raw"
-    return local if local.is_dir() else SHARED_DATA.resolve()
-
-
-def cache_dir() -> Path:
-    return _env_path("CACHE_DIR") or PROJECT_ROOT / "data" / "cache"
+__all__ = [
+    "PROJECT_ROOT",
+    "artifacts_dir",
+    "cache_dir",
+    "data_dir",
+    "mask_secrets",
+    "mlruns_dir",
+    "reports_dir",
+    "study_storage",
+    "tracking_uri",
+]
 
 
 def mlruns_dir() -> Path:
-    return _env_path("MLRUNS_DIR") or PROJECT_ROOT / "mlruns"
-
-
-def reports_dir(override: str | Path | None = None) -> Path:
-    if override:
-        return Path(override).expanduser().resolve()
-    return _env_path("REPORTS_DIR") or PROJECT_ROOT / "reports"
+    return env_path("MLRUNS_DIR") or PROJECT_ROOT / "mlruns"
 
 
 def artifacts_dir() -> Path:

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 import kornia.geometry.transform as KT
 import numpy as np
+import pandas as pd
 import torch
-from mlflow.tracking import MlflowClient
 
 from data_tools import Dataset
-from experiments import tracking
-from experiments.checkpoint import load_checkpoint
+from experiments import results
+from experiments.checkpoint import Loaded, load_checkpoint
+from experiments.evaluation import metrics_of
+from experiments.inference import predict_logits
 from experiments.steps import STEPS
-from experiments.train import predict_logits
 
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 # Task 2 steps whose training reads labelled TEST images: the "all" group's members
@@ -60,34 +61,40 @@ class EnsembleResult:
         return self.metrics.get(f"{self.eval_set}_acc")
 
 
-def final_runs(client: MlflowClient, step: str) -> list[Member]:
+def final_runs(step: str) -> list[Member]:
     """The newest COMPLETE final run of each study of `step`."""
+    frame = results.final_runs(step)
     return [
-        Member(run.info.run_id, step, model, run.data.metrics.get("best_val_acc", float("nan")))
-        for model, run in tracking.newest_final_runs(client, step).items()
+        Member(row["run_id"], step, model, float(row.get("metrics.best_val_acc", np.nan)))
+        for model, row in frame.iterrows()
     ]
 
 
-def best_k(client: MlflowClient, step: str, k: int) -> list[Member]:
+def best_k(step: str, k: int) -> list[Member]:
     """The `k` final runs of `step` with the highest validation accuracy (ties: model name)."""
-    members = final_runs(client, step)
-    return sorted(members, key=lambda m: (-m.best_val_acc, m.model))[:k]
+    return sorted(final_runs(step), key=lambda m: (-m.best_val_acc, m.model))[:k]
+
+
+def shifted_views(images: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+    """The images, and with TTA their four one-pixel shifts (border pixels repeated)."""
+    views = []
+    for dx, dy in SHIFTS if tta else SHIFTS[:1]:
+        if (dx, dy) == (0, 0):
+            views.append(images)
+            continue
+        translation = torch.tensor([[float(dx), float(dy)]]).expand(len(images), 2)
+        views.append(KT.translate(images, translation, padding_mode="border", align_corners=True))
+    return views
 
 
 @torch.no_grad()
-def probabilities(run_id: str, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Softmax probabilities of one run's model on raw images (averaged over shifts with TTA)."""
-    loaded = load_checkpoint(run_id)
-    views = SHIFTS if tta else SHIFTS[:1]
-    total = torch.zeros(len(images), 0)
-    for dx, dy in views:
-        shifted = images
-        if (dx, dy) != (0, 0):
-            translation = torch.tensor([[float(dx), float(dy)]]).expand(len(images), 2)
-            shifted = KT.translate(images, translation, padding_mode="border", align_corners=True)
-        x = loaded.preprocessing.transform(shifted)
-        p = predict_logits(loaded.model, x).softmax(1)
-        total = p if total.numel() == 0 else total + p
+def probabilities(loaded: Loaded, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Softmax probabilities of one model on raw images (averaged over the shifts with TTA)."""
+    views = shifted_views(images, tta)
+    total = sum(
+        predict_logits(loaded.model, loaded.preprocessing.transform(view)).softmax(1)
+        for view in views
+    )
     return total / len(views)
 
 
@@ -101,15 +108,13 @@ class ProbabilityCache:
     def __call__(self, run_id: str, tta: bool) -> torch.Tensor:
         key = (run_id, tta)
         if key not in self._cache:
-            self._cache[key] = probabilities(run_id, self.images, tta)
+            self._cache[key] = probabilities(load_checkpoint(run_id), self.images, tta)
         return self._cache[key]
 
 
 def evaluate_ensemble(
     name: str, members: list[Member], dataset: Dataset, tta: bool, cache: ProbabilityCache
 ) -> EnsembleResult:
-    from experiments.evaluation import metrics_of
-
     result = EnsembleResult(name, dataset.name, tta, members)
     if not members:
         return result
@@ -126,7 +131,7 @@ def ensemble_specs(k: int) -> list[tuple[str, tuple[str, ...], int | None]]:
     evaluated on TEST2, and all final runs of the labelled Task 2 steps together."""
     specs: list[tuple[str, tuple[str, ...], int | None]] = []
     for step in STEPS.values():
-        if step.reuses or step.primary_eval != "TEST2":
+        if step.kind == "reuse" or step.primary_eval != "TEST2":
             continue
         specs.append((f"{step.name}: best 1", (step.name,), 1))
         if k > 1:
@@ -137,14 +142,13 @@ def ensemble_specs(k: int) -> list[tuple[str, tuple[str, ...], int | None]]:
 
 def run_ensembles(k: int, tta_options: tuple[bool, ...], dataset: Dataset) -> list[EnsembleResult]:
     """Every ensemble of `ensemble_specs(k)` with and without TTA, scored on `dataset`."""
-    client = MlflowClient()
     cache = ProbabilityCache(dataset.images)
     results = []
     for name, steps, size in ensemble_specs(k):
         if size is None:
-            members = [m for step in steps for m in final_runs(client, step)]
+            members = [m for step in steps for m in final_runs(step)]
         else:
-            members = best_k(client, steps[0], size)
+            members = best_k(steps[0], size)
         if not members:
             continue
         for tta in tta_options:
@@ -158,15 +162,30 @@ def members_text(members: list[Member]) -> str:
     )
 
 
-def summary(results: list[EnsembleResult]) -> dict[str, float]:
-    """Flat metrics for the report run: `<name>/<tta>_acc`."""
+def to_frame(ensembles: list[EnsembleResult]) -> pd.DataFrame:
+    """One row per ensemble: name, k, TTA, evaluation set, accuracy, members."""
+    return pd.DataFrame(
+        [
+            {
+                "ensemble": r.name,
+                "k": len(r.members),
+                "tta": r.tta,
+                "eval_set": r.eval_set,
+                "accuracy": r.accuracy,
+                "members": " ".join(f"{m.step}/{m.model}:{m.run_id}" for m in r.members),
+                "members_text": members_text(r.members),
+            }
+            for r in ensembles
+        ],
+        columns=["ensemble", "k", "tta", "eval_set", "accuracy", "members", "members_text"],
+    )
+
+
+def summary(ensembles: list[EnsembleResult]) -> dict[str, float]:
+    """Flat finite metrics for the report run: `ensemble.<name>.<plain|tta>_acc`."""
     out = {}
-    for r in results:
+    for r in ensembles:
         key = r.name.replace(": ", "_").replace(" ", "_")
-        if r.accuracy is not None:
+        if r.accuracy is not None and np.isfinite(r.accuracy):
             out[f"ensemble.{key}.{'tta' if r.tta else 'plain'}_acc"] = r.accuracy
     return out
-
-
-def finite(values: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in values.items() if np.isfinite(v)}

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from torch import nn  # noqa: E402
 
 from data_tools import NUM_CLASSES, Dataset  # noqa: E402
+from experiments.inference import predict_logits  # noqa: E402
 from experiments.preprocess import Preprocessing  # noqa: E402
-from experiments.train import predict_logits  # noqa: E402
 
 
 @dataclass
@@ -68,6 +68,16 @@ def metrics_of(
         metrics[f"{name}_black_acc"] = float(accuracy_score(labels[~white], predictions[~white]))
         metrics[f"{name}_white_acc"] = float(accuracy_score(labels[white], predictions[white]))
     return metrics, confusion_matrix(labels, predictions, labels=classes)
+
+
+def halves_accuracy(name: str, correct: np.ndarray, white: np.ndarray) -> dict[str, float]:
+    """`<name>_acc` over all images and over each background half (NaN for an empty half)."""
+    nan = float("nan")
+    return {
+        f"{name}_acc": float(correct.mean()) if len(correct) else nan,
+        f"{name}_black_acc": float(correct[~white].mean()) if (~white).any() else nan,
+        f"{name}_white_acc": float(correct[white].mean()) if white.any() else nan,
+    }
 
 
 def plot_confusion(evaluation: Evaluation, path: Path) -> Path:

@@ -1,8 +1,9 @@
-"""The report's generated prose: Task 1 findings and advice, Task 2's best TEST2 result.
+"""The report's generated prose and Task 1's shift tables.
 
-Every number comes from MLflow (the `task1-shift` runs, the comparison cells,
-the ensembles); every sentence is chosen by those numbers, so a rerun with other
-results writes other advice.
+Every number comes from MLflow through the report (the `task1-shift` runs'
+metrics, the comparison cells, the ensembles, as DataFrames or dicts); every
+sentence is chosen by those numbers, so a rerun with other results writes
+other advice. Nothing here queries MLflow or trains.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from experiments.shift import K_SHOTS  # noqa: E402
+from experiments.shift import CONFIDENCE, K_SHOTS, REFUSE_FRACTION, SELF_TRAIN_ROUNDS  # noqa: E402
 
-SHIFT_EXPERIMENT = "task1-shift"
+DETECTORS = ("background", "max_softmax", "energy", "mahalanobis")
 MODEL_DETECTORS = ("max_softmax", "energy", "mahalanobis")
 TARGET_TEST2 = 0.99
 # the detector the advice quotes, fixed before any result: choosing it by its TEST AUROC would
@@ -27,25 +28,6 @@ ADVICE_DETECTOR = "max_softmax"
 
 def _values(shift: dict[str, dict[str, float]], key: str) -> list[float]:
     return [shift[m][key] for m in sorted(shift) if key in shift[m]]
-
-
-def shift_runs(client: MlflowClient) -> dict[str, dict[str, float]]:
-    """The newest shift run's metrics per model (empty without `make task1-shift`)."""
-    experiment = client.get_experiment_by_name(SHIFT_EXPERIMENT)
-    if experiment is None:
-        return {}
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        "tags.step = 'task1-shift'",
-        order_by=["attributes.start_time DESC"],
-        max_results=200,
-    )
-    newest: dict[str, dict[str, float]] = {}
-    for run in runs:
-        model = run.data.tags.get("model", "")
-        if model and model not in newest:
-            newest[model] = dict(run.data.metrics)
-    return newest
 
 
 def plot_label_efficiency(shift: dict[str, dict[str, float]], path: Path) -> bool:
@@ -210,44 +192,41 @@ def task1_section(shift: dict[str, dict[str, float]], figure: str | None) -> lis
     return lines
 
 
-def task2_section(rows, ensembles) -> list[str]:
+def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
     """Which runs reach the TEST2 target, and which do not."""
     lines = ["", f"## Task 2: reaching {TARGET_TEST2} on TEST2", ""]
-    singles = [
-        (cell.accuracy, f"{cell.step}/{cell.model}")
-        for row in rows
-        for cell in row
-        if cell.accuracy is not None
-        and cell.step.startswith("task2")
-        and cell.step != "task2-step1"
-    ]
-    if not singles:
+    singles = cells[
+        cells["accuracy"].notna()
+        & cells["step"].str.startswith("task2")
+        & (cells["step"] != "task2-step1")
+    ].sort_values("accuracy", ascending=False)
+    if singles.empty:
         return lines + ["No Task 2 studies yet."]
-    singles.sort(reverse=True)
-    best_single = singles[0]
+    best_single = singles.iloc[0]
+    reached_single = int((singles["accuracy"] >= TARGET_TEST2).sum())
     lines.append(
-        f"- Best single model: **{best_single[0]:.4f}** ({best_single[1]}); "
-        f"{sum(a >= TARGET_TEST2 for a, _ in singles)} of {len(singles)} single-model cells reach "
-        f"{TARGET_TEST2}."
+        f"- Best single model: **{best_single['accuracy']:.4f}** "
+        f"({best_single['step']}/{best_single['model']}); {reached_single} of {len(singles)} "
+        f"single-model cells reach {TARGET_TEST2}."
     )
-    if ensembles:
-        best = max(ensembles, key=lambda r: r.accuracy or 0.0)
-        reached = [r for r in ensembles if (r.accuracy or 0) >= TARGET_TEST2]
+    best_overall = float(best_single["accuracy"])
+    if not ensembles.empty:
+        best = ensembles.loc[ensembles["accuracy"].fillna(0.0).idxmax()]
+        reached = int((ensembles["accuracy"] >= TARGET_TEST2).sum())
         lines.append(
-            f"- Best ensemble: **{best.accuracy:.4f}** ({best.name}, {len(best.members)} members"
-            f"{', TTA' if best.tta else ''}); {len(reached)} of {len(ensembles)} ensemble rows "
+            f"- Best ensemble: **{best['accuracy']:.4f}** ({best['ensemble']}, {best['k']} members"
+            f"{', TTA' if best['tta'] else ''}); {reached} of {len(ensembles)} ensemble rows "
             f"reach {TARGET_TEST2}."
         )
-        tta_pairs = {}
-        for r in ensembles:
-            tta_pairs.setdefault(r.name, {})[r.tta] = r.accuracy
-        gains = [v[True] - v[False] for v in tta_pairs.values() if True in v and False in v]
-        if gains:
-            lines.append(
-                f"- Test-time augmentation changes ensemble accuracy by {min(gains):+.4f} to "
-                f"{max(gains):+.4f}."
-            )
-    best_overall = max([best_single[0]] + [r.accuracy or 0.0 for r in ensembles])
+        pairs = ensembles.pivot_table(index="ensemble", columns="tta", values="accuracy")
+        if {True, False} <= set(pairs.columns):
+            gains = (pairs[True] - pairs[False]).dropna()
+            if not gains.empty:
+                lines.append(
+                    f"- Test-time augmentation changes ensemble accuracy by {gains.min():+.4f} to "
+                    f"{gains.max():+.4f}."
+                )
+        best_overall = max(best_overall, float(ensembles["accuracy"].max()))
     verdict = (
         f"The target {TARGET_TEST2} is met."
         if best_overall >= TARGET_TEST2
@@ -255,3 +234,105 @@ def task2_section(rows, ensembles) -> list[str]:
     )
     lines.append(f"- {verdict}")
     return lines
+
+
+def _table(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
+
+
+def shift_markdown(shift: dict[str, dict[str, float]]) -> str:
+    """reports/task1_shift.md: detector AUROCs, selective prediction, adaptation, label efficiency."""
+    nan = float("nan")
+    lines = [
+        "# Task 1: detecting the new script without TEST labels",
+        "",
+        "Written by `python -m experiments shift`. Models: the task1-step1 final runs (trained on",
+        "TRAIN only). TEST labels and TEST's background halves are used only to measure.",
+        f"Model-based thresholds: the {1 - REFUSE_FRACTION:.0%} quantile of each score on TRAIN",
+        "validation images; the background rule uses its own threshold (0.5).",
+        "",
+        "## AUROC for separating TEST's new script (white half) from the training script",
+        "",
+        _table(
+            [
+                {
+                    "model": model,
+                    "TEST acc": m.get("TEST_acc", nan),
+                    "TEST black-half acc": m.get("TEST_black_acc", nan),
+                    **{d: m.get(f"auroc_{d}", nan) for d in DETECTORS},
+                }
+                for model, m in shift.items()
+            ]
+        ),
+        "",
+        "## Selective prediction on TEST: answer only what the detector accepts",
+        "",
+        _table(
+            [
+                {
+                    "model": model,
+                    "detector": d,
+                    "coverage": m.get(f"coverage_{d}", nan),
+                    "accuracy on accepted": m.get(f"selective_acc_{d}", nan),
+                    "new-script images accepted": m.get(f"new_script_accepted_{d}", nan),
+                }
+                for model, m in shift.items()
+                for d in DETECTORS
+            ]
+        ),
+    ]
+    adapted = {model: m for model, m in shift.items() if "selftrain_TEST_acc" in m}
+    if adapted:
+        lines += [
+            "",
+            "## Unsupervised adaptation with unlabelled TEST images",
+            "",
+            f"Self-training: {SELF_TRAIN_ROUNDS} rounds of pseudo-labels with confidence >= "
+            f"{CONFIDENCE} (class-balanced), fine-tuned with as many TRAIN images. k-means: 6",
+            "clusters of the model's penultimate features of the images the background rule calls",
+            "new; purity = the accuracy if each cluster were named by one labelled example.",
+            "TEST labels are read only to score.",
+            "",
+            _table([_adaptation_row(model, m) for model, m in adapted.items()]),
+        ]
+    curve = {model: m for model, m in shift.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in m}
+    if curve:
+        lines += [
+            "",
+            "## Label efficiency: k labelled images per class of the new script (uses k TEST labels)",
+            "",
+            "The TRAIN model fine-tuned on k images per class drawn from TEST's white half (seed 0),",
+            "mixed with as many TRAIN images; accuracy on every other TEST image (never trained on).",
+            "",
+            _table(
+                [
+                    {
+                        "model": model,
+                        "k": k,
+                        "TEST acc (rest)": m.get(f"k{k}_TEST_rest_acc", nan),
+                        "white half": m.get(f"k{k}_white_rest_acc", nan),
+                        "black half": m.get(f"k{k}_black_rest_acc", nan),
+                    }
+                    for model, m in curve.items()
+                    for k in K_SHOTS
+                ]
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _adaptation_row(model: str, m: dict[str, float]) -> dict:
+    nan = float("nan")
+    rounds = [int(k.split("_")[1][len("round") :]) for k in m if k.endswith("_pseudo_labelled")]
+    last = max(rounds, default=0)
+    return {
+        "model": model,
+        "TEST acc before": m.get("TEST_acc", nan),
+        "after": m.get("selftrain_TEST_acc", nan),
+        "white half before": m.get("TEST_white_acc", nan),
+        "white after": m.get("selftrain_white_acc", nan),
+        "pseudo-labels (last round)": m.get(f"selftrain_round{last}_pseudo_labelled", nan),
+        "their accuracy on the white half": m.get(f"selftrain_round{last}_pseudo_white_acc", nan),
+        "k-means purity": m.get("kmeans_new_purity", nan),
+        "ARI": m.get("kmeans_new_ari", nan),
+    }

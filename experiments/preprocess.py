@@ -80,13 +80,17 @@ AUGMENTATIONS: dict[str, Callable[[Preprocessing], nn.Module] | None] = {
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """A complete, serialisable description of how images are prepared."""
+    """A complete, serialisable description of how images are prepared.
 
-    polarity: str = "keep"
-    normalization: str = "half"
-    augmentation: str = "none"
-    crop_scale: float = 0.85
-    affine_strength: float = 1.0
+    No defaults here: a run's choices come from its `TrainConfig` (experiments.settings),
+    a checkpoint's from the checkpoint.
+    """
+
+    polarity: str
+    normalization: str
+    augmentation: str
+    crop_scale: float
+    affine_strength: float
     mean: float = 0.5  # resolved by fit() for the chosen normalization
     std: float = 0.5
 

@@ -1,16 +1,16 @@
 """The comparison report: the best run of every study, side by side with the reference table.
 
-Reads MLflow only (`search_runs` filtered by tags, sorted on summary metrics,
-never on `metrics.X` last-step values). For each (step, model) cell it takes
-the study's `final` run (the best COMPLETE trial retrained on the whole
-training split); a study without one falls back to its best trial. Missing
-studies are empty cells, not errors.
+Reads runs only through `experiments.results` (DataFrames from
+`mlflow.search_runs`) and renders DataFrames to markdown, CSV and a heatmap.
+For each (step, model) cell it takes the study's `final` run (the best COMPLETE
+trial retrained on the whole training split); a study without one falls back
+to its best trial. Missing studies are empty cells, not errors. This module
+writes every markdown file of `reports/` (the comparison and Task 1's shift
+tables); the prose comes from `findings`.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -19,19 +19,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from experiments import config, tracking  # noqa: E402
-from experiments.steps import STEPS, Step, training_step  # noqa: E402
+from data_tools import load_split  # noqa: E402
+from experiments import config, ensemble, findings, results, tracking  # noqa: E402
+from experiments.steps import STEPS, training_step  # noqa: E402
+from models import MODELS, title  # noqa: E402
 
-MODEL_COLUMNS = ("vgg", "resnet", "efficientnet", "hybrid")
-COLUMN_TITLES = {
-    "vgg": "VGG",
-    "resnet": "ResNet",
-    "efficientnet": "EfficientNet",
-    "hybrid": "VGG+ResNet",
-}
 REPORT_EXPERIMENT = "report"
+SHIFT_EXPERIMENT = "task1-shift"
+CELL_COLUMNS = [
+    "step",
+    "row",
+    "model",
+    "accuracy",
+    "reference",
+    "delta",
+    "black_acc",
+    "white_acc",
+    "best_val_acc",
+    "trials",
+    "run_id",
+    "source",
+]
 
 # TASKS.md, reference notebooks: accuracy on the evaluation set
 REFERENCE: dict[str, dict[str, float]] = {
@@ -43,90 +53,71 @@ REFERENCE: dict[str, dict[str, float]] = {
 }
 
 
-@dataclass
-class Cell:
-    step: str
-    model: str
-    accuracy: float | None = None
-    black_acc: float | None = None
-    white_acc: float | None = None
-    best_val_acc: float | None = None
-    trials: int | None = None
-    run_id: str = ""
-    source: str = ""  # final | best-trial
-
-    @property
-    def reference(self) -> float | None:
-        return REFERENCE.get(self.step, {}).get(self.model)
-
-    @property
-    def delta(self) -> float | None:
-        if self.accuracy is None or self.reference is None:
-            return None
-        return self.accuracy - self.reference
-
-
-def _find_cell(client: MlflowClient, step: Step, model: str) -> Cell:
-    cell = Cell(step.name, model)
-    source = training_step(step.name)
-    experiment = client.get_experiment_by_name(source.name)
-    if experiment is None:
+def _cell(step_name: str, model: str) -> dict:
+    """One (step, model) cell: the study's final run, else its best trial, else empty."""
+    step = STEPS[step_name]
+    source = training_step(step_name)
+    reference = REFERENCE.get(step_name, {}).get(model)
+    cell = {"step": step_name, "row": step.row_label, "model": model, "reference": reference}
+    run, origin = results.final_run(source.name, model), "final"
+    if run is None:
+        run, origin = results.best_trial_run(source.name, model), "best-trial"
+    if run is None:
         return cell
-    study = f"{source.name}/{model}"
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.study = '{study}' AND tags.role = 'final' AND tags.state = 'COMPLETE'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+    metrics = results.metrics_of(run)
+    evaluated = step.primary_eval
+    cell.update(
+        accuracy=metrics.get(f"{evaluated}_acc"),
+        black_acc=metrics.get(f"{evaluated}_black_acc"),
+        white_acc=metrics.get(f"{evaluated}_white_acc"),
+        best_val_acc=metrics.get("best_val_acc"),
+        run_id=run["run_id"],
+        source=origin,
     )
-    cell.source = "final"
-    if not runs:
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.study = '{study}' AND tags.role = 'trial' AND tags.state = 'COMPLETE'",
-            order_by=["metrics.best_val_acc DESC", "attributes.start_time ASC"],
-            max_results=1,
-        )
-        cell.source = "best-trial"
-    if not runs:
-        return Cell(step.name, model)
-    run = runs[0]
-    metrics = run.data.metrics
-    eval_set = step.primary_eval
-    cell.accuracy = metrics.get(f"{eval_set}_acc")
-    cell.black_acc = metrics.get(f"{eval_set}_black_acc")
-    cell.white_acc = metrics.get(f"{eval_set}_white_acc")
-    cell.best_val_acc = metrics.get("best_val_acc")
-    cell.run_id = run.info.run_id
-    parents = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.study = '{study}' AND tags.role = 'study'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if parents:
-        counts = parents[0].data.metrics
-        cell.trials = int(counts.get("trials_complete", 0) + counts.get("trials_pruned", 0))
+    parent = results.metrics_of(results.study_parent(source.name, model))
+    if parent:
+        cell["trials"] = int(parent.get("trials_complete", 0) + parent.get("trials_pruned", 0))
     return cell
 
 
-def collect(models: tuple[str, ...] = MODEL_COLUMNS) -> list[list[Cell]]:
-    """One row of cells per declared step."""
-    tracking.init()
-    client = MlflowClient()
-    return [[_find_cell(client, step, model) for model in models] for step in STEPS.values()]
+def collect(models: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per (declared step, model): the cells of the comparison table."""
+    rows = [_cell(step, model) for step in STEPS for model in (models or tuple(MODELS))]
+    cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    cells["delta"] = cells["accuracy"] - cells["reference"]
+    return cells
 
 
-def _fmt(value: float | None, digits: int = 3, signed: bool = False) -> str:
-    if value is None:
+def _fmt(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None or pd.isna(value):
         return ""
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def to_markdown(rows: list[list[Cell]]) -> str:
-    models = [cell.model for cell in rows[0]]
-    header = "| trained / evaluated | " + " | ".join(COLUMN_TITLES.get(m, m) for m in models) + " |"
-    rule = "|---" * (len(models) + 1) + "|"
+def _cell_text(cell: pd.Series) -> str:
+    if pd.isna(cell["accuracy"]):
+        return ""
+    reference = ""
+    if pd.notna(cell["reference"]):
+        reference = f" ({_fmt(cell['reference'], 2)}, {_fmt(cell['delta'], 3, True)})"
+    return f"**{_fmt(cell['accuracy'])}**{reference}"
+
+
+def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows = steps, columns = models, each cell 'accuracy (reference, difference)'."""
+    text = cells.assign(text=cells.apply(_cell_text, axis=1))
+    table = text.pivot(index="row", columns="model", values="text")
+    rows = list(dict.fromkeys(cells["row"]))
+    models = list(dict.fromkeys(cells["model"]))
+    table = table.loc[rows, models].rename(columns=title)
+    table.index.name = "trained / evaluated"
+    return table.reset_index()
+
+
+def to_markdown(cells: pd.DataFrame) -> str:
+    details = cells[
+        ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc", "trials", "run_id"]
+    ].assign(run_id=cells["run_id"].fillna("").str[:12], source=cells["source"].fillna(""))
     lines = [
         "# Comparison: best run of every study",
         "",
@@ -134,97 +125,40 @@ def to_markdown(rows: list[list[Cell]]) -> str:
         "validation accuracy on the training set's split, retrained on the whole split);",
         "in brackets the reference notebooks' number and the difference. Empty: no study yet.",
         "",
-        header,
-        rule,
-    ]
-    for row in rows:
-        step = STEPS[row[0].step]
-        cells = []
-        for cell in row:
-            if cell.accuracy is None:
-                cells.append("")
-            else:
-                reference = (
-                    f" ({_fmt(cell.reference, 2)}, {_fmt(cell.delta, 3, True)})"
-                    if cell.reference is not None
-                    else ""
-                )
-                cells.append(f"**{_fmt(cell.accuracy)}**{reference}")
-        lines.append(f"| {step.row_label} | " + " | ".join(cells) + " |")
-    lines += [
+        comparison_table(cells).to_markdown(index=False),
         "",
         "## Details per cell",
         "",
-        "| step | model | eval acc | black half | white half | best val acc | trials | run | from |",
-        "|---|---|---|---|---|---|---|---|---|",
+        details.to_markdown(index=False, floatfmt=".4f", missingval=""),
+        "",
+        "## Steps",
+        "",
     ]
-    for row in rows:
-        for cell in row:
-            lines.append(
-                f"| {cell.step} | {cell.model} | {_fmt(cell.accuracy, 4)} | {_fmt(cell.black_acc, 4)} "
-                f"| {_fmt(cell.white_acc, 4)} | {_fmt(cell.best_val_acc, 4)} | {cell.trials or ''} "
-                f"| {cell.run_id[:12]} | {cell.source if cell.accuracy is not None else ''} |"
-            )
-    lines += ["", "## Steps", ""]
     for step in STEPS.values():
-        reuse = f" Cells come from the {step.reuses} studies." if step.reuses else ""
+        source = f" Cells come from the {step.source} studies." if step.kind == "reuse" else ""
         lines.append(
-            f"- **{step.name}** ({step.row_label}): {step.description}. Labels read: {step.label_use}.{reuse}"
+            f"- **{step.name}** ({step.row_label}, {step.kind}): {step.description}. "
+            f"Labels read: {step.label_use}.{source}"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[list[Cell]], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "step",
-                "row",
-                "model",
-                "accuracy",
-                "reference",
-                "delta",
-                "black_acc",
-                "white_acc",
-                "best_val_acc",
-                "trials",
-                "run_id",
-                "source",
-            ]
-        )
-        for row in rows:
-            for c in row:
-                writer.writerow(
-                    [
-                        c.step,
-                        STEPS[c.step].row_label,
-                        c.model,
-                        c.accuracy,
-                        c.reference,
-                        c.delta,
-                        c.black_acc,
-                        c.white_acc,
-                        c.best_val_acc,
-                        c.trials,
-                        c.run_id,
-                        c.source,
-                    ]
-                )
-
-
-def plot_heatmap(rows: list[list[Cell]], path: Path) -> None:
-    values = np.array([[np.nan if c.accuracy is None else c.accuracy for c in row] for row in rows])
+def plot_heatmap(cells: pd.DataFrame, path: Path) -> None:
+    values = cells.pivot(index="row", columns="model", values="accuracy")
+    rows, models = list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["model"]))
+    values = values.loc[rows, models].astype(float)
+    references = cells.pivot(index="row", columns="model", values="reference").loc[rows, models]
     fig, ax = plt.subplots(figsize=(8.5, 1.5 + 0.55 * len(rows)))
-    ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(rows[0])), [COLUMN_TITLES.get(c.model, c.model) for c in rows[0]])
-    ax.set_yticks(range(len(rows)), [STEPS[row[0].step].row_label for row in rows])
+    ax.imshow(values.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), [title(m) for m in models])
+    ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
-            text = "—" if cell.accuracy is None else f"{cell.accuracy:.3f}"
-            if cell.accuracy is not None and cell.reference is not None:
-                text += f"\n(ref {_fmt(cell.reference, 2)})"
-            color = "black" if cell.accuracy is not None and cell.accuracy > 0.6 else "white"
+        for j, model in enumerate(models):
+            accuracy, reference = values.loc[row, model], references.loc[row, model]
+            text = "—" if np.isnan(accuracy) else f"{accuracy:.3f}"
+            if not np.isnan(accuracy) and pd.notna(reference):
+                text += f"\n(ref {_fmt(reference, 2)})"
+            color = "black" if not np.isnan(accuracy) and accuracy > 0.6 else "white"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_title("evaluation accuracy of each study's best run")
     fig.tight_layout()
@@ -232,12 +166,19 @@ def plot_heatmap(rows: list[list[Cell]], path: Path) -> None:
     plt.close(fig)
 
 
-def ensembles_markdown(results) -> list[str]:
-    from experiments.ensemble import members_text
-
-    if not results:
+def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
+    if frame.empty:
         return []
-    lines = [
+    table = pd.DataFrame(
+        {
+            "ensemble": frame["ensemble"],
+            "k": frame["k"],
+            "TTA": frame["tta"].map({True: "yes", False: "no"}),
+            "TEST2 acc": frame["accuracy"].map(lambda v: f"**{_fmt(v, 4)}**"),
+            "members": frame["members_text"],
+        }
+    )
+    return [
         "",
         "## Ensembles and test-time augmentation (TEST2)",
         "",
@@ -246,97 +187,95 @@ def ensembles_markdown(results) -> list[str]:
         "that train on labelled TEST images, a rule fixed in advance. TEST2 labels only score.",
         "TTA: each member averaged over the image and its four one-pixel shifts.",
         "",
-        "| ensemble | k | TTA | TEST2 acc | members |",
-        "|---|---|---|---|---|",
+        table.to_markdown(index=False),
     ]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {len(r.members)} | {'yes' if r.tta else 'no'} "
-            f"| **{_fmt(r.accuracy, 4)}** | {members_text(r.members)} |"
-        )
-    return lines
 
 
-def write_ensembles_csv(results, path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ensemble", "k", "tta", "eval_set", "accuracy", "members"])
-        for r in results:
-            writer.writerow(
-                [
-                    r.name,
-                    len(r.members),
-                    r.tta,
-                    r.eval_set,
-                    r.accuracy,
-                    " ".join(f"{m.step}/{m.model}:{m.run_id}" for m in r.members),
-                ]
-            )
+def shift_metrics() -> dict[str, dict[str, float]]:
+    """The newest `task1-shift` run's metrics per model (empty without `make task1-shift`)."""
+    frame = results.runs(SHIFT_EXPERIMENT, state=None, newest=True, step=SHIFT_EXPERIMENT)
+    if frame.empty:
+        return {}
+    return {row["tags.model"]: results.metrics_of(row) for _, row in frame.iterrows()}
+
+
+def write_shift_report(out: str | Path | None = None) -> Path:
+    """reports/task1_shift.md from every model's newest shift run."""
+    out_dir = config.reports_dir(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "task1_shift.md"
+    path.write_text(findings.shift_markdown(shift_metrics()))
+    return path
 
 
 def build_report(
     out: str | Path | None = None, ensemble_k: int = 0, tta: bool = False
-) -> tuple[Path, list[list[Cell]]]:
+) -> tuple[Path, pd.DataFrame]:
     """Write comparison.md/.csv/.png into `out` and log them to a `report` run.
 
     `ensemble_k` > 0 adds the ensemble rows (best k of each TEST2 step, and all
     Task 2 labelled runs together), `tta` their test-time-augmented twins. The
-    Task 1 section comes from the `task1-shift` runs.
+    Task 1 section comes from the `task1-shift` runs. An empty store is an
+    error: nothing is written and no `report` run is made.
     """
-    from experiments import ensemble, findings
-
+    cells = collect()
+    if cells["accuracy"].isna().all():
+        raise RuntimeError(
+            f"no finished study in the tracking store {config.mask_secrets(config.tracking_uri())}: "
+            "run `make reproduce` (or a step's make target) first"
+        )
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = collect()
-    client = MlflowClient()
     ensembles = []
     if ensemble_k > 0:
-        from data_tools import load_split
-
         test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
         ensembles = ensemble.run_ensembles(ensemble_k, (False, True) if tta else (False,), test2)
-    shift = findings.shift_runs(client)
+    frame = ensemble.to_frame(ensembles)
+    shift = shift_metrics()
     figure = out_dir / "figures" / "label_efficiency.png"
     has_figure = findings.plot_label_efficiency(shift, figure)
     text = "\n".join(
         [
-            to_markdown(rows).rstrip("\n"),
-            *ensembles_markdown(ensembles),
-            *findings.task2_section(rows, ensembles),
+            to_markdown(cells).rstrip("\n"),
+            *ensembles_markdown(frame),
+            *findings.task2_section(cells, frame),
             *findings.task1_section(shift, "figures/label_efficiency.png" if has_figure else None),
         ]
     )
     (out_dir / "comparison.md").write_text(text + "\n")
-    write_csv(rows, out_dir / "comparison.csv")
-    plot_heatmap(rows, out_dir / "comparison.png")
+    cells.to_csv(out_dir / "comparison.csv", index=False)
+    plot_heatmap(cells, out_dir / "comparison.png")
     written = ["comparison.md", "comparison.csv", "comparison.png"]
     if ensembles:
-        write_ensembles_csv(ensembles, out_dir / "ensembles.csv")
+        frame.drop(columns="members_text").to_csv(out_dir / "ensembles.csv", index=False)
         written.append("ensembles.csv")
+    _log_report(out_dir, written, figure if has_figure else None, cells, ensembles, ensemble_k, tta)
+    return out_dir, cells
+
+
+def _log_report(out_dir, written, figure, cells, ensembles, ensemble_k, tta) -> None:
     experiment = tracking.experiment_id(REPORT_EXPERIMENT)
     with mlflow.start_run(
         experiment_id=experiment, run_name="report", tags=tracking.environment_tags()
     ):
         for name in written:
             mlflow.log_artifact(str(out_dir / name))
-        if has_figure:
+        if figure is not None:
             mlflow.log_artifact(str(figure), artifact_path="figures")
-        filled = sum(c.accuracy is not None for row in rows for c in row)
-        mlflow.log_metric("cells_filled", filled)
+        mlflow.log_metric("cells_filled", int(cells["accuracy"].notna().sum()))
         mlflow.log_params({"ensemble_k": ensemble_k, "tta": tta})
-        mlflow.log_metrics(ensemble.finite(ensemble.summary(ensembles)))
+        mlflow.log_metrics(ensemble.summary(ensembles))
         for r in ensembles:
             mlflow.set_tag(f"members.{r.name}", ensemble.members_text(r.members)[:4000])
-    return out_dir, rows
 
 
-def row_text(step_name: str, rows: list[list[Cell]] | None = None) -> str:
+def row_text(step_name: str, cells: pd.DataFrame | None = None) -> str:
     """One step's row as a line of text, for the make targets."""
-    rows = rows or collect()
-    row = next(r for r in rows if r[0].step == step_name)
+    cells = collect() if cells is None else cells
+    row = cells[cells["step"] == step_name]
     parts = [
-        f"{c.model} {_fmt(c.accuracy) or '—'}"
-        + (f" (ref {_fmt(c.reference, 2)})" if c.reference is not None else "")
-        for c in row
+        f"{c['model']} {_fmt(c['accuracy']) or '—'}"
+        + (f" (ref {_fmt(c['reference'], 2)})" if pd.notna(c["reference"]) else "")
+        for _, c in row.iterrows()
     ]
     return f"{STEPS[step_name].row_label}: " + ", ".join(parts)

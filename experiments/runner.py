@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import torch
 
 from data_tools import Dataset, load_split
@@ -23,8 +24,9 @@ from experiments import config, tracking
 from experiments.checkpoint import make_checkpoint
 from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified
 from experiments.evaluation import score as score_set
+from experiments.settings import TrainConfig
 from experiments.steps import Step
-from experiments.train import FitResult, TrainConfig, fit
+from experiments.train import FitResult, fit
 
 
 @dataclass
@@ -32,6 +34,11 @@ class StepData:
     step: Step
     train_set: Dataset
     eval_sets: dict[str, Dataset]
+
+    @property
+    def train_images(self) -> int:
+        """Images in the training part of the default train/validation split."""
+        return round(len(self.train_set) * (1 - TrainConfig.val_fraction))
 
 
 def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:
@@ -152,8 +159,6 @@ def train_and_log(
 
 def log_torch_model(run_id: str, model) -> None:
     """Log a model once with mlflow.pytorch (a LoggedModel), into an ended run."""
-    import mlflow.pytorch
-
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=".*Pickle.*"

@@ -19,25 +19,38 @@ model answers only the TEST images a detector accepts.
 
 from __future__ import annotations
 
+import copy
+import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from torch import nn
 
-from data_tools import Dataset, border_mean
+from data_tools import Dataset, border_mean, load_split
 from data_tools.datasets import WHITE_BORDER_THRESHOLD
-from experiments.checkpoint import Loaded
-from experiments.train import predict_logits, split_indices
+from experiments import config, results, tracking
+from experiments.checkpoint import Loaded, load_checkpoint
+from experiments.evaluation import halves_accuracy
+from experiments.inference import predict_logits
+from experiments.train import split_indices, train_one_epoch
+from models import feature_layer
+
+SHIFT_EXPERIMENT = "task1-shift"
+SOURCE_STEP = "task1-step1"
 
 REFUSE_FRACTION = 0.05  # of in-script (TRAIN validation) images, sets the model-based thresholds
 
 
 @torch.no_grad()
 def logits_and_features(loaded: Loaded, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and penultimate features (the input of the last linear layer) for raw images."""
-    last = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][-1]
+    """Logits and penultimate features (the input of the registry's feature layer) for raw images."""
+    last = feature_layer(loaded.model)
     captured: list[torch.Tensor] = []
     hook = last.register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].detach())
@@ -114,11 +127,7 @@ def analyse(
     is_new = test_set.white.numpy()  # measuring only
     labels = test_set.labels.numpy()
     correct = logits.argmax(1).numpy() == labels
-    metrics = {
-        "TEST_acc": float(correct.mean()),
-        "TEST_black_acc": float(correct[~is_new].mean()) if (~is_new).any() else float("nan"),
-        "TEST_white_acc": float(correct[is_new].mean()) if is_new.any() else float("nan"),
-    }
+    metrics = halves_accuracy("TEST", correct, is_new)
     for name, score in scores.items():
         if is_new.any() and (~is_new).any():
             metrics[f"auroc_{name}"] = float(roc_auc_score(is_new, score))
@@ -162,10 +171,6 @@ def fine_tune(
     A fixed recipe (Adam 3e-4, 8 passes over ~1,000 images), so nothing is chosen
     by looking at evaluation labels.
     """
-    import copy
-
-    from experiments.train import train_one_epoch
-
     generator = torch.Generator().manual_seed(seed)
     repeats = max(1, 500 // len(labels))
     replay_idx = torch.randperm(len(replay), generator=generator)[: len(labels) * repeats]
@@ -201,14 +206,10 @@ def label_efficiency(
             model, loaded.preprocessing.transform(test_set.images[rest]).to(device)
         ).cpu()
         correct = (logits.argmax(1) == test_set.labels[rest]).numpy()
-        white = test_set.white[rest].numpy()
-        metrics[f"k{k}_TEST_rest_acc"] = float(correct.mean())
-        metrics[f"k{k}_white_rest_acc"] = (
-            float(correct[white].mean()) if white.any() else float("nan")
-        )
-        metrics[f"k{k}_black_rest_acc"] = (
-            float(correct[~white].mean()) if (~white).any() else float("nan")
-        )
+        halves = halves_accuracy("TEST", correct, test_set.white[rest].numpy())
+        metrics[f"k{k}_TEST_rest_acc"] = halves["TEST_acc"]
+        metrics[f"k{k}_white_rest_acc"] = halves["TEST_white_acc"]
+        metrics[f"k{k}_black_rest_acc"] = halves["TEST_black_acc"]
     return metrics
 
 
@@ -232,10 +233,6 @@ def self_train(
     nothing is chosen by looking at TEST labels. Returns the adapted model and,
     per round, how many images were pseudo-labelled (no accuracy: that needs labels).
     """
-    import copy
-
-    from experiments.train import train_one_epoch
-
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(loaded.model)
     device = next(model.parameters()).device
@@ -278,18 +275,15 @@ def adaptation(
     accuracy, the pseudo-labels' accuracy, and the k-means clusters' purity (the
     accuracy a client would get by naming each of the 6 clusters with one label).
     """
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
     model, log = self_train(loaded, train_set, test_set.images, seed=seed)
     device = next(model.parameters()).device
     logits = predict_logits(model, loaded.preprocessing.transform(test_set.images).to(device))
     correct = (logits.argmax(1).cpu() == test_set.labels).numpy()
-    white = test_set.white.numpy()
+    halves = halves_accuracy("TEST", correct, test_set.white.numpy())
     metrics = {
-        "selftrain_TEST_acc": float(correct.mean()),
-        "selftrain_white_acc": float(correct[white].mean()) if white.any() else float("nan"),
-        "selftrain_black_acc": float(correct[~white].mean()) if (~white).any() else float("nan"),
+        "selftrain_TEST_acc": halves["TEST_acc"],
+        "selftrain_white_acc": halves["TEST_white_acc"],
+        "selftrain_black_acc": halves["TEST_black_acc"],
     }
     for entry in log:
         r = entry["round"]
@@ -324,34 +318,21 @@ def is_new_by_background(images: torch.Tensor) -> torch.Tensor:
 
 
 def _final_run(model: str) -> str:
-    from experiments.report import collect
-
-    for row in collect((model,)):
-        cell = row[0]
-        if cell.step == "task1-step1" and cell.run_id:
-            return cell.run_id
-    raise RuntimeError(
-        f"no task1-step1 run for {model}: run `make task1-step1 MODELS={model}` first"
-    )
+    run = results.final_run(SOURCE_STEP, model)
+    if run is None:
+        raise RuntimeError(
+            f"no {SOURCE_STEP} final run for {model}: run `make {SOURCE_STEP} MODELS={model}` first"
+        )
+    return run["run_id"]
 
 
 def run_shift(
-    models: tuple[str, ...], out_dir=None, curve: bool = True, adapt: bool = True
+    models: tuple[str, ...], curve: bool = True, adapt: bool = True
 ) -> dict[str, ShiftResult]:
-    """Analyse each model's task1-step1 final run; log a run per model and write task1_shift.md."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
-    from data_tools import load_split
-    from experiments import config, tracking
-    from experiments.checkpoint import load_checkpoint
-
+    """Analyse each model's task1-step1 final run and log a `task1-shift` run per model."""
     root, cache = config.data_dir(), config.cache_dir()
     train_set, test_set = load_split("TRAIN", root, cache), load_split("TEST", root, cache)
-    results = {}
+    analysed = {}
     for model in models:
         source = _final_run(model)
         loaded = load_checkpoint(source)
@@ -360,134 +341,31 @@ def run_shift(
             result.metrics.update(adaptation(loaded, train_set, test_set))
         if curve:
             result.metrics.update(label_efficiency(loaded, train_set, test_set))
-        results[model] = result
-        experiment = tracking.experiment_id("task1-shift")
-        tags = {
-            "model": model,
-            "step": "task1-shift",
-            "source_run": source,
-            "label_use": (
-                "TRAIN labels; TEST images unlabelled; TEST labels and halves for measuring only; "
-                f"the label-efficiency rows use k in {K_SHOTS} TEST labels per class"
-            ),
-            **tracking.environment_tags(),
-        }
-        with mlflow.start_run(experiment_id=experiment, run_name=f"shift-{model}", tags=tags):
-            mlflow.log_params({f"threshold.{k}": round(v, 6) for k, v in result.thresholds.items()})
-            mlflow.log_param("refuse_fraction", REFUSE_FRACTION)
-            mlflow.log_metrics({k: v for k, v in result.metrics.items() if np.isfinite(v)})
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "shift.json"
-                path.write_text(
-                    json.dumps(
-                        {"metrics": result.metrics, "thresholds": result.thresholds}, indent=1
-                    )
-                )
-                mlflow.log_artifact(str(path))
-    # the file covers every model with a shift run, not only the ones run now
-    from mlflow.tracking import MlflowClient
-
-    from experiments.findings import shift_runs
-
-    shown = {m: ShiftResult(v, {}) for m, v in sorted(shift_runs(MlflowClient()).items())}
-    shown.update(results)
-    out = config.reports_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "task1_shift.md").write_text(to_markdown(shown))
-    return results
+        analysed[model] = result
+        _log(model, source, result)
+    return analysed
 
 
-def to_markdown(results: dict[str, ShiftResult]) -> str:
-    from collections import defaultdict
-
-    # a metric that was not finite is not logged: show it as nan, do not fail
-    results = {
-        model: ShiftResult(defaultdict(lambda: float("nan"), r.metrics), r.thresholds)
-        for model, r in results.items()
+def _log(model: str, source: str, result: ShiftResult) -> None:
+    tags = {
+        "model": model,
+        "step": SHIFT_EXPERIMENT,
+        "source_run": source,
+        "state": "COMPLETE",
+        "label_use": (
+            "TRAIN labels; TEST images unlabelled; TEST labels and halves for measuring only; "
+            f"the label-efficiency rows use k in {K_SHOTS} TEST labels per class"
+        ),
+        **tracking.environment_tags(),
     }
-    detectors = ("background", "max_softmax", "energy", "mahalanobis")
-    lines = [
-        "# Task 1: detecting the new script without TEST labels",
-        "",
-        "Written by `python -m experiments shift`. Models: the task1-step1 final runs (trained on",
-        "TRAIN only). TEST labels and TEST's background halves are used only to measure.",
-        f"Model-based thresholds: the {1 - REFUSE_FRACTION:.0%} quantile of each score on TRAIN",
-        "validation images; the background rule uses its own threshold (0.5).",
-        "",
-        "## AUROC for separating TEST's new script (white half) from the training script",
-        "",
-        "| model | TEST acc | TEST black-half acc | " + " | ".join(detectors) + " |",
-        "|---" * (3 + len(detectors)) + "|",
-    ]
-    for model, r in results.items():
-        m = r.metrics
-        aurocs = " | ".join(f"{m.get(f'auroc_{d}', float('nan')):.3f}" for d in detectors)
-        lines.append(f"| {model} | {m['TEST_acc']:.3f} | {m['TEST_black_acc']:.3f} | {aurocs} |")
-    lines += [
-        "",
-        "## Selective prediction on TEST: answer only what the detector accepts",
-        "",
-        "| model | detector | coverage | accuracy on accepted | new-script images accepted |",
-        "|---|---|---|---|---|",
-    ]
-    for model, r in results.items():
-        m = r.metrics
-        for d in detectors:
-            lines.append(
-                f"| {model} | {d} | {m[f'coverage_{d}']:.3f} | {m[f'selective_acc_{d}']:.3f} "
-                f"| {m[f'new_script_accepted_{d}']:.3f} |"
+    experiment = tracking.experiment_id(SHIFT_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"shift-{model}", tags=tags):
+        mlflow.log_params({f"threshold.{k}": round(v, 6) for k, v in result.thresholds.items()})
+        mlflow.log_param("refuse_fraction", REFUSE_FRACTION)
+        mlflow.log_metrics({k: v for k, v in result.metrics.items() if np.isfinite(v)})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "shift.json"
+            path.write_text(
+                json.dumps({"metrics": result.metrics, "thresholds": result.thresholds}, indent=1)
             )
-    adapted = [m for m, r in results.items() if "selftrain_TEST_acc" in r.metrics]
-    if adapted:
-        lines += [
-            "",
-            "## Unsupervised adaptation with unlabelled TEST images",
-            "",
-            f"Self-training: {SELF_TRAIN_ROUNDS} rounds of pseudo-labels with confidence >= "
-            f"{CONFIDENCE} (class-balanced), fine-tuned with as many TRAIN images. k-means: 6",
-            "clusters of the model's penultimate features of the images the background rule calls",
-            "new; purity = the accuracy if each cluster were named by one labelled example.",
-            "TEST labels are read only to score.",
-            "",
-            "| model | TEST acc before | after | white half before | after | pseudo-labels (last round) "
-            "| their accuracy on the white half | k-means purity | ARI |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for model in adapted:
-            m = results[model].metrics
-            last = max(
-                (
-                    int(k[len("selftrain_round") :].split("_")[0])
-                    for k in m
-                    if k.endswith("_pseudo_labelled")
-                ),
-                default=0,
-            )
-            nan = float("nan")
-            lines.append(
-                f"| {model} | {m['TEST_acc']:.3f} | {m['selftrain_TEST_acc']:.3f} "
-                f"| {m.get('TEST_white_acc', nan):.3f} | {m['selftrain_white_acc']:.3f} "
-                f"| {m.get(f'selftrain_round{last}_pseudo_labelled', nan):.0f} "
-                f"| {m.get(f'selftrain_round{last}_pseudo_white_acc', nan):.3f} "
-                f"| {m.get('kmeans_new_purity', nan):.3f} | {m.get('kmeans_new_ari', nan):.3f} |"
-            )
-    curve_models = [m for m, r in results.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in r.metrics]
-    if curve_models:
-        lines += [
-            "",
-            "## Label efficiency: k labelled images per class of the new script (uses k TEST labels)",
-            "",
-            "The TRAIN model fine-tuned on k images per class drawn from TEST's white half (seed 0),",
-            "mixed with as many TRAIN images; accuracy on every other TEST image (never trained on).",
-            "",
-            "| model | k | TEST acc (rest) | white half | black half |",
-            "|---|---|---|---|---|",
-        ]
-        for model in curve_models:
-            m = results[model].metrics
-            for k in K_SHOTS:
-                lines.append(
-                    f"| {model} | {k} | {m[f'k{k}_TEST_rest_acc']:.3f} | {m[f'k{k}_white_rest_acc']:.3f} "
-                    f"| {m[f'k{k}_black_rest_acc']:.3f} |"
-                )
-    return "\n".join(lines) + "\n"
+            mlflow.log_artifact(str(path))

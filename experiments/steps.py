@@ -1,15 +1,26 @@
-"""The task steps, declared as data: which set trains, which sets evaluate.
+"""The task steps, declared as data: which set trains, which sets evaluate, and how.
 
-Adding a step is adding an entry. `reuses` marks a step that trains nothing:
-its cells come from the runs of the named step (a TRAIN model is evaluated on
-TEST and TEST2 in one run). `label_use` states which labels the step's
-training reads, so every row of the report says it.
+Adding a step is adding an entry. Each step has a `kind`, and one dispatcher
+(`experiments.driver.run_step`) runs each kind:
+
+| kind        | what the step does                                       | `source`          |
+|-------------|----------------------------------------------------------|-------------------|
+| `search`    | an Optuna study per model, then its best trial retrained | -                 |
+| `reuse`     | trains nothing: its cells are the source step's runs     | the step it reads |
+| `retrain`   | no search: the source study's best trial retrained with `settings` | the study's step |
+| `fine_tune` | a study of fine-tunes starting from the source step's final run | the pretraining step |
+
+`label_use` states which labels the step's training reads, so every row of
+the report says it. `fixed` settings are kept by every run of the step and are
+never searched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+KINDS = ("search", "reuse", "retrain", "fine_tune")
 
 
 @dataclass(frozen=True)
@@ -18,21 +29,28 @@ class Step:
     train_set: str
     eval_sets: tuple[str, ...]
     description: str
+    kind: str = "search"
+    source: str | None = None  # the other step a reuse / retrain / fine_tune step builds on
     label_use: str = "TRAIN labels only"
-    reuses: str | None = None
-    fixed: tuple[tuple[str, Any], ...] = ()  # settings every trial of the step keeps (not searched)
-    pretrain: str | None = None  # transfer: start from a model trained on this set, then fine-tune
+    fixed: tuple[tuple[str, Any], ...] = ()  # settings every run of the step keeps (not searched)
+    settings: tuple[tuple[str, Any], ...] = ()  # a retrain step's schedule (e.g. 40 epochs)
     row: str = ""  # the report's row label (default: "<train_set> / <primary eval>")
-    params_from: str | None = None  # no search: retrain the best trial of this step's study
-    retrain: tuple[tuple[str, Any], ...] = ()  # settings of that retrain (e.g. a longer schedule)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"step {self.name}: unknown kind {self.kind!r}; expected {KINDS}")
+        if (self.source is None) != (self.kind == "search"):
+            raise ValueError(
+                f"step {self.name}: a {self.kind} step needs a source step exactly when it is not a search"
+            )
 
     @property
     def fixed_settings(self) -> dict[str, Any]:
         return dict(self.fixed)
 
     @property
-    def retrain_settings(self) -> dict[str, Any]:
-        return dict(self.retrain)
+    def role_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
 
     @property
     def primary_eval(self) -> str:
@@ -56,7 +74,8 @@ STEPS: dict[str, Step] = {
             "TRAIN",
             ("TEST2",),
             "the task1-step1 models evaluated on TEST2 (trains nothing)",
-            reuses="task1-step1",
+            kind="reuse",
+            source="task1-step1",
         ),
         Step(
             "task2-step2",
@@ -87,8 +106,9 @@ STEPS: dict[str, Step] = {
             "the task2-step3 studies' best settings retrained for 40 epochs without early "
             "stopping (the epoch with the best validation loss is kept), evaluate on TEST2",
             label_use="TEST white-half labels (allowed in Task 2)",
-            params_from="task2-step3",
-            retrain=(("epochs", 40), ("patience", 40)),
+            kind="retrain",
+            source="task2-step3",
+            settings=(("epochs", 40), ("patience", 40)),
             row="TRAIN3, 40 epochs / TEST2",
         ),
         Step(
@@ -97,7 +117,8 @@ STEPS: dict[str, Step] = {
             ("TEST2",),
             "start from the TRAIN model (task1-step1 final run), fine-tune on TEST, evaluate on TEST2",
             label_use="TRAIN labels (pretraining) and TEST labels (fine-tuning; allowed in Task 2)",
-            pretrain="TRAIN",
+            kind="fine_tune",
+            source="task1-step1",
             row="TRAIN → TEST (fine-tuned) / TEST2",
         ),
         Step(
@@ -107,7 +128,8 @@ STEPS: dict[str, Step] = {
             "start from a TRAIN model pretrained with every image turned to a black background, "
             "fine-tune on TRAIN3 (TEST's white half), evaluate on TEST2",
             label_use="TRAIN labels (pretraining) and TEST white-half labels (fine-tuning; allowed in Task 2)",
-            pretrain="TRAIN",
+            kind="fine_tune",
+            source="task1-step1",
             row="TRAIN → TRAIN3 (fine-tuned) / TEST2",
             fixed=(("polarity", "to_black"),),
         ),
@@ -133,4 +155,13 @@ def get_step(name: str) -> Step:
 def training_step(name: str) -> Step:
     """The step whose runs hold `name`'s results (itself, or the step it reuses)."""
     step = get_step(name)
-    return get_step(step.reuses) if step.reuses else step
+    return get_step(step.source) if step.kind == "reuse" else step
+
+
+def _check_sources() -> None:
+    for step in STEPS.values():
+        if step.source is not None and step.source not in STEPS:
+            raise ValueError(f"step {step.name}: source {step.source!r} is not a declared step")
+
+
+_check_sources()

@@ -10,7 +10,6 @@ the server decides where artifacts go.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import platform
 import subprocess
@@ -37,6 +36,14 @@ def init() -> str:
     return uri
 
 
+def store_exists() -> bool:
+    """False for a local SQLite store whose database file is not there yet (reads create none)."""
+    uri = config.tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return True
+    return Path(uri[len("sqlite:///") :]).exists()
+
+
 def experiment_id(name: str) -> str:
     """Get or create experiment `name`, with an absolute artifact location for a local store."""
     init()
@@ -57,22 +64,11 @@ def experiment_id(name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-@functools.cache
-def newest_final_runs(client: MlflowClient, step: str) -> dict:
-    """The newest COMPLETE `final` run of each model's study of `step`, by model name."""
-    experiment = client.get_experiment_by_name(step)
-    if experiment is None:
-        return {}
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        "tags.role = 'final' AND tags.state = 'COMPLETE'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )
-    newest: dict = {}
-    for run in runs:
-        newest.setdefault(run.data.tags.get("model", ""), run)
-    return newest
+def mark_interrupted(client: MlflowClient, run_id: str) -> None:
+    """End a run whose process died: KILLED, `state=FAIL`, `interrupted=true`."""
+    client.set_tag(run_id, "state", "FAIL")
+    client.set_tag(run_id, "interrupted", "true")
+    client.set_terminated(run_id, status="KILLED")
 
 
 def environment_tags() -> dict[str, str]:

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,128 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_tools import Dataset
+from experiments.checkpoint import load_checkpoint
+from experiments.inference import autocast, predict_logits
 from experiments.preprocess import Preprocessing
-from models import create_model, hyperparameters
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "onecycle")
-FREEZE = ("none", "early", "body")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run. `model_kwargs` holds the model's own knobs."""
-
-    model: str = "vgg"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only (nesterov)
-    batch_size: int = 128
-    label_smoothing: float = 0.0
-    schedule: str = "cosine"
-    epochs: int = 10
-    patience: int = 3
-    val_fraction: float = 0.2
-    split_seed: int = 0  # the train/validation split: fixed across the trials of a study
-    seed: int = 0  # weights, shuffling, augmentation
-    train_subset: int = 0  # use only this many training images (0: all); stratified
-    val_subset: int = 0  # score only this many validation images per epoch (0: all); stratified
-    polarity: str = "keep"
-    normalization: str = "half"
-    augmentation: str = "affine"
-    crop_scale: float = 0.85
-    affine_strength: float = 0.7
-    init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
-    freeze: str = "none"  # transfer: none | early (first half of the body) | body (all but head)
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}"
-            )
-        if self.freeze not in FREEZE:
-            raise ValueError(
-                f"unknown freeze {self.freeze!r}; expected one of: {', '.join(FREEZE)}"
-            )
-        if self.freeze != "none" and not self.init_from:
-            raise ValueError(f"freeze={self.freeze} needs init_from (a pretrained checkpoint)")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        self.model_kwargs = {**hyperparameters(self.model), **self.model_kwargs}
-        self.preprocessing()  # validates the preprocessing choices
-
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(
-            polarity=self.polarity,
-            normalization=self.normalization,
-            augmentation=self.augmentation,
-            crop_scale=self.crop_scale,
-            affine_strength=self.affine_strength,
-        )
-
-    def flat(self) -> dict[str, Any]:
-        """One flat dict of every setting (model knobs included): the run's params."""
-        values = asdict(self)
-        values.update(values.pop("model_kwargs"))
-        return values
-
-    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
-        """A copy with `key=value` overrides; keys are config fields or the model's knobs."""
-        own = {f.name: f for f in fields(self)}
-        knobs = hyperparameters(overrides.get("model", self.model))
-        values = asdict(self)
-        kwargs = dict(values.pop("model_kwargs"))
-        for key, value in overrides.items():
-            if key in own and key != "model_kwargs":
-                values[key] = _coerce(value, getattr(self, key), key)
-            elif key in knobs:
-                kwargs[key] = _coerce(value, knobs[key], key)
-            else:
-                raise ValueError(
-                    f"unknown setting {key!r}; expected a training setting "
-                    f"({', '.join(f for f in own if f != 'model_kwargs')}) or a {values['model']} "
-                    f"hyperparameter ({', '.join(knobs)})"
-                )
-        if values["model"] != self.model:
-            kwargs = {k: v for k, v in kwargs.items() if k in knobs}
-        return TrainConfig(**values, model_kwargs=kwargs)
-
-
-def _coerce(value: Any, like: Any, key: str) -> Any:
-    """Turn a command-line string into the type of the default `like`."""
-    if not isinstance(value, str) or isinstance(like, str):
-        return value
-    try:
-        if isinstance(like, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r}: expected a {type(like).__name__}") from None
-    return value
-
-
-def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected key=value")
-        overrides[key.strip()] = value.strip()
-    return overrides
+from experiments.settings import TrainConfig
+from models import create_model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -192,8 +75,6 @@ def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
     order), `body` every parameter outside `model.head` (a linear probe). Frozen
     layers' batch-norm statistics still follow the new data (train mode).
     """
-    from experiments.checkpoint import load_checkpoint
-
     source = load_checkpoint(cfg.init_from)
     if source.checkpoint["model"] != cfg.model:
         raise ValueError(
@@ -206,6 +87,7 @@ def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
         raise ValueError(
             f"init_from {cfg.init_from}: weights do not fit {cfg.model}({cfg.model_kwargs}): {first}"
         ) from None
+    # the registry contract (models/__init__.py): everything outside `head` is the body
     body = [p for name, p in model.named_parameters() if not name.startswith("head.")]
     frozen = {"none": [], "early": body[: len(body) // 2], "body": body}[cfg.freeze]
     for parameter in frozen:
@@ -233,10 +115,6 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return None
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def train_one_epoch(
     model: nn.Module,
     images: torch.Tensor,
@@ -259,7 +137,7 @@ def train_one_epoch(
         x, y = images[batch], labels[batch]
         if augment is not None:
             x = augment(x)
-        with _autocast(images.device):
+        with autocast(images.device):
             logits = model(x)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -278,16 +156,6 @@ def train_one_epoch(
             f"training loss is {mean_loss} (diverged); try a lower learning rate"
         )
     return mean_loss, float(correct) / n
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        with _autocast(images.device):
-            outputs.append(model(images[start : start + batch_size]).float())
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
 def evaluate(

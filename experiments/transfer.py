@@ -1,15 +1,15 @@
 """Transfer for Task 2: start from a model trained on TRAIN, fine-tune it on TEST or TRAIN3.
 
-The starting point of a transfer step (a step with `pretrain="TRAIN"`) is the
-task1-step1 study's final run of the same model: TRAIN only, its settings
-searched on TRAIN's validation split. When the step fixes another polarity than
-that run used (or no such run exists yet), a dedicated pretraining run is
-trained once on TRAIN with the same settings and that polarity, logged in the
-`task2-pretrain` experiment, and found again by a key of its settings.
+The starting point of a `fine_tune` step is its source step's final run of the
+same model (task1-step1: TRAIN only, its settings searched on TRAIN's
+validation split). When the step fixes another polarity than that run used (or
+no such run exists yet), a dedicated pretraining run is trained once on TRAIN
+with the same settings and that polarity, logged in the `task2-pretrain`
+experiment, and found again by a key of its settings.
 
-The fine-tune keeps the pretrained architecture and normalization; the search
-chooses the fine-tuning learning rate, which layers are frozen, the epochs and
-the augmentation (`suggest_fine_tune`).
+The fine-tune keeps the pretrained architecture and normalization
+(`fine_tune_base`); the search chooses the fine-tuning learning rate, which
+layers are frozen, the epochs and the augmentation (`space.suggest_fine_tune`).
 """
 
 from __future__ import annotations
@@ -18,42 +18,16 @@ import hashlib
 import json
 from typing import Any
 
-import optuna
-from mlflow.tracking import MlflowClient
-
-from experiments import tracking
+from experiments import results
+from experiments.checkpoint import load_checkpoint
+from experiments.runner import load_step_data, train_and_log
+from experiments.settings import TrainConfig, resolve
+from experiments.space import FINE_TUNE_FIXED, Budget
 from experiments.steps import PRETRAIN, Step
 
-SOURCE_STEP = "task1-step1"
-FINE_TUNE_FIXED = {"optimizer": "adam", "schedule": "cosine", "batch_size": 64, "weight_decay": 0.0}
-FINE_TUNE_DEFAULTS = {"lr": 1e-3, "freeze": "none", "epochs": 10, "augmentation": "affine"}
 # what a pretrained checkpoint decides for its fine-tunes (the rest is the fine-tune's own)
 INHERITED = ("normalization", "polarity")
-
-
-def suggest_fine_tune(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
-    """The searched settings of a transfer trial (flat `TrainConfig` overrides)."""
-    params: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
-        "freeze": trial.suggest_categorical("freeze", ["none", "early", "body"]),
-        "epochs": trial.suggest_int("epochs", 3, 12),
-        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.1),
-        "augmentation": trial.suggest_categorical("augmentation", ["none", "affine"]),
-    }
-    if params["augmentation"] == "affine":
-        params["affine_strength"] = trial.suggest_float("affine_strength", 0.3, 1.0)
-    return params
-
-
-def _pretrain_settings(source, model: str) -> dict[str, Any]:
-    """The TRAIN settings to pretrain with: the source run's, or the defaults without one."""
-    from experiments.train import TrainConfig
-
-    if source is None:
-        return TrainConfig(model=model).flat()
-    from experiments.checkpoint import load_checkpoint
-
-    return dict(load_checkpoint(source.info.run_id).checkpoint["config"])
+NOT_INHERITED = ("device", "init_from", "freeze", "train_subset", "val_subset", "epochs", "model")
 
 
 def pretrain_key(settings: dict[str, Any]) -> str:
@@ -61,19 +35,27 @@ def pretrain_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def pretrained_run(model: str, polarity: str | None, budget, create: bool = True) -> str:
-    """The run id whose checkpoint a transfer of `model` starts from (trained here if missing).
+def step_polarity(step: Step) -> str | None:
+    """The polarity a fine-tune step fixes (None: the pretrained run's own)."""
+    return step.fixed_settings.get("polarity")
 
-    `polarity=None` takes the source run as it is. With `create=False` (search
-    workers) a missing pretraining run is an error: the launcher makes it first.
+
+def pretrained_run(step: Step, model: str, budget: Budget, create: bool = True) -> str:
+    """The run id whose checkpoint a fine-tune of `model` starts from (trained here if missing).
+
+    With `create=False` (search workers) a missing pretraining run is an error:
+    the launcher makes it first.
     """
-    tracking.init()
-    client = MlflowClient()
-    source = tracking.newest_final_runs(client, SOURCE_STEP).get(model)
-    if source is not None and polarity in (None, source.data.params.get("polarity")):
-        return source.info.run_id
-    settings = _pretrain_settings(source, model)
-    for key in ("device", "init_from", "freeze", "train_subset", "val_subset", "epochs"):
+    polarity = step_polarity(step)
+    source = results.final_run(step.source, model)
+    if source is not None and polarity in (None, source.get("params.polarity")):
+        return source["run_id"]
+    settings = (
+        dict(load_checkpoint(source["run_id"]).checkpoint["config"])
+        if source is not None
+        else TrainConfig(model=model).flat()
+    )
+    for key in NOT_INHERITED:
         settings.pop(key, None)  # a full-split run; its epochs come from the budget, like a final
     settings.update(
         polarity=polarity or settings.get("polarity", "keep"),
@@ -83,34 +65,21 @@ def pretrained_run(model: str, polarity: str | None, budget, create: bool = True
     key = pretrain_key(
         {**settings, "final_images": budget.final_images, "final_epochs": budget.final_epochs}
     )
-    experiment = tracking.experiment_id(PRETRAIN.name)
-    found = client.search_runs(
-        [experiment],
-        f"tags.role = 'pretrain' AND tags.pretrain_key = '{key}' AND tags.state = 'COMPLETE'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if found:
-        return found[0].info.run_id
+    found = results.runs(PRETRAIN.name, role="pretrain", pretrain_key=key)
+    if not found.empty:
+        return found.iloc[0]["run_id"]
     if not create:
         raise RuntimeError(
             f"no pretraining run for {model} (polarity {polarity}, key {key}); "
             "the study launcher creates it before its workers start"
         )
-    return _pretrain(model, settings, key, source, budget)
+    origin = source["run_id"] if source is not None else "defaults"
+    return _pretrain(model, settings, key, origin, budget)
 
 
-def _pretrain(model: str, settings: dict[str, Any], key: str, source, budget) -> str:
-    from experiments.runner import load_step_data, train_and_log
-    from experiments.search import _train_images
-    from experiments.train import TrainConfig
-
+def _pretrain(model: str, settings: dict[str, Any], key: str, origin: str, budget: Budget) -> str:
     data = load_step_data(PRETRAIN)
-    settings["epochs"] = budget.retrain_epochs(_train_images(data))
-    cfg = TrainConfig(model=model).with_overrides(
-        {k: v for k, v in settings.items() if k != "model"}
-    )
-    origin = source.info.run_id if source is not None else "defaults"
+    cfg = resolve(model, base=settings, role={"epochs": budget.retrain_epochs(data.train_images)})
     print(
         f"[{PRETRAIN.name}/{model}] pretraining on TRAIN with polarity {cfg.polarity} "
         f"(settings of {origin}), {cfg.epochs} epochs",
@@ -130,14 +99,10 @@ def _pretrain(model: str, settings: dict[str, Any], key: str, source, budget) ->
     return outcome.run_id
 
 
-def fine_tune_base(
-    model: str, polarity: str | None, budget, create: bool = False
-) -> dict[str, Any]:
-    """Overrides every fine-tune of `model` starts from: the pretrained weights, architecture,
+def fine_tune_base(step: Step, model: str, budget: Budget, create: bool = False) -> dict[str, Any]:
+    """The base settings of every fine-tune of `model`: the pretrained weights, architecture,
     normalization and polarity, and the fixed fine-tuning optimiser."""
-    from experiments.checkpoint import load_checkpoint
-
-    run_id = pretrained_run(model, polarity, budget, create=create)
+    run_id = pretrained_run(step, model, budget, create=create)
     checkpoint = load_checkpoint(run_id).checkpoint
     config = checkpoint["config"]
     return {
@@ -146,8 +111,3 @@ def fine_tune_base(
         **{key: config[key] for key in INHERITED},
         "init_from": run_id,
     }
-
-
-def step_polarity(step: Step) -> str | None:
-    """The polarity a transfer step fixes (None: the pretrained run's own)."""
-    return step.fixed_settings.get("polarity")

@@ -96,6 +96,16 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
+    """MBConv stages scaled by width and depth multipliers, a 1x1 head conv, pooling."""
+
+    TITLE = "EfficientNet"
+    SEARCH_SPACE = {
+        "width_mult": ("categorical", (0.25, 0.5, 0.75)),
+        "depth_mult": ("categorical", (0.25, 0.5, 0.75)),
+        "dropout": ("float", 0.0, 0.4),
+        "drop_path": ("float", 0.0, 0.2),
+    }
+
     def __init__(
         self,
         num_classes: int = 6,

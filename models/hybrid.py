@@ -14,6 +14,16 @@ from models.vgg import vgg_stages
 
 
 class Hybrid(nn.Module):
+    """Two VGG stages, then residual blocks at 7x7, then a pooled head."""
+
+    TITLE = "VGG+ResNet"
+    SEARCH_SPACE = {
+        "width": ("categorical", (8, 16, 24)),
+        "vgg_depth": ("int", 1, 2),
+        "res_blocks": ("int", 1, 2),
+        "dropout": ("float", 0.0, 0.5),
+    }
+
     def __init__(
         self,
         num_classes: int = 6,

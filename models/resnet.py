@@ -23,6 +23,15 @@ def residual_stages(
 
 
 class ResNet(nn.Module):
+    """A 3x3 stem, three stages of basic blocks (28 -> 14 -> 7), global average pooling."""
+
+    TITLE = "ResNet"
+    SEARCH_SPACE = {
+        "width": ("categorical", (8, 16, 24)),
+        "blocks": ("int", 1, 2),
+        "dropout": ("float", 0.0, 0.4),
+    }
+
     def __init__(
         self,
         num_classes: int = 6,

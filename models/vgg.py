@@ -23,6 +23,15 @@ def vgg_stages(in_channels: int, width: int, depth: int, stages: int) -> tuple[n
 class VGG(nn.Module):
     """28x28 -> 14 -> 7 -> 3 with three stages (32, 64, 128 channels by default); an FC head."""
 
+    TITLE = "VGG"
+    # the knobs a search varies, beside the constructor they feed (read by experiments.space)
+    SEARCH_SPACE = {
+        "width": ("categorical", (8, 16, 24, 32)),
+        "depth": ("int", 1, 2),
+        "hidden": ("categorical", (64, 128, 256)),
+        "dropout": ("float", 0.0, 0.5),
+    }
+
     def __init__(
         self,
         num_classes: int = 6,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from experiments.bench import run_bench, step_flops
 
 
@@ -13,6 +15,8 @@ def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch
     assert "| cold read <= 4 s" in text and "| warm load <= 0.3 s" in text
 
 
-def test_flop_count_grows_with_width():
-    assert step_flops("vgg", 8) > 0
-    assert step_flops("vgg", 16) > step_flops("vgg", 8)
+def test_flop_count_grows_with_width_and_is_linear_in_batch():
+    narrow, wide = step_flops("vgg", 8, width=8), step_flops("vgg", 8, width=16)
+    # conv FLOPs scale with in x out channels: doubling the width roughly quadruples them
+    assert 3.0 * narrow < wide < 4.5 * narrow
+    assert step_flops("vgg", 16, width=8) == pytest.approx(2 * narrow)

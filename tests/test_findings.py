@@ -1,17 +1,24 @@
-"""The report's generated prose follows the numbers it is given."""
+"""The report's generated prose: each verdict is tested on the numbers that choose it."""
 
 from __future__ import annotations
 
-from experiments.ensemble import EnsembleResult, Member
-from experiments.findings import plot_label_efficiency, task1_section, task2_section
-from experiments.report import Cell
+import pandas as pd
+import pytest
+
+from experiments.ensemble import EnsembleResult, Member, to_frame
+from experiments.findings import (
+    plot_label_efficiency,
+    shift_markdown,
+    task1_section,
+    task2_section,
+)
 
 
-def _shift(white_after: float) -> dict[str, dict[str, float]]:
+def _shift(white_after: float, white_before: float = 0.12, **changes) -> dict:
     values = {
         "TEST_acc": 0.55,
         "TEST_black_acc": 0.96,
-        "TEST_white_acc": 0.12,
+        "TEST_white_acc": white_before,
         "auroc_background": 1.0,
         "auroc_max_softmax": 0.9,
         "auroc_energy": 0.88,
@@ -24,37 +31,97 @@ def _shift(white_after: float) -> dict[str, dict[str, float]]:
         "selftrain_TEST_acc": 0.56,
         "selftrain_white_acc": white_after,
         "selftrain_round0_pseudo_white_acc": 0.2,
+        "selftrain_round0_pseudo_labelled": 60.0,
         "kmeans_new_purity": 0.4,
     }
     for k, acc in zip((1, 5, 20, 100), (0.3, 0.5, 0.7, 0.85), strict=True):
         values[f"k{k}_TEST_rest_acc"] = 0.5 + acc / 2
         values[f"k{k}_white_rest_acc"] = acc
         values[f"k{k}_black_rest_acc"] = 0.95
+    values.update(changes)
     return {"vgg": values}
 
 
-def test_task1_section_states_the_numbers_and_chooses_its_words(tmp_path):
-    text = "\n".join(task1_section(_shift(0.13), "figures/x.png"))
-    assert "mahalanobis on vgg (AUROC 0.970)" in text
-    assert "declared in advance, max_softmax" in text and "answer 0.600 of TEST" in text
-    assert "are right on 0.800 of what they answer" in text
-    assert "mahalanobis on vgg, answers 50.0% at 0.950" in text and "optimistic" in text
-    assert "(max_softmax) it answers 0.600 of these images at 0.800 accuracy" in text
-    assert "leaves the new script near chance" in text
-    assert "0.700 with k = 20 (120 images)" in text and "![label efficiency]" in text
-    better = "\n".join(task1_section(_shift(0.4), None))
-    assert "helps, but far from what a few labels give" in better
-    assert "1 labelled image per class gives 0.300" in better
+def _adaptation_line(shift: dict) -> str:
+    return next(line for line in task1_section(shift, None) if "Unsupervised adaptation" in line)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        (0.12, 0.30, "leaves the new script near chance"),  # below twice chance (0.333)
+        (0.30, 0.34, "does not help the new script"),  # above twice chance, gain < 0.05
+        (0.30, 0.36, "helps, but far from what a few labels give"),  # gain >= 0.05
+    ],
+)
+def test_adaptation_verdict_follows_the_thresholds(before, after, verdict):
+    line = _adaptation_line(_shift(after, white_before=before))
+    assert verdict in line
+    assert f"{after - before:+.3f}" in line  # the change it was chosen by is stated
+
+
+def test_the_hindsight_best_detector_is_the_highest_auroc_and_never_the_advised_one():
+    for best, aurocs in (("mahalanobis", (0.9, 0.88, 0.97)), ("energy", (0.9, 0.99, 0.5))):
+        shift = _shift(
+            0.13,
+            auroc_max_softmax=aurocs[0],
+            auroc_energy=aurocs[1],
+            auroc_mahalanobis=aurocs[2],
+            coverage_energy=0.4,
+            selective_acc_energy=0.9,
+        )
+        text = "\n".join(task1_section(shift, None))
+        assert f"best model-based detector is {best} on vgg (AUROC {max(aurocs):.3f})" in text
+        advice = text.split("**Advice to the client.**")[1]
+        assert "(max_softmax)" in advice and best not in advice  # advice: declared in advance
+
+
+def test_task1_section_without_runs_says_how_to_fill_it(tmp_path):
     assert "No `task1-shift` runs yet" in "\n".join(task1_section({}, None))
     assert plot_label_efficiency(_shift(0.13), tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+    assert not plot_label_efficiency({}, tmp_path / "none.png")
 
 
-def test_task2_section_says_whether_the_target_is_met():
-    rows = [[Cell("task2-step3", "vgg", accuracy=0.97), Cell("task2-step3", "resnet", 0.95)]]
-    member = Member("r1", "task2-step3", "vgg", 0.99)
-    low = EnsembleResult("e", "TEST2", False, [member], {"TEST2_acc": 0.98})
-    high = EnsembleResult("e", "TEST2", True, [member], {"TEST2_acc": 0.991})
-    assert "**not** met: the best is 0.9800" in "\n".join(task2_section(rows, [low]))
-    text = "\n".join(task2_section(rows, [low, high]))
-    assert "The target 0.99 is met." in text and "+0.0110 to +0.0110" in text
+def _cells(*accuracies: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"step": "task2-step3", "model": f"m{i}", "accuracy": a} for i, a in enumerate(accuracies)]
+        + [{"step": "task2-step1", "model": "m0", "accuracy": 0.999}]  # TRAIN model: not Task 2's
+    )
+
+
+def _ensembles(*pairs: tuple[bool, float]) -> pd.DataFrame:
+    member = Member("r1", "task2-step3", "m0", 0.99)
+    return to_frame(
+        [EnsembleResult("e", "TEST2", tta, [member], {"TEST2_acc": acc}) for tta, acc in pairs]
+    )
+
+
+@pytest.mark.parametrize(
+    ("singles", "ensembles", "met"),
+    [
+        ((0.97, 0.95), (), False),
+        ((0.991, 0.95), (), True),
+        ((0.97,), ((False, 0.98),), False),
+        ((0.97,), ((False, 0.98), (True, 0.991)), True),
+    ],
+)
+def test_task2_verdict_follows_the_best_number(singles, ensembles, met):
+    text = "\n".join(task2_section(_cells(*singles), _ensembles(*ensembles)))
+    best = max([*singles, *(acc for _, acc in ensembles)])
+    if met:
+        assert "The target 0.99 is met." in text
+    else:
+        assert f"**not** met: the best is {best:.4f}" in text
+    assert f"{sum(a >= 0.99 for a in singles)} of {len(singles)} single-model cells" in text
+
+
+def test_tta_gain_is_the_difference_of_the_pair():
+    text = "\n".join(task2_section(_cells(0.97), _ensembles((False, 0.98), (True, 0.991))))
+    assert "+0.0110 to +0.0110" in text
+
+
+def test_shift_markdown_has_a_row_per_model_and_detector():
+    text = shift_markdown({**_shift(0.13), "resnet": _shift(0.2)["vgg"]})
+    assert text.count("| vgg ") >= 4 + 1 and text.count("| resnet ") >= 4 + 1
+    assert "## Unsupervised adaptation" in text and "## Label efficiency" in text

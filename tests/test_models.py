@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import MODELS, create_model, hyperparameters
+from models import MODELS, create_model, feature_layer, hyperparameters, search_space, title
 from models.efficientnet import MBConv, SqueezeExcite
 
 
@@ -66,3 +66,47 @@ def test_hybrid_head_exists_before_forward():
     model(torch.randn(4, 1, 28, 28)).sum().backward()
     optimizer.step()
     assert not torch.equal(head, model.head[-1].weight)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_registry_contract_head_and_feature_layer(name):
+    """`head` ends in the logits' linear layer, and `forward` ends in it (freezing, features)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    layer = feature_layer(model)
+    assert layer.out_features == 6
+    captured = []
+    layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    logits = model(torch.randn(3, 1, 28, 28))
+    assert captured and captured[-1].shape == (3, layer.in_features)
+    assert torch.allclose(layer(captured[-1]), logits)  # nothing runs after the feature layer
+    assert any(n.startswith("head.") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_search_knobs_are_declared_beside_the_model(name):
+    space = search_space(name)
+    assert set(space) <= set(hyperparameters(name))
+    defaults = hyperparameters(name)
+    for knob, (kind, *spec) in space.items():
+        if kind == "categorical":
+            assert all(type(choice) is type(defaults[knob]) for choice in spec[0])
+        else:
+            low, high = spec
+            assert low <= high and isinstance(low, int if kind == "int" else float)
+    assert title(name)
+
+
+def test_a_broken_contract_or_space_is_a_clear_error(monkeypatch):
+    class NoHead(torch.nn.Module):
+        SEARCH_SPACE = {"colour": ("categorical", (1, 2))}
+
+        def __init__(self, num_classes=6, in_channels=1, width=4):
+            super().__init__()
+            self.body = torch.nn.Linear(784, num_classes)
+
+    monkeypatch.setitem(MODELS, "nohead", NoHead)
+    with pytest.raises(TypeError, match="breaks the registry contract"):
+        feature_layer(create_model("nohead"))
+    with pytest.raises(ValueError, match="SEARCH_SPACE names 'colour'"):
+        search_space("nohead")

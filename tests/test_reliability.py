@@ -18,13 +18,9 @@ from synthetic import write_dataset
 
 from data_tools import DatasetError, load_dataset
 from experiments import config, tracking
-from experiments.search import (
-    Budget,
-    ensure_parent_run,
-    load_or_create_study,
-    make_storage,
-    run_study,
-)
+from experiments.driver import run_step
+from experiments.space import Budget
+from experiments.study import ensure_parent_run, load_or_create_study, make_storage
 
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
@@ -46,7 +42,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_data, monkeypat
         return real_fit(cfg, *args, **kwargs)
 
     monkeypatch.setattr(runner, "fit", flaky_fit)
-    run_study("task2-step3", "vgg", Budget(**TINY), final=False)
+    run_step("task2-step3", "vgg", Budget(**TINY), final=False)
     study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 1
@@ -64,7 +60,7 @@ def test_every_trial_failing_stops_with_a_clear_error(study_data, monkeypatch):
 
     monkeypatch.setattr(runner, "fit", broken)
     with pytest.raises(RuntimeError, match="trials failed in a row"):
-        run_study("task2-step3", "resnet", Budget(**TINY), final=False)
+        run_step("task2-step3", "resnet", Budget(**TINY), final=False)
 
 
 def _search_command(trials: int, epochs: int, workers: int = 1, *extra: str) -> list[str]:
@@ -113,8 +109,8 @@ def test_kill_9_then_resume_finishes_the_requested_trials(study_data):
     # the report never counts it: its cell comes from a COMPLETE final run
     from experiments.report import collect
 
-    cell = next(c for row in collect() for c in row if (c.step, c.model) == ("task2-step3", "vgg"))
-    assert cell.source == "final" and cell.run_id != killed.info.run_id
+    cell = collect(("vgg",)).set_index("step").loc["task2-step3"]
+    assert cell["source"] == "final" and cell["run_id"] != killed.info.run_id
 
 
 def test_two_workers_share_one_study_without_losing_a_trial(study_data):

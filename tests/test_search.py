@@ -5,29 +5,26 @@ from __future__ import annotations
 import shutil
 
 import optuna
+import pandas as pd
 import pytest
 from conftest import runs_in
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import tracking
+from experiments.driver import run_step
 from experiments.report import build_report
-from experiments.search import (
-    Budget,
-    load_or_create_study,
-    make_storage,
-    run_study,
-    study_name,
-    suggest,
-)
+from experiments.settings import resolve
+from experiments.space import Budget, suggest
 from experiments.steps import STEPS
+from experiments.study import load_or_create_study, make_storage, study_name
 
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
 
 def test_study_nests_trials_with_states_and_prunes(study_data, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
-    result = run_study("task2-step3", "vgg", Budget(**TINY))
+    result = run_step("task2-step3", "vgg", Budget(**TINY))
     runs = runs_in("task2-step3")
     parents = [r for r in runs if r.data.tags.get("role") == "study"]
     trials = sorted(
@@ -75,7 +72,7 @@ def test_resume_after_crash_fails_stale_trial_and_completes_count(study_data):
     )
     crashed.set_user_attr("mlflow_run_id", run.info.run_id)
 
-    run_study("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
+    run_step("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
     study = optuna.load_study(study_name=study_name("task2-step2", "resnet"), storage=storage)
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.FAIL
@@ -84,20 +81,24 @@ def test_resume_after_crash_fails_stale_trial_and_completes_count(study_data):
     assert stale.info.status == "KILLED" and stale.data.tags["interrupted"] == "true"
 
     # resuming a complete study adds no trial
-    run_study("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
+    run_step("task2-step2", "resnet", Budget(**{**TINY, "trials": 2}), final=False)
     assert len(optuna.load_study(study_name="task2-step2/resnet", storage=storage).trials) == 3
 
 
 def test_report_builds_table_from_runs(study_data, tmp_path):
-    run_study("task1-step1", "hybrid", Budget(**{**TINY, "trials": 2}))
-    out, rows = build_report(tmp_path / "report")
-    cells = {(c.step, c.model): c for row in rows for c in row}
-    assert cells[("task1-step1", "hybrid")].accuracy is not None
-    assert cells[("task1-step1", "hybrid")].white_acc is not None
-    assert cells[("task2-step1", "hybrid")].accuracy is not None  # reused from task1-step1
-    assert cells[("task2-step2", "vgg")].accuracy is None  # missing study: empty cell
+    run_step("task1-step1", "hybrid", Budget(**{**TINY, "trials": 2}))
+    out, cells = build_report(tmp_path / "report")
+    cells = cells.set_index(["step", "model"])
+    assert cells.loc[("task1-step1", "hybrid"), "accuracy"] > 0
+    assert cells.loc[("task1-step1", "hybrid"), "white_acc"] >= 0
+    reused = cells.loc[("task2-step1", "hybrid")]  # reused from task1-step1: the same run
+    assert reused["run_id"] == cells.loc[("task1-step1", "hybrid"), "run_id"]
+    assert reused["accuracy"] == pytest.approx(
+        runs_in("task1-step1", "tags.role = 'final'")[0].data.metrics["TEST2_acc"]
+    )
+    assert pd.isna(cells.loc[("task2-step2", "vgg"), "accuracy"])  # missing study: empty cell
     text = (out / "comparison.md").read_text()
-    assert "| TRAIN / TEST |" in text and "(0.57," in text
+    assert "| TRAIN / TEST   " in text and "(0.57," in text
     assert (out / "comparison.csv").read_text().count("\n") == 1 + 4 * len(STEPS)
     assert (out / "comparison.png").stat().st_size > 0
 
@@ -112,11 +113,11 @@ def _permute_labels(folder):
 
 def test_selection_ignores_evaluation_labels(study_data, monkeypatch, tmp_path):
     budget = Budget(**{**TINY, "trials": 3})
-    first = run_study("task1-step1", "vgg", budget, final=False)
+    first = run_step("task1-step1", "vgg", budget, final=False)
     _permute_labels(study_data / "TEST")
     _permute_labels(study_data / "TEST2")
     monkeypatch.setenv("MLRUNS_DIR", str(tmp_path / "mlruns-permuted"))
-    second = run_study("task1-step1", "vgg", budget, final=False)
+    second = run_step("task1-step1", "vgg", budget, final=False)
     assert (second.best_trial, second.best_params, second.best_val_acc) == (
         first.best_trial,
         first.best_params,
@@ -127,18 +128,17 @@ def test_selection_ignores_evaluation_labels(study_data, monkeypatch, tmp_path):
 @pytest.mark.parametrize("model", ["vgg", "resnet", "efficientnet", "hybrid"])
 def test_search_space_builds_every_model(model):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    from experiments.train import TrainConfig
-
     for _ in range(4):
         trial = study.ask()
-        cfg = TrainConfig(model=model).with_overrides(suggest(trial, model))
-        assert cfg.flat()["lr"] == trial.params["lr"]
+        cfg = resolve(model, searched=suggest(trial, model))
+        flat = cfg.flat()
+        assert all(flat[key] == value for key, value in trial.params.items())
         study.tell(trial, 0.0)
 
 
-def test_unknown_model_has_no_search_space():
+def test_unknown_model_is_refused_by_the_search_space():
     trial = optuna.create_study().ask()
-    with pytest.raises(ValueError, match="no search space"):
+    with pytest.raises(ValueError, match="unknown model 'alexnet'"):
         suggest(trial, "alexnet")
 
 
@@ -161,7 +161,7 @@ def test_cli_search_with_default_budget_runs(study_data, capsys):
 
 
 def test_fixed_step_settings_are_kept_and_not_searched(study_data):
-    run_study("task2-mixed", "hybrid", Budget(**{**TINY, "trials": 2}))
+    run_step("task2-mixed", "hybrid", Budget(**{**TINY, "trials": 2}))
     study = optuna.load_study(study_name="task2-mixed/hybrid", storage=make_storage())
     assert all("polarity" not in t.params for t in study.trials)
     runs = runs_in("task2-mixed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from experiments import config, tracking
 from experiments.__main__ import main as experiments_main
 from experiments.checkpoint import load_checkpoint
 from experiments.evaluation import score
-from experiments.preprocess import AUGMENTATIONS, Preprocessing
+from experiments.preprocess import AUGMENTATIONS
 from experiments.runner import load_step_data, train_and_log
+from experiments.settings import TrainConfig
 from experiments.steps import STEPS, get_step, training_step
-from experiments.train import TrainConfig, fit
+from experiments.train import fit
 
 FAST = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "patience": 5}
 
@@ -76,7 +78,8 @@ def test_augmentation_touches_training_batches_only(study_data, monkeypatch):
     )
     seen.clear()
     destroyed = score(result.model, result.preprocessing, data.eval_sets["TEST"], result.device)
-    plain = score(result.model, Preprocessing(), data.eval_sets["TEST"], result.device)
+    plain_prep = replace(result.preprocessing, augmentation="none")
+    plain = score(result.model, plain_prep, data.eval_sets["TEST"], result.device)
     assert seen == [], "evaluation never calls the augmentation"
     assert (destroyed.predictions == plain.predictions).all()
 
@@ -145,40 +148,36 @@ def test_failed_run_ends_failed_with_reason(study_data, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("name", [s for s in STEPS if not STEPS[s].reuses])
+@pytest.mark.parametrize("name", [s for s in STEPS if STEPS[s].kind != "reuse"])
 def test_every_declared_step_trains_on_tiny_data(study_data, name):
-    data = load_step_data(training_step(name))
+    step = training_step(name)
+    data = load_step_data(step)
+    assert data.train_set.name == step.train_set and set(data.eval_sets) == set(step.eval_sets)
     outcome = train_and_log(
         data, TrainConfig(model="hybrid", epochs=1, batch_size=32), run_name=name, log_figures=False
     )
-    for eval_set in STEPS[name].eval_sets:
-        assert 0.0 <= outcome.metrics[f"{eval_set}_acc"] <= 1.0
+    loaded = load_checkpoint(outcome.run_id)
+    for eval_set, dataset in data.eval_sets.items():
+        predicted = loaded.predict(dataset.images)
+        accuracy = float((predicted == dataset.labels).float().mean())
+        assert outcome.metrics[f"{eval_set}_acc"] == pytest.approx(accuracy)
 
 
-def test_reused_steps_point_at_a_training_step():
+def test_step_kinds_point_at_consistent_sources():
     for step in STEPS.values():
-        if step.reuses:
-            assert step.primary_eval in STEPS[step.reuses].eval_sets
-            assert STEPS[step.reuses].train_set == step.train_set
-        if step.params_from:  # retrains another study's winner: same training set
-            assert STEPS[step.params_from].train_set == step.train_set
-        if step.pretrain:
-            assert step.pretrain == "TRAIN" and "pretraining" in step.label_use
+        if step.kind == "reuse":
+            assert step.primary_eval in STEPS[step.source].eval_sets
+            assert STEPS[step.source].train_set == step.train_set
+        if step.kind == "retrain":  # retrains another study's winner: same training set
+            assert STEPS[step.source].train_set == step.train_set and step.settings
+        if step.kind == "fine_tune":
+            assert STEPS[step.source].kind == "search" and "pretraining" in step.label_use
     labels = [step.row_label for step in STEPS.values()]
     assert len(set(labels)) == len(labels)  # every row of the report says which step it is
-
-
-def test_overrides_are_strict():
-    cfg = TrainConfig(model="resnet").with_overrides(
-        {"lr": "0.01", "blocks": "2", "schedule": "onecycle"}
-    )
-    assert cfg.lr == 0.01 and cfg.model_kwargs["blocks"] == 2 and cfg.schedule == "onecycle"
-    with pytest.raises(ValueError, match="unknown setting 'colour'"):
-        TrainConfig().with_overrides({"colour": "red"})
-    with pytest.raises(ValueError, match="expected a int"):
-        TrainConfig().with_overrides({"epochs": "many"})
-    with pytest.raises(ValueError, match="unknown normalization"):
-        TrainConfig(normalization="zscore")
+    with pytest.raises(ValueError, match="needs a source step"):
+        type(STEPS["task2-step1"])("x", "TRAIN", ("TEST",), "d", kind="reuse")
+    with pytest.raises(ValueError, match="unknown kind"):
+        type(STEPS["task2-step1"])("x", "TRAIN", ("TEST",), "d", kind="magic", source="task1-step1")
 
 
 def test_cli_train_rejects_unknown_key_with_one_line(study_data):

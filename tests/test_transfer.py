@@ -8,15 +8,17 @@ from conftest import runs_in
 
 from data_tools import load_split
 from experiments.checkpoint import load_checkpoint
-from experiments.search import Budget, run_study
-from experiments.train import TrainConfig, fit
+from experiments.driver import run_step
+from experiments.settings import TrainConfig
+from experiments.space import Budget
+from experiments.train import fit
 
 SMALL = {"width": 8, "depth": 1, "hidden": 64}
 TINY = dict(trials=2, epochs=2, train_subset=0, final_epochs=2, warmup_epochs=0)
 
 
 def test_transfer_study_pretrains_once_and_fine_tunes_from_it(study_data):
-    run_study("task2-transfer", "vgg", Budget(**TINY))
+    run_step("task2-transfer", "vgg", Budget(**TINY))
     pretrain = runs_in("task2-pretrain")
     assert len(pretrain) == 1  # no task1-step1 study yet: one pretraining run on TRAIN, defaults
     source = pretrain[0]
@@ -38,19 +40,19 @@ def test_transfer_study_pretrains_once_and_fine_tunes_from_it(study_data):
         assert run.data.params["normalization"] == source.data.params["normalization"]
     parent = next(r for r in runs if r.data.tags.get("role") == "study")
     assert parent.data.tags["pretrained_run"] == source.info.run_id
-    run_study("task2-transfer", "vgg", Budget(**TINY))  # resumed: nothing pretrained again
+    run_step("task2-transfer", "vgg", Budget(**TINY))  # resumed: nothing pretrained again
     assert len(runs_in("task2-pretrain")) == 1
 
 
 def test_transfer_reuses_the_task1_final_run_or_pretrains_the_fixed_polarity(study_data):
-    step1 = run_study("task1-step1", "vgg", Budget(**{**TINY, "trials": 1}))
+    step1 = run_step("task1-step1", "vgg", Budget(**{**TINY, "trials": 1}))
     source_polarity = runs_in("task1-step1", f"attributes.run_id = '{step1.final_run_id}'")[
         0
     ].data.params["polarity"]
-    run_study("task2-transfer", "vgg", Budget(**{**TINY, "trials": 1}))
+    run_step("task2-transfer", "vgg", Budget(**{**TINY, "trials": 1}))
     finals = runs_in("task2-transfer", "tags.role = 'final'")
     assert finals[0].data.tags["pretrained_run"] == step1.final_run_id  # no polarity fixed: reused
-    run_study("task2-transfer-white", "vgg", Budget(**{**TINY, "trials": 1}))
+    run_step("task2-transfer-white", "vgg", Budget(**{**TINY, "trials": 1}))
     white = runs_in("task2-transfer-white", "tags.role = 'final'")[0]
     assert white.data.params["polarity"] == "to_black"
     pretrain = runs_in("task2-pretrain")
@@ -115,16 +117,16 @@ def test_long_step_retrains_the_source_studys_best_trial_once(study_data):
     from experiments.steps import STEPS
 
     with pytest.raises(RuntimeError, match="make task2-step3"):
-        run_study("task2-step3-long", "vgg", Budget(**TINY))
-    source = run_study("task2-step3", "vgg", Budget(**TINY))
-    long = run_study("task2-step3-long", "vgg", Budget(**TINY))
+        run_step("task2-step3-long", "vgg", Budget(**TINY))
+    source = run_step("task2-step3", "vgg", Budget(**TINY))
+    long = run_step("task2-step3-long", "vgg", Budget(**TINY))
     runs = runs_in("task2-step3-long")
     assert len(runs) == 1 and runs[0].info.run_id == long.final_run_id
     tags, params = runs[0].data.tags, runs[0].data.params
     assert tags["role"] == "final" and tags["params_from"] == "task2-step3/vgg"
     assert tags["retrain_of_trial"] == str(source.best_trial)
-    assert params["epochs"] == str(dict(STEPS["task2-step3-long"].retrain)["epochs"])
+    assert params["epochs"] == str(STEPS["task2-step3-long"].role_settings["epochs"])
     for key, value in source.best_params.items():
         assert params[key] == str(value)
-    again = run_study("task2-step3-long", "vgg", Budget(**TINY))  # found, not retrained
+    again = run_step("task2-step3-long", "vgg", Budget(**TINY))  # found, not retrained
     assert again.final_run_id == long.final_run_id and len(runs_in("task2-step3-long")) == 1

@@ -1,0 +1,128 @@
+"""The results layer: the one module that asks MLflow which runs exist.
+
+Every question ("the newest COMPLETE final run of each study of a step", "the
+study's parent run", "the pretraining run with this key") is answered here as
+a pandas DataFrame from `mlflow.search_runs`: one row per run, columns
+`run_id`, `status`, `start_time`, `tags.*`, `params.*`, `metrics.*`. The report,
+ensembles, findings, transfer, the shift tools and the studies read runs only
+through this module; writing runs is `tracking`'s and `runner`'s job.
+
+Summary metrics (`best_val_acc`, `<SET>_acc`) are logged once per run, so the
+`metrics.X` columns hold them (not a last-step value of a curve).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from experiments import tracking
+
+MAX_RESULTS = 5000
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def search(
+    experiments: list[str] | str,
+    tags: dict[str, str] | None = None,
+    order_by: list[str] | None = None,
+    max_results: int = MAX_RESULTS,
+) -> pd.DataFrame:
+    """Runs of the named experiments whose tags equal `tags` (missing experiments: no rows)."""
+    if not tracking.store_exists():
+        return pd.DataFrame(columns=["run_id", "status", "start_time"])
+    tracking.init()
+    names = [experiments] if isinstance(experiments, str) else list(experiments)
+    client = MlflowClient()
+    ids = [e.experiment_id for n in names if (e := client.get_experiment_by_name(n)) is not None]
+    if not ids:
+        return pd.DataFrame(columns=["run_id", "status", "start_time"])
+    clauses = [f"tags.`{key}` = {_quote(value)}" for key, value in (tags or {}).items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = mlflow.search_runs(
+            experiment_ids=ids,
+            filter_string=" AND ".join(clauses),
+            order_by=order_by or ["attributes.start_time DESC"],
+            max_results=max_results,
+        )
+    return frame.reset_index(drop=True)
+
+
+def runs(
+    experiment: str,
+    model: str | None = None,
+    role: str | None = None,
+    state: str | None = "COMPLETE",
+    newest: bool = False,
+    **tags: str,
+) -> pd.DataFrame:
+    """Runs of an experiment (a step's name) by model, role, state and other tags, newest first;
+    `newest`: only the newest run of each model."""
+    wanted = {"model": model, "role": role, "state": state, **tags}
+    frame = search(experiment, {k: v for k, v in wanted.items() if v is not None})
+    if newest and not frame.empty and "tags.model" in frame:
+        frame = frame.drop_duplicates(subset=["tags.model"], keep="first")
+    return frame.reset_index(drop=True)
+
+
+def final_runs(step: str) -> pd.DataFrame:
+    """The newest COMPLETE `final` run of each model's study of `step`, indexed by model."""
+    frame = runs(step, role="final", newest=True)
+    if frame.empty:
+        return frame
+    return frame.set_index("tags.model", drop=False)
+
+
+def final_run(step: str, model: str) -> pd.Series | None:
+    """The newest COMPLETE `final` run of the study (step, model), or None."""
+    frame = runs(step, model=model, role="final")
+    return None if frame.empty else frame.iloc[0]
+
+
+def best_trial_run(step: str, model: str) -> pd.Series | None:
+    """The COMPLETE trial run with the best validation accuracy (earliest on ties), or None."""
+    frame = runs(step, model=model, role="trial")
+    if frame.empty or "metrics.best_val_acc" not in frame:
+        return None
+    frame = frame.sort_values(["metrics.best_val_acc", "start_time"], ascending=[False, True])
+    return frame.iloc[0]
+
+
+def study_parent(step: str, model: str) -> pd.Series | None:
+    """The newest parent run (`role=study`) of the study (step, model), or None."""
+    frame = runs(step, model=model, role="study", state=None)
+    return None if frame.empty else frame.iloc[0]
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The summary metrics of one run."""
+    tracking.init()
+    return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    tracking.init()
+    return dict(MlflowClient().get_run(run_id).data.params)
+
+
+def metrics_of(row: pd.Series | None) -> dict[str, float]:
+    """The `metrics.*` columns of a run row as a plain dict (NaN columns left out)."""
+    if row is None:
+        return {}
+    return {
+        key[len("metrics.") :]: float(value)
+        for key, value in row.items()
+        if key.startswith("metrics.") and pd.notna(value)
+    }
+
+
+def tag(row: pd.Series, key: str, default: str = "") -> str:
+    value = row.get(f"tags.{key}")
+    return default if value is None or (isinstance(value, float) and pd.isna(value)) else value

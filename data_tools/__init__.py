@@ -11,6 +11,7 @@ from data_tools.datasets import (
     is_white_background,
     load_dataset,
     load_split,
+    load_splits,
 )
 from data_tools.reader import DatasetError
 
@@ -26,4 +27,5 @@ __all__ = [
     "is_white_background",
     "load_dataset",
     "load_split",
+    "load_splits",
 ]

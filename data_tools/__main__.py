@@ -9,7 +9,14 @@ from pathlib import Path
 
 from data_tools import paths as config
 from data_tools.cli import run
-from data_tools.datasets import DERIVED, RAW_SPLITS, load_dataset, load_split, write_folder
+from data_tools.datasets import (
+    DERIVED,
+    RAW_SPLITS,
+    load_dataset,
+    load_split,
+    load_splits,
+    write_folder,
+)
 from data_tools.reader import DatasetError
 
 
@@ -27,15 +34,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    """Check all three datasets first; cache entries are written only when every one passed."""
     root = config.data_dir(args.data_dir)
-    for name in RAW_SPLITS:
-        start = time.perf_counter()
-        dataset = load_dataset(root / name, config.cache_dir())
-        print(
-            f"{name}: {len(dataset):,} images, fingerprint {dataset.fingerprint[:12]}, "
-            f"{time.perf_counter() - start:.2f} s"
-        )
-    print(f"cache: {config.cache_dir()}")
+    start = time.perf_counter()
+    datasets = load_splits(RAW_SPLITS, root, config.cache_dir())
+    for name, dataset in datasets.items():
+        print(f"{name}: {len(dataset):,} images, fingerprint {dataset.fingerprint[:12]}")
+    print(f"checked in {time.perf_counter() - start:.2f} s; cache: {config.cache_dir()}")
 
 
 def _derive(args: argparse.Namespace) -> None:

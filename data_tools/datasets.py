@@ -20,15 +20,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_tools.cache import load_cached
-from data_tools.reader import DatasetError
+from data_tools.cache import load_cached, load_cached_many
+from data_tools.reader import DatasetError, RawDataset
 
 NUM_CLASSES = 6
 RAW_SPLITS = ("TRAIN", "TEST", "TEST2")
@@ -79,12 +79,16 @@ class Dataset:
         )
 
 
+def _as_dataset(name: str, raw: RawDataset, digest: str) -> Dataset:
+    images = torch.from_numpy(np.ascontiguousarray(raw.images)).unsqueeze(1)
+    labels = torch.from_numpy(np.ascontiguousarray(raw.labels))
+    return Dataset(name, images, labels, raw.files, digest)
+
+
 def load_dataset(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Dataset:
     """Load one dataset folder: images `N x 1 x 28 x 28` float32 and labels `0..5`, stable order."""
     raw, digest = load_cached(path, cache_dir, NUM_CLASSES)
-    images = torch.from_numpy(np.ascontiguousarray(raw.images)).unsqueeze(1)
-    labels = torch.from_numpy(np.ascontiguousarray(raw.labels))
-    return Dataset(Path(path).name, images, labels, raw.files, digest)
+    return _as_dataset(Path(path).name, raw, digest)
 
 
 def _train2(train: Dataset) -> Dataset:
@@ -116,16 +120,41 @@ DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., Dataset]]] = {
 SPLITS = RAW_SPLITS + tuple(DERIVED)
 
 
+def _sources(name: str) -> tuple[str, ...]:
+    """The raw folders a split is made from."""
+    if name in RAW_SPLITS:
+        return (name,)
+    if name in DERIVED:
+        return DERIVED[name][0]
+    raise DatasetError(name, f"unknown dataset; expected one of {', '.join(SPLITS)}")
+
+
+def load_splits(
+    names: Sequence[str], data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Dataset]:
+    """Load raw or derived splits by name, in the order asked.
+
+    Every raw folder they need is read and checked before any cache entry is
+    written: if one is bad (say TEST2), nothing is cached, not even TRAIN.
+    """
+    sources = list(dict.fromkeys(source for name in names for source in _sources(name)))
+    loaded = load_cached_many([Path(data_dir) / s for s in sources], cache_dir, NUM_CLASSES)
+    raw = {s: _as_dataset(s, *pair) for s, pair in zip(sources, loaded, strict=True)}
+    splits: dict[str, Dataset] = {}
+    for name in names:
+        if name in RAW_SPLITS:
+            splits[name] = raw[name]
+        else:
+            sources_of, rule = DERIVED[name]
+            splits[name] = rule(*(raw[source] for source in sources_of))
+    return splits
+
+
 def load_split(
     name: str, data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
 ) -> Dataset:
     """Load a raw or derived split by name from the datasets folder."""
-    if name in RAW_SPLITS:
-        return load_dataset(Path(data_dir) / name, cache_dir)
-    if name in DERIVED:
-        sources, rule = DERIVED[name]
-        return rule(*(load_dataset(Path(data_dir) / source, cache_dir) for source in sources))
-    raise DatasetError(name, f"unknown dataset; expected one of {', '.join(SPLITS)}")
+    return load_splits([name], data_dir, cache_dir)[name]
 
 
 def write_folder(dataset: Dataset, out: str | os.PathLike) -> Path:

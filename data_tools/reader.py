@@ -10,18 +10,26 @@ Everything comes back as float32.
 
 Speed: instead of one `np.load` per file (~17 s for the 48,000 real files on
 2 cores), files are read as raw bytes by a thread pool, the `.npy` header is
-parsed once per distinct header text (numpy's own safe parser, never
-unpickling), and each group of same-header files is decoded in one
+parsed once per distinct header text (a small strict parser of its own: no
+eval, no unpickling), and each group of same-header files is decoded in one
 `np.frombuffer`. Checks are vectorised over the whole group.
+
+Hostile input: only regular files are opened (FIFOs, sockets and devices are
+refused after a `stat`, and opens are non-blocking with an `fstat` check, so
+nothing can make a read wait), names must be valid UTF-8, and every problem is
+a `DatasetError` whose message is one printable line.
 """
 
 from __future__ import annotations
 
-import io
+import errno
+import math
 import os
 import re
+import stat
 import struct
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,19 +37,26 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import display_path, one_line
+
 IMAGE_SHAPE = (28, 28)
 ALLOWED_SHAPES = ((1, 28, 28), (28, 28))
 MAX_FILE_BYTES = 64 * 1024  # a 28x28 float64 image with a padded header is ~6.5 KB
 NPY_MAGIC = b"\x93NUMPY"
+NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))  # the format versions numpy reads
+MAX_HEADER_BYTES = 10_000  # numpy's own limit on header text
 
 
 class DatasetError(ValueError):
-    """A dataset input problem: `path` is the file or folder, `problem` says what is wrong."""
+    """A dataset input problem: `path` is the file or folder, `problem` says what is wrong.
 
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
+    The message is always one printable line: the path is escaped (`display_path`).
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike, problem: str):
+        self.path = os.fsdecode(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{display_path(path)}: {one_line(problem)}")
 
 
 @dataclass(frozen=True)
@@ -53,27 +68,105 @@ class RawDataset:
     files: tuple[str, ...]  # relative to the dataset folder, in the returned order
 
 
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-_DIGITS = re.compile(r"(\d+)")
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 def _natural_key(name: str) -> list:
-    """Sort key that puts `img_2` before `img_10`."""
-    return [int(part) if part.isdigit() else part for part in _DIGITS.split(name)]
+    """Sort key that puts `img_2` before `img_10` (odd parts are the ASCII digit runs)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")
+
+
+def _os_problem(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    return f"cannot read file ({exc.strerror or type(exc).__name__})"
+
+
+def _require_utf8(path: str) -> None:
+    """Refuse a name that is not valid UTF-8: it would break later steps (cache, tracking, printing)."""
+    if path.isascii():
+        return
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(path, "file name is not valid UTF-8") from None
+
+
+def check_folder(root: Path) -> None:
+    """Refuse a dataset folder that is missing, not a folder, a symlink loop or not UTF-8."""
+    _require_utf8(str(root))
+    try:
+        mode = os.stat(root).st_mode
+    except ValueError:
+        raise DatasetError(root, "file name holds a NUL byte") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise DatasetError(root, "dataset folder does not exist") from None
+        if exc.errno == errno.ELOOP:
+            raise DatasetError(root, "symlink loop") from None
+        raise DatasetError(root, f"cannot open dataset folder ({exc.strerror})") from None
+    if not stat.S_ISDIR(mode):
+        raise DatasetError(root, "expected a dataset folder, found a file")
+
+
+def _scan(folder: str | Path) -> list[os.DirEntry]:
+    """The entries of a folder; a DatasetError if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise DatasetError(folder, f"cannot list folder ({exc.strerror})") from None
+
+
+def _not_regular(path: str) -> str:
+    """Why `path` is not a regular file, from a `stat` (which never opens it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _os_problem(exc)
+    if stat.S_ISDIR(mode):
+        return "unexpected folder inside a class folder"
+    return f"not a regular file ({_kind_of(mode)})"
+
+
+def _check_image_entry(entry: os.DirEntry, real_root: Path) -> None:
+    """Refuse anything in a class folder but a regular `.npy` file inside the dataset folder."""
+    _require_utf8(entry.path)
+    if entry.is_symlink() and not Path(os.path.realpath(entry.path)).is_relative_to(real_root):
+        raise DatasetError(entry.path, "symlink points outside the dataset folder")
+    try:
+        regular = entry.is_file()  # from the folder listing, no extra system call for plain files
+    except OSError:
+        regular = False
+    if not regular:
+        raise DatasetError(entry.path, _not_regular(entry.path))
+    if not entry.name.endswith(".npy"):
+        raise DatasetError(entry.path, "not a .npy file")
 
 
 def list_files(root: Path, num_classes: int) -> list[tuple[str, int]]:
-    """All `(file path, label)` pairs of a dataset folder in a stable order, after structural checks."""
-    if not root.exists():
-        raise DatasetError(root, "dataset folder does not exist")
-    if not root.is_dir():
-        raise DatasetError(root, "expected a dataset folder, found a file")
+    """All `(file path, label)` pairs of a dataset folder in a stable order, after structural checks.
+
+    Only regular files are listed: FIFOs, sockets and devices are refused here,
+    before anything is opened.
+    """
+    check_folder(root)
     real_root = root.resolve()
     class_dirs: dict[int, str] = {}
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    for entry in sorted(_scan(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if not entry.is_dir(follow_symlinks=False):
@@ -98,17 +191,11 @@ def list_files(root: Path, num_classes: int) -> list[tuple[str, int]]:
     pairs: list[tuple[str, int]] = []
     for label, class_dir in sorted(class_dirs.items()):
         names = []
-        for entry in os.scandir(class_dir):
-            name = entry.name
-            if name.startswith("."):
+        for entry in _scan(class_dir):
+            if entry.name.startswith("."):
                 continue
-            if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(real_root):
-                raise DatasetError(entry.path, "symlink points outside the dataset folder")
-            if entry.is_dir():
-                raise DatasetError(entry.path, "unexpected folder inside a class folder")
-            if not name.endswith(".npy"):
-                raise DatasetError(entry.path, "not a .npy file")
-            names.append(name)
+            _check_image_entry(entry, real_root)
+            names.append(entry.name)
         if not names:
             raise DatasetError(class_dir, "class folder holds no .npy files")
         names.sort(key=_natural_key)
@@ -117,18 +204,83 @@ def list_files(root: Path, num_classes: int) -> list[tuple[str, int]]:
     return pairs
 
 
-def _read_files(paths: Sequence[str]) -> list[bytes | OSError]:
-    out: list[bytes | OSError] = []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                out.append(os.read(fd, MAX_FILE_BYTES + 1))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            out.append(exc)
-    return out
+# non-blocking: opening a FIFO or a device swapped in after the listing returns at once
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _open_regular(path: str) -> tuple[int, int] | str:
+    """`(fd, size)` of a regular file opened without blocking, or the problem (nothing left open)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except ValueError:
+        return "file name holds a NUL byte"
+    except OSError as exc:
+        return _os_problem(exc)
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        return _os_problem(exc)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return f"not a regular file ({_kind_of(info.st_mode)})"
+    return fd, info.st_size
+
+
+def _read_one(path: str, limit: int) -> bytes | str:
+    """At most `limit` bytes of a regular file, or the problem with it."""
+    opened = _open_regular(path)
+    if isinstance(opened, str):
+        return opened
+    fd, size = opened
+    try:
+        want = min(limit, size + 1)  # one byte more than the size, to see a file that grew
+        data = os.read(fd, want)
+        while len(data) < min(want, size):  # a short read: read on until EOF
+            more = os.read(fd, want - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    except OSError as exc:
+        return _os_problem(exc)
+    finally:
+        os.close(fd)
+
+
+def _read_files(paths: Sequence[str]) -> list[bytes | str]:
+    return [_read_one(path, MAX_FILE_BYTES + 1) for path in paths]
+
+
+def read_regular_file(path: str | os.PathLike, limit: int) -> bytearray:
+    """At most `limit` bytes of a regular file, in a writable buffer; DatasetError for anything else.
+
+    Never blocks: a FIFO, socket or device is refused after a non-blocking open.
+    """
+    opened = _open_regular(os.fspath(path))
+    if isinstance(opened, str):
+        raise DatasetError(path, opened)
+    fd, size = opened
+    buffer = bytearray(min(limit, size + 1))
+    got = 0
+    try:
+        with open(fd, "rb", buffering=0, closefd=False) as stream, memoryview(buffer) as view:
+            while got < len(buffer):
+                count = stream.readinto(view[got:])
+                if not count:
+                    break
+                got += count
+    except OSError as exc:
+        raise DatasetError(path, _os_problem(exc)) from None
+    finally:
+        os.close(fd)
+    del buffer[got:]
+    return buffer
 
 
 def read_all_bytes(paths: Sequence[str], workers: int = 4) -> list[bytes]:
@@ -151,8 +303,8 @@ def read_all_bytes(paths: Sequence[str], workers: int = 4) -> list[bytes]:
             parts = pool.map(_read_files, [rest[i : i + chunk] for i in range(0, len(rest), chunk)])
             results += [blob for part in parts for blob in part]
     for path, blob in zip(paths, results, strict=True):
-        if isinstance(blob, OSError):
-            raise DatasetError(path, f"cannot read file ({blob.strerror or type(blob).__name__})")
+        if isinstance(blob, str):
+            raise DatasetError(path, blob)
     return results  # type: ignore[return-value]
 
 
@@ -167,40 +319,167 @@ class _Header:
 _HEADER_CACHE: dict[bytes, _Header | str] = {}
 
 
+class _HeaderError(Exception):
+    """A problem in a header's text; only ever turned into a DatasetError message."""
+
+
+# The header is a Python dict literal; this grammar is the part numpy writes:
+# quoted strings, non-negative integers, True/False, flat tuples. No eval.
+_SPACE = re.compile(r"[ \t\n]*")
+_TOKEN = re.compile(
+    r"""([{}():,])|'([^'\\\n]*)'|"([^"\\\n]*)"|(0|[1-9][0-9]*)(?![0-9A-Za-z_.])"""
+    r"""|(True|False)(?![0-9A-Za-z_])"""
+)
+_DESCR = re.compile(r"[<>|=]?[A-Za-z][A-Za-z0-9]{0,15}")
+_HEADER_KEYS = ["descr", "fortran_order", "shape"]
+
+
+def _lex(text: str) -> list[tuple[str, str | int | bool]]:
+    """Tokens `(kind, value)`: kind is the punctuation itself, `str`, `int` or `bool`."""
+    tokens: list[tuple[str, str | int | bool]] = []
+    pos = _SPACE.match(text).end()
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise _HeaderError(f"unexpected {text[pos]!r} at character {pos}")
+        punct, single, double, number, boolean = match.groups()
+        if punct:
+            tokens.append((punct, punct))
+        elif number is not None:
+            if len(number) > 18:
+                raise _HeaderError("a shape dimension is too large")
+            tokens.append(("int", int(number)))
+        elif boolean:
+            tokens.append(("bool", boolean == "True"))
+        else:
+            tokens.append(("str", single if single is not None else double))
+        pos = _SPACE.match(text, match.end()).end()
+    return tokens
+
+
+class _Tokens:
+    """A cursor over tokens, for the tiny recursive-descent parser below."""
+
+    def __init__(self, tokens: list[tuple[str, str | int | bool]]):
+        self.tokens, self.pos = tokens, 0
+
+    def peek(self) -> str:
+        return self.tokens[self.pos][0] if self.pos < len(self.tokens) else "end of header"
+
+    def take(self, kind: str | None = None) -> str | int | bool:
+        found = self.peek()
+        if found == "end of header" or (kind is not None and found != kind):
+            raise _HeaderError(f"expected {kind or 'a value'}, found {found}")
+        self.pos += 1
+        return self.tokens[self.pos - 1][1]
+
+
+def _sequence(tokens: _Tokens, close: str, item) -> tuple[list, bool]:
+    """Comma-separated items up to `close`; also whether a trailing comma was there."""
+    items, comma = [], False
+    while tokens.peek() != close:
+        items.append(item(tokens))
+        comma = tokens.peek() == ","
+        if not comma:
+            break
+        tokens.take(",")
+    tokens.take(close)
+    return items, comma
+
+
+def _scalar(tokens: _Tokens) -> str | int | bool:
+    if tokens.peek() not in ("str", "int", "bool"):
+        raise _HeaderError(f"expected a value, found {tokens.peek()}")
+    return tokens.take()
+
+
+def _value(tokens: _Tokens) -> str | int | bool | tuple:
+    """A scalar, or a flat tuple of scalars (nothing nests, so nothing recurses)."""
+    if tokens.peek() != "(":
+        return _scalar(tokens)
+    tokens.take("(")
+    items, comma = _sequence(tokens, ")", _scalar)
+    return items[0] if len(items) == 1 and not comma else tuple(items)
+
+
+def _pair(tokens: _Tokens) -> tuple[str, object]:
+    key = tokens.take("str")
+    tokens.take(":")
+    return key, _value(tokens)  # type: ignore[return-value]
+
+
+def _header_dict(text: str) -> dict[str, object]:
+    """The header dict, with exactly the keys descr, fortran_order, shape."""
+    if not text.startswith("{"):
+        raise _HeaderError("the header is not a dict")
+    tokens = _Tokens(_lex(text))
+    tokens.take("{")
+    pairs, _ = _sequence(tokens, "}", _pair)
+    if tokens.peek() != "end of header":
+        raise _HeaderError("text after the closing brace")
+    header: dict[str, object] = {}
+    for key, value in pairs:
+        if key in header:
+            raise _HeaderError(f"key {key!r} appears twice")
+        header[key] = value
+    if sorted(header) != _HEADER_KEYS:
+        raise _HeaderError("keys must be exactly 'descr', 'fortran_order', 'shape'")
+    return header
+
+
+def _dtype(descr: object) -> np.dtype:
+    """A plain dtype string (`'<f4'`, `'|u1'`) as a dtype; numpy's warnings count as refusals."""
+    if not isinstance(descr, str) or not _DESCR.fullmatch(descr):
+        raise _HeaderError("descr must be a plain dtype string such as '<f4'")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return np.dtype(descr)
+    except Exception:  # TypeError, or a deprecation turned into an error: not a dtype we read
+        raise _HeaderError(f"unsupported dtype {descr!r}") from None
+
+
+def _header_fields(text: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    header = _header_dict(text)
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(shape, tuple) or not all(type(n) is int for n in shape):
+        raise _HeaderError("shape must be a tuple of non-negative integers")
+    if type(fortran) is not bool:
+        raise _HeaderError("fortran_order must be True or False")
+    return _dtype(header["descr"]), shape, fortran
+
+
 def _parse_header(blob: bytes) -> _Header | str:
-    """Parse a `.npy` header safely; return a problem string instead of raising."""
-    if blob[:6] != NPY_MAGIC or len(blob) < 10:
+    """Parse a `.npy` header strictly; return a problem string instead of raising.
+
+    Accepts only the format versions numpy reads (1.0, 2.0, 3.0) and a header
+    that is a dict of a plain dtype string, a bool and a tuple of integers.
+    """
+    if len(blob) < 8 or blob[:6] != NPY_MAGIC:
         return "not a .npy file (bad magic bytes)"
-    major = blob[6]
-    if major == 1:
-        size_fmt, start = "<H", 10
-    elif major in (2, 3):
-        size_fmt, start = "<I", 12
-    else:
-        return f"unsupported .npy format version {major}"
+    version = (blob[6], blob[7])
+    if version not in NPY_VERSIONS:
+        return f"unsupported .npy format version {version[0]}.{version[1]}"
+    size_fmt, start = ("<H", 10) if version[0] == 1 else ("<I", 12)
     if len(blob) < start:
         return "truncated .npy header"
     (header_len,) = struct.unpack(size_fmt, blob[8:start])
+    if header_len > MAX_HEADER_BYTES:
+        return f"unreadable .npy header (longer than {MAX_HEADER_BYTES} bytes)"
     end = start + header_len
     if len(blob) < end:
         return "truncated .npy header"
-    key = blob[:end]
+    key = bytes(blob[:end])
     cached = _HEADER_CACHE.get(key)
     if cached is not None:
         return cached
     try:
-        stream = io.BytesIO(key)
-        major, _ = np.lib.format.read_magic(stream)
-        # numpy's public header readers: a safe literal eval, never unpickling
-        read = (
-            np.lib.format.read_array_header_1_0
-            if major == 1
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read(stream)
-        result: _Header | str = _Header(end, dtype, tuple(shape), bool(fortran))
-    except (ValueError, SyntaxError, TypeError) as exc:
-        result = f"unreadable .npy header ({str(exc).splitlines()[0][:120]})"
+        text = blob[start:end].decode("ascii")
+        result: _Header | str = _Header(end, *_header_fields(text))
+    except UnicodeDecodeError:
+        result = "unreadable .npy header (not ASCII text)"
+    except _HeaderError as exc:
+        result = f"unreadable .npy header ({exc})"
     if len(_HEADER_CACHE) < 1024:
         _HEADER_CACHE[key] = result
     return result
@@ -224,11 +503,33 @@ def _header_of(path: str, blob: bytes) -> _Header:
     if isinstance(header, str):
         raise DatasetError(path, header)
     _check_header(path, header)
-    expected = header.offset + header.dtype.itemsize * int(np.prod(header.shape))
+    _check_size(path, header, blob)
+    return header
+
+
+def _check_size(path: str | os.PathLike, header: _Header, blob: bytes) -> None:
+    expected = header.offset + header.dtype.itemsize * math.prod(header.shape)
     if len(blob) != expected:
         kind = "truncated" if len(blob) < expected else "trailing bytes after the array"
         raise DatasetError(path, f"{kind}: {len(blob)} bytes, expected {expected}")
-    return header
+
+
+def load_npy(path: str | os.PathLike, max_bytes: int) -> np.ndarray:
+    """One `.npy` array (read-only) through the strict header parser: never unpickles, never blocks.
+
+    For files this package wrote itself (the cache); any problem is a DatasetError.
+    """
+    blob = read_regular_file(path, max_bytes + 1)
+    if len(blob) > max_bytes:
+        raise DatasetError(path, f"file is larger than {max_bytes} bytes")
+    header = _parse_header(blob)
+    if isinstance(header, str):
+        raise DatasetError(path, header)
+    if header.dtype.hasobject or header.dtype.itemsize == 0:
+        raise DatasetError(path, f"dtype {header.dtype} is not a plain array type")
+    _check_size(path, header, blob)
+    flat = np.frombuffer(blob, header.dtype, math.prod(header.shape), header.offset)
+    return flat.reshape(header.shape, order="F" if header.fortran else "C")
 
 
 def decode(paths: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:
@@ -294,10 +595,11 @@ def check_duplicates(paths: Sequence[str], blobs: Sequence[bytes], labels: Seque
         key = hash(blob)
         other = first_seen.setdefault(key, index)
         if other != index and blobs[other] == blob:
+            other_path = display_path(paths[other])
             if labels[other] != labels[index]:
-                problem = f"same content as {paths[other]} but under another class folder"
+                problem = f"same content as {other_path} but under another class folder"
             else:
-                problem = f"duplicate of {paths[other]}"
+                problem = f"duplicate of {other_path}"
             raise DatasetError(paths[index], problem)
 
 

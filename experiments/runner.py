@@ -19,7 +19,7 @@ import mlflow
 import mlflow.pytorch
 import torch
 
-from data_tools import Dataset, load_split
+from data_tools import Dataset, load_splits
 from experiments import config, tracking
 from experiments.checkpoint import make_checkpoint
 from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified
@@ -42,17 +42,13 @@ class StepData:
 
 
 def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:
-    """The training set and the evaluation sets of a step, through the dataset cache."""
-    root = config.data_dir(data_dir)
-    cache = config.cache_dir()
-    train_set = load_split(step.train_set, root, cache)
-    loaded = {step.train_set: train_set}
-    eval_sets = {}
-    for name in step.eval_sets:
-        if name not in loaded:
-            loaded[name] = load_split(name, root, cache)
-        eval_sets[name] = loaded[name]
-    return StepData(step, train_set, eval_sets)
+    """The training set and the evaluation sets of a step, through the dataset cache.
+
+    Every set is read and checked before any cache entry is written.
+    """
+    names = list(dict.fromkeys([step.train_set, *step.eval_sets]))
+    loaded = load_splits(names, config.data_dir(data_dir), config.cache_dir())
+    return StepData(step, loaded[step.train_set], {n: loaded[n] for n in step.eval_sets})
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 USER_ERRORS = (ValueError, RuntimeError, OSError)  # DatasetError is a ValueError
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -42,13 +43,20 @@ def display_path(path: str | bytes | os.PathLike) -> str:
     return one_line(text.replace("\\", "\\\\"))
 
 
-def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse `argv`, run the chosen command, turn user errors into `error: ...` and status 2."""
+def run(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    redact: Callable[[str], str] = str,
+) -> int:
+    """Parse `argv`, run the chosen command, turn user errors into `error: ...` and status 2.
+
+    `redact` rewrites the message before it is printed (the study CLI masks passwords).
+    """
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except USER_ERRORS as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(redact(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    from experiments.config import mask_secrets
+
+    return run(build_parser(), argv, redact=mask_secrets)
 
 
 if __name__ == "__main__":

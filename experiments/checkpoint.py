@@ -9,6 +9,7 @@ metrics, and the state dict.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from models import create_model
 
 FORMAT_VERSION = 1
 ARTIFACT_PATH = "checkpoint/model.pt"
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def make_checkpoint(
@@ -66,26 +68,45 @@ class Loaded:
 
 
 def _resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint file: the path itself, or the run's artifact downloaded from MLflow."""
     path = Path(source)
     if path.is_file():
         return path
-    if path.suffix or os.sep in str(source):
-        raise FileNotFoundError(f"{source}: no such checkpoint file")
+    if path.suffix or os.sep in str(source) or not RUN_ID.fullmatch(str(source)):
+        raise FileNotFoundError(f"{source}: no such checkpoint file (nor an MLflow run id)")
     tracking.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return Path(
-        mlflow.artifacts.download_artifacts(run_id=str(source), artifact_path=ARTIFACT_PATH)
-    )
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=str(source), artifact_path=ARTIFACT_PATH)
+        )
+    except Exception as exc:  # MLflow raises several types for a missing run or artifact
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FileNotFoundError(f"{source}: no checkpoint in that MLflow run ({first})") from None
 
 
 def load_checkpoint(source: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded:
-    """Rebuild model and preprocessing from a checkpoint file or an MLflow run id."""
-    checkpoint = torch.load(_resolve(source), map_location="cpu", weights_only=True)
-    if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{source}: unsupported checkpoint format {checkpoint.get('format_version')}"
-        )
-    model = create_model(checkpoint["model"], **checkpoint["model_kwargs"])
-    model.load_state_dict(checkpoint["state_dict"])
+    """Rebuild model and preprocessing from a checkpoint file or an MLflow run id.
+
+    Loading is weights-only (no pickled code runs); anything that is not a
+    checkpoint of this project is a ValueError naming the source.
+    """
+    path = _resolve(source)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a non-torch file, a pickle with code, a truncated file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = f"{type(exc).__name__}: {first}"[:200]
+        raise ValueError(f"{source}: not a checkpoint of this project ({reason})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
+        version = checkpoint.get("format_version") if isinstance(checkpoint, dict) else None
+        raise ValueError(f"{source}: unsupported checkpoint format {version}")
+    try:
+        model = create_model(checkpoint["model"], **checkpoint["model_kwargs"])
+        model.load_state_dict(checkpoint["state_dict"])
+        preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{source}: a damaged checkpoint ({first[:200]})") from None
     model.to(device, memory_format=torch.channels_last).eval()  # the layout it was trained in
-    return Loaded(model, Preprocessing.from_dict(checkpoint["preprocessing"]), checkpoint)
+    return Loaded(model, preprocessing, checkpoint)

@@ -21,6 +21,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
+
+from sqlalchemy.engine import make_url
 
 from data_tools.paths import PROJECT_ROOT, cache_dir, data_dir, env_path, reports_dir
 
@@ -62,9 +65,44 @@ def study_storage(override: str | None = None) -> str:
     return env or str(mlruns_dir() / "optuna.journal")
 
 
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)(?P<pw>[^@\s]+)(?P<tail>@)")
+SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "auth")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")  # finds URL tokens in free text; each is parsed
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password and password-like query parameters replaced by `***`.
+
+    SQLAlchemy's URL parser decides whether there is a password; the credentials
+    are taken to end at the last `@`, so a raw `@` inside a password is hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    try:
+        parsed = make_url(url)
+        has_password = parsed.password is not None
+    except Exception:  # not a URL SQLAlchemy knows (http://...): judge by its shape
+        has_password = ":" in rest.rpartition("@")[0]
+    if "@" in rest:
+        credentials, _, rest = rest.rpartition("@")
+        user, colon, _ = credentials.partition(":")
+        rest = f"{user}{':***' if colon or has_password else ''}@{rest}"
+    location, question, query = rest.partition("?")
+    if question:
+        pairs = [
+            (key, "***" if any(word in key.lower() for word in SECRET_KEYS) else value)
+            for key, value in parse_qsl(query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, safe="*")
+    return f"{scheme}://{location}{question}{query}"
 
 
 def mask_secrets(text: str) -> str:
-    """Hide the password of any URL in `text` (`scheme://user:***@host`)."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+    """`text` with every URL in it masked (`mask_url`): for tags, params, logs and printed lines."""
+
+    def masked(match: re.Match) -> str:
+        url = match.group(0)
+        core = url.rstrip(":,;.)'\"")  # punctuation that ends a sentence, not the URL
+        return mask_url(core) + url[len(core) :]
+
+    return _URL.sub(masked, text)

@@ -23,7 +23,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import config, results, study, tracking, transfer
-from experiments.runner import RunOutcome, StepData, load_step_data, log_torch_model, train_and_log
+from experiments.checkpoint import load_checkpoint
+from experiments.runner import RunOutcome, StepData, load_step_data, train_and_log
 from experiments.settings import TrainConfig, check_user_against_fixed, coerce, resolve
 from experiments.space import FINE_TUNE_DEFAULTS, Budget, Pinned, suggest, suggest_fine_tune
 from experiments.steps import Step, get_step, training_step
@@ -77,7 +78,10 @@ def run_config(
 def check_settings(step: Step, model: str, budget: Budget) -> TrainConfig:
     """Resolve the step's fixed and the user's settings alone: a bad key or value, or a `--set`
     that contradicts the step, stops the command before any data, run or study is made."""
-    return run_config(step, model, budget, {}, {}, step.role_settings)
+    cfg = run_config(step, model, budget, {}, {}, step.role_settings)
+    if cfg.init_from:
+        load_checkpoint(cfg.init_from)  # a file that is not a checkpoint stops here
+    return cfg
 
 
 def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
@@ -137,8 +141,8 @@ def train_final(
             **_transfer_tags(cfg),
             **tags,
         },
+        log_model=True,
     )
-    log_torch_model(outcome.run_id, outcome.result.model)
     return outcome
 
 
@@ -156,8 +160,10 @@ def run_step(
     step = training_step(step_name)
     if step is not get_step(step_name):
         print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
-    check_settings(step, model, budget)  # before anything exists
-    data = data or load_step_data(step)  # bad data stops here: nothing logged yet
+    # everything is checked before anything exists: settings, storage, then the data
+    check_settings(step, model, budget)
+    study.check_storage(storage_url)
+    data = data or load_step_data(step)
     if step.kind == "retrain":
         return retrain_best(step, model, budget, storage_url, data)
     return search_step(step, model, budget, storage_url, data, final, workers)
@@ -174,10 +180,28 @@ def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | Non
     stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
     if stale:
         print(f"[{handle.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
+    orphans = end_orphans(step, handle.study_name)
+    if orphans:
+        print(f"[{handle.study_name}] ended interrupted runs {orphans} as KILLED", flush=True)
     parent = study.ensure_parent_run(
         handle, step.name, model, config.study_storage(storage_url), budget
     )
     return handle, parent
+
+
+def end_orphans(step: Step, name: str) -> list[str]:
+    """End the study's `final` and parent runs left RUNNING by a process that died.
+
+    Called by the launcher before it starts anything, like `fail_stale_trials`:
+    no other process of this study is alive then (trials are handled there).
+    """
+    client = MlflowClient()
+    ended = []
+    for _, run in results.running(step.name, name).iterrows():
+        if results.tag(run, "role") in ("final", "study"):
+            tracking.mark_interrupted(client, run["run_id"])
+            ended.append(f"{results.tag(run, 'role')} {run['run_id'][:8]}")
+    return ended
 
 
 def search_step(
@@ -197,12 +221,16 @@ def search_step(
     finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
     remaining = max(0, budget.trials - finished)
     print(f"[{handle.study_name}] {finished} finished trials, running {remaining} more", flush=True)
-    if remaining and workers > 1:
-        study.spawn_workers(step.name, model, budget, storage_url, remaining, workers)
-    elif remaining:
-        objective = make_objective(data, model, parent, budget, base)
-        study.optimize(handle, objective, remaining, budget.timeout)
-    return finish_study(handle, step, model, parent, budget, data, base, final)
+    try:
+        if remaining and workers > 1:
+            study.spawn_workers(step.name, model, budget, storage_url, remaining, workers)
+        elif remaining:
+            objective = make_objective(data, model, parent, budget, base)
+            study.optimize(handle, objective, remaining, budget.timeout)
+        return finish_study(handle, step, model, parent, budget, data, base, final)
+    except BaseException as exc:
+        study.end_parent(parent, exc)
+        raise
 
 
 def worker_main(
@@ -280,6 +308,7 @@ def retrain_best(
     if best is None:
         raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")
     name = study.study_name(step.name, model)
+    end_orphans(step, name)
     found = results.runs(
         step.name,
         model=model,

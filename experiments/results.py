@@ -33,8 +33,10 @@ def search(
     tags: dict[str, str] | None = None,
     order_by: list[str] | None = None,
     max_results: int = MAX_RESULTS,
+    status: str | None = None,
 ) -> pd.DataFrame:
-    """Runs of the named experiments whose tags equal `tags` (missing experiments: no rows)."""
+    """Runs of the named experiments whose tags equal `tags` and whose status is `status`
+    (RUNNING, FINISHED, FAILED, KILLED; None: any). Missing experiments: no rows."""
     if not tracking.store_exists():
         return pd.DataFrame(columns=["run_id", "status", "start_time"])
     tracking.init()
@@ -44,6 +46,8 @@ def search(
     if not ids:
         return pd.DataFrame(columns=["run_id", "status", "start_time"])
     clauses = [f"tags.`{key}` = {_quote(value)}" for key, value in (tags or {}).items()]
+    if status is not None:
+        clauses.append(f"attributes.status = {_quote(status)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frame = mlflow.search_runs(
@@ -93,6 +97,11 @@ def best_trial_run(step: str, model: str) -> pd.Series | None:
         return None
     frame = frame.sort_values(["metrics.best_val_acc", "start_time"], ascending=[False, True])
     return frame.iloc[0]
+
+
+def running(experiment: str, study: str) -> pd.DataFrame:
+    """Runs of a study (its parent, trials and finals) that MLflow still shows RUNNING."""
+    return search(experiment, {"study": study}, status="RUNNING")
 
 
 def study_parent(step: str, model: str) -> pd.Series | None:

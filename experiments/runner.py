@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
+import numpy as np
 import torch
 
 from data_tools import Dataset, load_splits
@@ -26,7 +26,7 @@ from experiments.evaluation import plot_confusion, plot_curves, plot_misclassifi
 from experiments.evaluation import score as score_set
 from experiments.settings import TrainConfig
 from experiments.steps import Step
-from experiments.train import FitResult, fit
+from experiments.train import Diverged, FitResult, fit
 
 
 @dataclass
@@ -89,6 +89,7 @@ def train_and_log(
     log_figures: bool = True,
     on_start: Callable[[str], None] | None = None,
     score: bool = True,
+    log_model: bool = False,
 ) -> RunOutcome:
     """Train `cfg` on the step's training set and leave a complete run in MLflow."""
     experiment = tracking.experiment_id(data.step.name)
@@ -145,6 +146,8 @@ def train_and_log(
                         evaluation, data.eval_sets[name], figures / f"misclassified_{name}.png"
                     )
             mlflow.log_artifacts(tmp)
+            if log_model:
+                log_pyfunc_model(folder / "checkpoint" / "model.pt")
     except BaseException as exc:
         _end_with(exc)
         raise
@@ -153,13 +156,31 @@ def train_and_log(
     return RunOutcome(run.info.run_id, metrics, result)
 
 
-def log_torch_model(run_id: str, model) -> None:
-    """Log a model once with mlflow.pytorch (a LoggedModel), into an ended run."""
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*Pickle.*"
-        )  # our own model classes, not foreign input
-        mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle")
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+PROJECT_PACKAGES = ("experiments", "models", "data_tools")
+
+
+def log_pyfunc_model(checkpoint: Path) -> None:
+    """Log the run's model for MLflow (UI, registry, serving) without any pickle.
+
+    Models from code: `pyfunc_model.py` is the model, the weights-only checkpoint
+    its artifact, the project's packages its code; loading never unpickles.
+    """
+    root = config.PROJECT_ROOT
+    with warnings.catch_warnings():  # advice on type hints and integer columns, at every model
+        warnings.simplefilter("ignore", UserWarning)
+        _log_pyfunc(root, checkpoint)
+
+
+def _log_pyfunc(root: Path, checkpoint: Path) -> None:
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(root / package) for package in PROJECT_PACKAGES],
+        input_example=np.zeros((2, 1, 28, 28), dtype=np.float32),
+        pip_requirements=tracking.requirements(),
+    )
 
 
 def _end_with(exc: BaseException) -> None:
@@ -174,5 +195,7 @@ def _end_with(exc: BaseException) -> None:
     else:
         mlflow.set_tag("state", "FAIL")
         reason = "".join(traceback.format_exception_only(exc)).strip()
-        mlflow.set_tag("fail_reason", reason[:4000])
+        mlflow.set_tag("fail_reason", "diverged" if isinstance(exc, Diverged) else reason[:4000])
+        if isinstance(exc, Diverged):
+            mlflow.set_tag("fail_detail", str(exc))
         mlflow.end_run("FAILED")

@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
+import sqlalchemy  # noqa: E402
 from mlflow.entities import Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -38,6 +39,7 @@ from experiments.space import Budget  # noqa: E402
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_SECONDS = 15
+CONNECT_TIMEOUT = 5  # seconds before an unreachable database is an error
 
 
 def study_name(step: str, model: str) -> str:
@@ -53,17 +55,72 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
 
     An RDB storage runs heartbeats: a trial whose worker died is failed once its
     heartbeat is older than the grace period, and retried once with the same params.
+    A storage that cannot be reached or created is one error line naming it
+    (password masked), after a connection timeout of `CONNECT_TIMEOUT` seconds.
     """
     target = config.study_storage(url)
+    shown = config.mask_secrets(target)
     if is_rdb(url):
-        return optuna.storages.RDBStorage(
-            target,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=4 * HEARTBEAT_SECONDS,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        if target.startswith("sqlite:///"):
+            folder = Path(target[len("sqlite:///") :]).parent
+            if not folder.is_dir():
+                raise RuntimeError(f"--storage {shown}: folder {folder} does not exist")
+        connect = {"connect_timeout": CONNECT_TIMEOUT} if target.startswith("postgres") else {}
+        try:
+            return optuna.storages.RDBStorage(
+                target,
+                engine_kwargs={"connect_args": connect} if connect else None,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=4 * HEARTBEAT_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                    max_retry=1
+                ),
+            )
+        except Exception as exc:  # SQLAlchemy/driver errors: many types, many lines
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(
+                f"--storage {shown}: cannot open the study storage: {first}"
+            ) from None
+    path = Path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(target))
+    except OSError as exc:
+        raise RuntimeError(f"{shown}: cannot create the study journal: {exc.strerror}") from None
+
+
+def check_storage(url: str | None = None) -> None:
+    """Refuse a study storage that cannot work, before anything is created (nothing is written).
+
+    A server database must answer within `CONNECT_TIMEOUT` seconds; a SQLite file's folder
+    and a journal's nearest existing folder must be writable.
+    """
+    target = config.study_storage(url)
+    shown = config.mask_secrets(target)
+    credentials = target.partition("://")[2].rpartition("@")[0]
+    if "@" in credentials:
+        raise RuntimeError(
+            f"--storage {shown}: the password holds a raw '@'; percent-encode it as %40"
         )
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(target))
+    if is_rdb(url) and not target.startswith("sqlite:"):
+        connect = {"connect_timeout": CONNECT_TIMEOUT} if target.startswith("postgres") else {}
+        try:
+            engine = sqlalchemy.create_engine(target, connect_args=connect)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # SQLAlchemy/driver errors: many types, many lines
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"--storage {shown}: cannot connect: {first}") from None
+        return
+    path = Path(target[len("sqlite:///") :] if is_rdb(url) else target).expanduser()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK):
+        raise RuntimeError(f"{shown}: the study storage is not writable (folder {folder})")
+    if is_rdb(url) and not path.parent.is_dir():
+        raise RuntimeError(f"--storage {shown}: folder {path.parent} does not exist")
 
 
 def sampler(budget: Budget, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -137,6 +194,19 @@ def ensure_parent_run(
     )
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
+
+
+def end_parent(parent: str, exc: BaseException) -> None:
+    """A study that stops on an error: its parent run ends FAILED with the reason (KILLED on Ctrl-C)."""
+    client = MlflowClient()
+    if isinstance(exc, KeyboardInterrupt):
+        tracking.mark_interrupted(client, parent)
+        return
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    client.set_tag(
+        parent, "fail_reason", config.mask_secrets(f"{type(exc).__name__}: {reason}")[:4000]
+    )
+    client.set_terminated(parent, status="FAILED")
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

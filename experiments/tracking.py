@@ -71,6 +71,18 @@ def mark_interrupted(client: MlflowClient, run_id: str) -> None:
     client.set_terminated(run_id, status="KILLED")
 
 
+MODEL_PACKAGES = ("torch", "numpy", "pandas", "mlflow", "kornia", "scikit-learn", "sqlalchemy")
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of a logged model: the versions this process runs."""
+    pinned = []
+    for package in MODEL_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            pinned.append(f"{package}=={metadata.version(package)}")
+    return pinned
+
+
 def environment_tags() -> dict[str, str]:
     """Git commit and package versions: what is needed to rerun a run."""
     tags = {"python": platform.python_version()}

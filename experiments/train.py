@@ -33,6 +33,13 @@ from experiments.settings import TrainConfig
 from models import create_model
 
 
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: the run ends FAILED with `fail_reason=diverged`."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"diverged: {detail}")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """cuda > mps > cpu when `auto`; an explicit name is taken as given."""
     if name != "auto":
@@ -152,9 +159,7 @@ def train_one_epoch(
     n = len(labels)
     mean_loss = float(total_loss) / n  # one host sync per epoch, not per batch
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(
-            f"training loss is {mean_loss} (diverged); try a lower learning rate"
-        )
+        raise Diverged(f"training loss is {mean_loss}; try a lower learning rate")
     return mean_loss, float(correct) / n
 
 
@@ -260,6 +265,8 @@ def fit(
             file=sys.stderr,
             flush=True,
         )
+        if not math.isfinite(val_loss):
+            raise Diverged(f"validation loss is {val_loss} at epoch {epoch}")
         if val_loss < best["loss"]:
             best = {
                 "loss": val_loss,

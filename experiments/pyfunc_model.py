@@ -1,0 +1,53 @@
+"""The MLflow model of a trained classifier, logged as code (MLflow's "models from code").
+
+Nothing in the logged model is a pickle: this file is stored as the model's
+code, the project's weights-only checkpoint as its artifact. Loading runs
+`load_checkpoint` (`torch.load(weights_only=True)`), so an artifact store can
+hand back weights, never code to run.
+
+`predict` takes raw images `(N, 1, 28, 28)` (or `(N, 28, 28)`) float32 in [0, 1]
+and returns one row per image: `predicted` (the class folder name, 1..6),
+`probability` (of that class) and `prob_1` .. `prob_6`. A checkpoint that
+carries a new-script detector (`detector` entry: name and threshold) adds
+`detector_score` and `unknown` (True where the detector flags the image).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+
+class GlyphClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from experiments.checkpoint import load_checkpoint
+
+        self.loaded = load_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+            raise ValueError(f"expected images (N, 1, 28, 28), got {tuple(images.shape)}")
+        from experiments.inference import predict_logits
+
+        x = self.loaded.preprocessing.transform(images)
+        logits = predict_logits(self.loaded.model, x)
+        probabilities = logits.softmax(1).numpy()
+        frame = pd.DataFrame(
+            probabilities, columns=[f"prob_{k + 1}" for k in range(probabilities.shape[1])]
+        )
+        frame.insert(0, "probability", probabilities.max(1))
+        frame.insert(0, "predicted", probabilities.argmax(1) + 1)
+        detector = self.loaded.checkpoint.get("detector")
+        if detector:
+            score = 1.0 - probabilities.max(1)  # max softmax; other detectors are added by name
+            frame["detector_score"] = score
+            frame["unknown"] = score > float(detector["threshold"])
+        return frame
+
+
+mlflow.models.set_model(GlyphClassifier())

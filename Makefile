@@ -18,23 +18,30 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
-STEPS := task1-step1 task1-step2 task2-step1 task2-step2 task2-step3
+STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  task steps (each a target, e.g. make task2-step3 MODELS=resnet): see python -m experiments steps"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install the project with dev extras (idempotent)
+setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
+
+lock: ## refresh requirements.lock from a fresh resolve of pyproject.toml's ranges
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^glyph-shift' > requirements.lock
+	rm -rf .venv-lock
 
 test: $(STAMP) ## run the fast test suite (slow tests: make test-all)
 	$(PY) -m pytest -q

@@ -42,10 +42,45 @@ class StudyResult:
 
 
 def base_settings(step: Step, model: str, budget: Budget, create: bool) -> dict[str, Any]:
-    """What a run of `step` starts from before any search: a fine-tune's pretrained model."""
+    """What a run of `step` starts from before any search: a fine-tune's pretrained model and
+    the fine-tunes' hand-set defaults (every one of which a fine-tuning trial searches)."""
     if step.kind != "fine_tune":
         return {}
-    return transfer.fine_tune_base(step, model, budget, create=create)
+    return {**transfer.fine_tune_base(step, model, budget, create=create), **FINE_TUNE_DEFAULTS}
+
+
+class _Defaults:
+    """A stand-in trial whose `suggest_*` calls answer the hand-set default of each setting."""
+
+    def __init__(self, defaults: dict[str, Any]):
+        self.defaults, self.params = defaults, {}
+
+    def _answer(self, name: str, low=None, high=None, choices=None, **_: Any) -> Any:
+        value = self.defaults[name]
+        if choices is not None and value not in choices:
+            value = choices[0]
+        if low is not None:  # a default outside the searched range: its nearest bound
+            value = min(max(value, low), high)
+        self.params[name] = value
+        return value
+
+    def suggest_float(self, name, low, high, **kwargs):
+        return self._answer(name, low, high)
+
+    def suggest_int(self, name, low, high, **kwargs):
+        return self._answer(name, low, high)
+
+    def suggest_categorical(self, name, choices):
+        return self._answer(name, choices=list(choices))
+
+
+def default_trial_params(step: Step, model: str, budget: Budget, base: dict[str, Any]) -> dict:
+    """The searched params of the hand-set defaults (enqueued as trial 0 of every study)."""
+    defaults = resolve(model, base=base).flat()
+    recorder = _Defaults(defaults)
+    suggest_fn = suggest_fine_tune if step.kind == "fine_tune" else suggest
+    suggest_fn(Pinned(recorder, pinned(step, model, budget)), model)
+    return recorder.params
 
 
 def pinned(step: Step, model: str, budget: Budget) -> dict[str, Any]:
@@ -86,6 +121,32 @@ def check_settings(step: Step, model: str, budget: Budget) -> TrainConfig:
 
 def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"pretrained_run": cfg.init_from, "freeze": cfg.freeze} if cfg.init_from else {}
+
+
+def warm_start(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    parent: str,
+) -> None:
+    """Enqueue the best params of the related step's study (if it exists) as trial 1."""
+    if step.warm_start is None:
+        return
+    name = study.study_name(step.warm_start, model)
+    try:
+        source = optuna.load_study(study_name=name, storage=study.make_storage(storage_url))
+    except KeyError:
+        return
+    best = study.best_complete_trial(source)
+    if best is None:
+        return
+    keep = pinned(step, model, budget)
+    params = {k: v for k, v in best.params.items() if k not in keep}
+    handle.enqueue_trial(params, user_attrs={"warm_start_from": f"{name}#{best.number}"})
+    MlflowClient().set_tag(parent, "warm_start_from", f"{name} trial {best.number}")
+    print(f"[{handle.study_name}] warm start: {name} trial {best.number} enqueued", flush=True)
 
 
 def make_objective(data: StepData, model: str, parent: str, budget: Budget, base: dict[str, Any]):
@@ -218,6 +279,11 @@ def search_step(
     base = base_settings(step, model, budget, create=True)  # before any worker starts
     if base.get("init_from"):
         MlflowClient().set_tag(parent, "pretrained_run", base["init_from"])
+    if not handle.trials:  # trial 0 of every study: the hand-set defaults
+        handle.enqueue_trial(
+            default_trial_params(step, model, budget, base), user_attrs={"defaults": True}
+        )
+        warm_start(handle, step, model, budget, storage_url, parent)
     finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
     remaining = max(0, budget.trials - finished)
     print(f"[{handle.study_name}] {finished} finished trials, running {remaining} more", flush=True)
@@ -257,7 +323,8 @@ def finish_study(
     base: dict[str, Any],
     final: bool,
 ) -> StudyResult:
-    """Tag the best trial, retrain it on the full split (once), fill the parent run."""
+    """Tag the best trial, retrain it on the full split (once), train the baseline (once),
+    select the better of the two by validation accuracy, fill the parent run."""
     best = study.best_complete_trial(handle)
     if best is None:
         states = {t.number: t.state.name for t in handle.trials}
@@ -281,10 +348,78 @@ def finish_study(
         final_run_id, final_metrics = outcome.run_id, outcome.metrics
     elif final_run_id:
         final_metrics = results.run_metrics(final_run_id)
+    if final and final_run_id:
+        baseline_id, baseline_metrics = train_baseline(
+            handle, step, model, parent, budget, data, base
+        )
+        select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
     study.log_parent(handle, best, parent)
     return StudyResult(
         handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
     )
+
+
+def train_baseline(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    parent: str,
+    budget: Budget,
+    data: StepData,
+    base: dict[str, Any],
+) -> tuple[str, dict[str, float]]:
+    """The hand-set defaults trained exactly like a final (`role=baseline`), once per settings."""
+    cfg = run_config(step, model, budget, base, {}, budget.final_role(base, data.train_images))
+    key = transfer.pretrain_key(cfg.flat())
+    found = results.runs(step.name, model=model, role="baseline", baseline_key=key)
+    if not found.empty:
+        return found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
+    print(f"[{handle.study_name}] training the baseline (hand-set defaults)", flush=True)
+    outcome = train_and_log(
+        data,
+        cfg,
+        run_name="baseline",
+        parent_run_id=parent,
+        extra_tags={
+            "study": handle.study_name,
+            "role": "baseline",
+            "baseline_key": key,
+            **_transfer_tags(cfg),
+        },
+        log_model=True,
+    )
+    return outcome.run_id, outcome.metrics
+
+
+def select(
+    handle: optuna.Study,
+    parent: str,
+    final_id: str,
+    final_metrics: dict[str, float],
+    baseline_id: str,
+    baseline_metrics: dict[str, float],
+) -> str:
+    """The study's model: the best trial's retrain or the baseline, whichever has the higher
+    validation accuracy on the same full validation split (ties: the searched one).
+
+    Reads validation only; evaluation sets are never consulted.
+    """
+    searched = final_metrics.get("best_val_acc", -1.0)
+    defaults = baseline_metrics.get("best_val_acc", -1.0)
+    chosen = final_id if searched >= defaults else baseline_id
+    client = MlflowClient()
+    for run_id in {final_id, baseline_id}:
+        client.set_tag(run_id, "selected", "true" if run_id == chosen else "false")
+    client.set_tag(parent, "selected_run", chosen)
+    client.set_tag(parent, "selected_role", "final" if chosen == final_id else "baseline")
+    client.set_tag(parent, "baseline_run", baseline_id)
+    handle.set_user_attr("selected_run_id", chosen)
+    print(
+        f"[{handle.study_name}] selected the {'searched final' if chosen == final_id else 'baseline'}"
+        f" (validation {max(searched, defaults):.4f}; final {searched:.4f}, baseline {defaults:.4f})",
+        flush=True,
+    )
+    return chosen
 
 
 def retrain_best(
@@ -345,9 +480,8 @@ def train_once(
     role = step.role_settings if step.kind == "retrain" else {}
     check_settings(step, model, budget)
     data = load_step_data(step, data_dir)
-    base: dict[str, Any] = {}
-    if step.kind == "fine_tune":
-        base = {**transfer.fine_tune_base(step, model, budget, create=True), **FINE_TUNE_DEFAULTS}
+    base = base_settings(step, model, budget, create=True)
+    if base.get("init_from"):
         print(f"fine-tuning the pretrained run {base['init_from']}")
     cfg = run_config(step, model, budget, base, {}, role)
     return step, train_and_log(data, cfg, run_name=f"train-{cfg.model}")

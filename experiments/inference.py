@@ -2,18 +2,41 @@
 
 The training loop, the evaluation, checkpoints, ensembles and the shift tools all
 predict through `predict_logits`, so they share the batch size, eval mode and
-mixed-precision rule.
+mixed-precision rule: on CPU, prediction is fp32 (so a checkpoint reproduces its
+logged accuracy on any CPU); training may use bf16 autocast where the CPU has it
+(`training_precision`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512_BF16 or AMX), read at run time."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume not
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in: `auto` is bf16 where the device has it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast on CUDA (always, for inference too) or where `precision` asks for it."""
+    enabled = device.type == "cuda" or precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()

@@ -38,6 +38,10 @@ CELL_COLUMNS = [
     "black_acc",
     "white_acc",
     "best_val_acc",
+    "baseline_acc",
+    "searched_acc",
+    "searched_minus_baseline",
+    "selected",
     "trials",
     "run_id",
     "source",
@@ -74,6 +78,11 @@ def _cell(step_name: str, model: str) -> dict:
         run_id=run["run_id"],
         source=origin,
     )
+    baseline = results.metrics_of(results.role_run(source.name, model, "baseline"))
+    searched = results.metrics_of(results.role_run(source.name, model, "final"))
+    cell["baseline_acc"] = baseline.get(f"{evaluated}_acc")
+    cell["searched_acc"] = searched.get(f"{evaluated}_acc")
+    cell["selected"] = results.tag(run, "role") if results.tag(run, "selected") == "true" else ""
     parent = results.metrics_of(results.study_parent(source.name, model))
     if parent:
         cell["trials"] = int(parent.get("trials_complete", 0) + parent.get("trials_pruned", 0))
@@ -85,6 +94,7 @@ def collect(models: tuple[str, ...] | None = None) -> pd.DataFrame:
     rows = [_cell(step, model) for step in STEPS for model in (models or tuple(MODELS))]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     cells["delta"] = cells["accuracy"] - cells["reference"]
+    cells["searched_minus_baseline"] = cells["searched_acc"] - cells["baseline_acc"]
     return cells
 
 
@@ -118,6 +128,9 @@ def to_markdown(cells: pd.DataFrame) -> str:
     details = cells[
         ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc", "trials", "run_id"]
     ].assign(run_id=cells["run_id"].fillna("").str[:12], source=cells["source"].fillna(""))
+    baselines = cells[cells["baseline_acc"].notna()][
+        ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
+    ]
     lines = [
         "# Comparison: best run of every study",
         "",
@@ -130,6 +143,18 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "## Details per cell",
         "",
         details.to_markdown(index=False, floatfmt=".4f", missingval=""),
+        "",
+        "## Searched against the hand-set defaults",
+        "",
+        "Every study also trains its model's hand-set defaults exactly like its final",
+        "(`role=baseline`; the defaults are also the study's trial 0). *searched*: the best",
+        "trial retrained; the study's answer (the cell above) is whichever of the two has the",
+        "higher validation accuracy on the full validation split (*selected*). Evaluation",
+        "accuracy on the step's evaluation set; measured after the fact, never used to choose.",
+        "",
+        baselines.to_markdown(index=False, floatfmt=".4f", missingval="")
+        if not baselines.empty
+        else "No baseline runs yet.",
         "",
         "## Steps",
         "",

@@ -76,17 +76,33 @@ def runs(
     return frame.reset_index(drop=True)
 
 
-def final_runs(step: str) -> pd.DataFrame:
-    """The newest COMPLETE `final` run of each model's study of `step`, indexed by model."""
-    frame = runs(step, role="final", newest=True)
-    if frame.empty:
-        return frame
+def study_models(experiment: str) -> pd.DataFrame:
+    """Each model's study answer in a step: its newest COMPLETE run tagged `selected=true`
+    (the best trial's retrain or the baseline, chosen on validation), else its newest final."""
+    frame = search(experiment, {"state": "COMPLETE"})
+    if frame.empty or "tags.role" not in frame:
+        return frame.iloc[0:0]
+    selected = frame.get("tags.selected", pd.Series(index=frame.index, dtype=object))
+    chosen = frame[(selected == "true") & frame["tags.role"].isin(["final", "baseline"])]
+    finals = frame[frame["tags.role"] == "final"]
+    frame = pd.concat([chosen, finals]).drop_duplicates(subset=["tags.model"], keep="first")
     return frame.set_index("tags.model", drop=False)
 
 
+def final_runs(step: str) -> pd.DataFrame:
+    """The study answer of each model of `step` (see `study_models`), indexed by model."""
+    return study_models(step)
+
+
 def final_run(step: str, model: str) -> pd.Series | None:
-    """The newest COMPLETE `final` run of the study (step, model), or None."""
-    frame = runs(step, model=model, role="final")
+    """The study answer of (step, model): its selected run, else its newest final, else None."""
+    frame = study_models(step)
+    return frame.loc[model] if model in frame.index else None
+
+
+def role_run(step: str, model: str, role: str) -> pd.Series | None:
+    """The newest COMPLETE run of the study (step, model) with this role (final, baseline)."""
+    frame = runs(step, model=model, role=role)
     return None if frame.empty else frame.iloc[0]
 
 

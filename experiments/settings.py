@@ -35,6 +35,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "none")
 FREEZE = ("none", "early", "body")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
     freeze: str = "none"  # transfer: none | early (first half of the body) | body (all but head)
     device: str = "auto"
+    precision: str = "auto"  # training autocast: auto = bf16 where the CPU/GPU has it natively
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
@@ -90,6 +92,7 @@ class TrainConfig:
         if self.freeze != "none" and not self.init_from:
             raise ValueError(f"freeze={self.freeze} needs init_from (a pretrained checkpoint)")
         _check_device(self.device)
+        _check_choice("precision", self.precision, PRECISIONS)
         self.model_kwargs = {**hyperparameters(self.model), **self.model_kwargs}
 
     def preprocessing(self) -> Preprocessing:

@@ -105,7 +105,8 @@ class Budget:
     Epoch counts left at None follow from image budgets, so every study spends
     about the same compute whatever the size of its training set: a trial sees
     `trial_images` images (2..20 epochs), the final retrain `final_images`
-    (3..30 epochs, early stopping on the full validation split).
+    (3..`final_max_epochs` epochs, the whole cosine schedule, the epoch with the
+    best validation loss restored: no early stopping cuts a final short).
     `overrides` are the user's `--set` values: fixed for every run of the study.
     """
 
@@ -116,7 +117,10 @@ class Budget:
     trial_images: int = 12_000
     final_epochs: int | None = None  # the best trial retrained; None: from final_images
     final_images: int = 120_000
-    final_patience: int = 2
+    final_max_epochs: int = 40
+    # None: a final trains its whole schedule (fixed-length cosine) and keeps its best
+    # validation epoch; an integer brings back early stopping with that patience
+    final_patience: int | None = None
     warmup_epochs: int = 1  # the pruner never prunes before this epoch
     score_trials: bool = False  # also score trials on the evaluation sets (analysis only)
     timeout: float | None = None
@@ -145,7 +149,8 @@ class Budget:
     def retrain_epochs(self, train_images: int) -> int:
         if self.final_epochs:
             return self.final_epochs
-        return int(min(30, max(3, math.ceil(self.final_images / train_images))))
+        epochs = math.ceil(self.final_images / train_images)
+        return int(min(self.final_max_epochs, max(3, epochs)))
 
     def trial_role(self, params: dict[str, Any], train_images: int, number: int) -> dict[str, Any]:
         """What the trial's fidelity fixes: its subset, its epochs and its seed."""
@@ -158,9 +163,10 @@ class Budget:
 
     def final_role(self, params: dict[str, Any], train_images: int) -> dict[str, Any]:
         """What a final retrain fixes: the whole split, its epochs, patience and seed."""
+        epochs = params.get("epochs") or self.retrain_epochs(train_images)
         return {
-            "epochs": params.get("epochs") or self.retrain_epochs(train_images),
-            "patience": self.final_patience,
+            "epochs": epochs,
+            "patience": self.final_patience or epochs,
             "train_subset": 0,
             "val_subset": 0,
             "seed": self.seed,

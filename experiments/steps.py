@@ -35,6 +35,7 @@ class Step:
     fixed: tuple[tuple[str, Any], ...] = ()  # settings every run of the step keeps (not searched)
     settings: tuple[tuple[str, Any], ...] = ()  # a retrain step's schedule (e.g. 40 epochs)
     row: str = ""  # the report's row label (default: "<train_set> / <primary eval>")
+    warm_start: str | None = None  # a related step whose study's best params are enqueued too
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,7 +68,11 @@ STEPS: dict[str, Step] = {
     for step in (
         Step("task1-step1", "TRAIN", ("TEST", "TEST2"), "train on TRAIN, evaluate on TEST"),
         Step(
-            "task1-step2", "TRAIN2", ("TEST",), "train on TRAIN + inverted TRAIN, evaluate on TEST"
+            "task1-step2",
+            "TRAIN2",
+            ("TEST",),
+            "train on TRAIN + inverted TRAIN, evaluate on TEST",
+            warm_start="task1-step1",
         ),
         Step(
             "task2-step1",
@@ -83,6 +88,7 @@ STEPS: dict[str, Step] = {
             ("TEST2",),
             "train on TEST (its labels are allowed in Task 2), evaluate on TEST2",
             label_use="TEST labels (allowed in Task 2)",
+            warm_start="task2-step3",
         ),
         Step(
             "task2-step3",
@@ -160,8 +166,9 @@ def training_step(name: str) -> Step:
 
 def _check_sources() -> None:
     for step in STEPS.values():
-        if step.source is not None and step.source not in STEPS:
-            raise ValueError(f"step {step.name}: source {step.source!r} is not a declared step")
+        for other in (step.source, step.warm_start):
+            if other is not None and other not in STEPS:
+                raise ValueError(f"step {step.name}: {other!r} is not a declared step")
 
 
 _check_sources()

@@ -247,12 +247,14 @@ def optimize(
         if timeout is not None and time.perf_counter() - started > timeout:
             print(f"[{study.study_name}] timeout reached after {added} trials", flush=True)
             break
-        before = len(study.trials)
+        ran: list[optuna.trial.FrozenTrial] = []  # this call's trial (an enqueued one included)
         study.optimize(
-            objective, n_trials=1, catch=(Exception,), callbacks=[_progress_line(started)]
+            objective,
+            n_trials=1,
+            catch=(Exception,),
+            callbacks=[_progress_line(started), lambda _, trial, ran=ran: ran.append(trial)],
         )
-        last = study.get_trials(deepcopy=False)[before:]
-        if any(t.state in FINISHED for t in last):
+        if any(t.state in FINISHED for t in ran):
             added += 1
             failures = 0
         else:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from data_tools import Dataset
 from experiments.checkpoint import load_checkpoint
-from experiments.inference import autocast, predict_logits
+from experiments.inference import autocast, predict_logits, training_precision
 from experiments.preprocess import Preprocessing
 from experiments.settings import TrainConfig
 from models import create_model
@@ -133,6 +133,7 @@ def train_one_epoch(
     augment: nn.Module | None,
     generator: torch.Generator,
     progress: tqdm | None = None,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """One pass over the training images in random order; returns (mean loss, accuracy)."""
     model.train()
@@ -144,9 +145,9 @@ def train_one_epoch(
         x, y = images[batch], labels[batch]
         if augment is not None:
             x = augment(x)
-        with autocast(images.device):
+        with autocast(images.device, precision):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -199,6 +200,7 @@ def fit(
     """Train `cfg.model` on a split of `train_set`; stop early on validation loss; restore the best."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    precision = training_precision(cfg.precision, device)
     train_idx, val_idx = split_indices(
         train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
     )
@@ -245,6 +247,7 @@ def fit(
             augment,
             generator,
             progress,
+            precision,
         )
         val_loss, val_acc = evaluate(model, x_val, y_val, val_loss_fn)
         if progress is not None:
@@ -285,6 +288,7 @@ def fit(
         "split_seed": cfg.split_seed,
         "train_images": len(train_idx),
         "val_images": len(val_idx),
+        "precision_used": precision,
     }
     return FitResult(
         model, prep, cfg, history, best["epoch"], best["loss"], best["acc"], split, device

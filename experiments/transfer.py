@@ -57,13 +57,15 @@ def pretrained_run(step: Step, model: str, budget: Budget, create: bool = True) 
     )
     for key in NOT_INHERITED:
         settings.pop(key, None)  # a full-split run; its epochs come from the budget, like a final
-    settings.update(
-        polarity=polarity or settings.get("polarity", "keep"),
-        patience=budget.final_patience,
-        seed=budget.seed,
-    )
+    settings.pop("patience", None)  # like a final's: from the budget
+    settings.update(polarity=polarity or settings.get("polarity", "keep"), seed=budget.seed)
     key = pretrain_key(
-        {**settings, "final_images": budget.final_images, "final_epochs": budget.final_epochs}
+        {
+            **settings,
+            "final_images": budget.final_images,
+            "final_epochs": budget.final_epochs,
+            "final_patience": budget.final_patience,
+        }
     )
     found = results.runs(PRETRAIN.name, role="pretrain", pretrain_key=key)
     if not found.empty:
@@ -79,7 +81,7 @@ def pretrained_run(step: Step, model: str, budget: Budget, create: bool = True) 
 
 def _pretrain(model: str, settings: dict[str, Any], key: str, origin: str, budget: Budget) -> str:
     data = load_step_data(PRETRAIN)
-    cfg = resolve(model, base=settings, role={"epochs": budget.retrain_epochs(data.train_images)})
+    cfg = resolve(model, base=settings, role=budget.final_role({}, data.train_images))
     print(
         f"[{PRETRAIN.name}/{model}] pretraining on TRAIN with polarity {cfg.polarity} "
         f"(settings of {origin}), {cfg.epochs} epochs",

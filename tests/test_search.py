@@ -147,7 +147,8 @@ def test_budget_epochs_follow_the_image_budgets():
     assert budget.trial_epochs(28_800) == 3  # 4,000-image subset, 12,000 images
     assert budget.trial_epochs(2_400) == 5  # TRAIN3: the whole split is smaller than the subset
     assert budget.retrain_epochs(28_800) == 5 and budget.retrain_epochs(57_600) == 3
-    assert budget.retrain_epochs(2_400) == 30  # capped
+    assert budget.retrain_epochs(2_400) == 40  # capped at final_max_epochs
+    assert budget.final_role({}, 2_400)["patience"] == 40  # no early stopping: the whole schedule
     assert Budget(epochs=7, final_epochs=2).trial_epochs(100) == 7
     assert Budget(epochs=7, final_epochs=2).retrain_epochs(100) == 2
 

@@ -21,7 +21,7 @@ MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: promote predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -84,6 +84,17 @@ task%: $(STAMP) ## any declared step: its studies for MODELS (search, reuse, ret
 
 report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
 	$(PY) -m experiments report $(REPORT_FLAGS)
+
+promote: $(STAMP) ## register each task's champion in the MLflow Model Registry (glyph-task1/2 @champion)
+	$(PY) -m experiments promote
+
+IN ?=
+MODEL_URI ?= models:/glyph-task2@champion
+predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> with MODEL_URI (default the Task 2 champion)
+	$(PY) -m experiments predict $(IN) --model $(MODEL_URI) --out $(or $(OUT),predictions.csv)
+
+fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/bench.md
+	$(PY) -m experiments bench --only fidelity
 
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench

@@ -615,3 +615,51 @@ def read_dataset(root: str | os.PathLike, num_classes: int = 6) -> RawDataset:
     skip = len(str(root)) + 1
     files = tuple(path[skip:].replace(os.sep, "/") for path in paths)
     return RawDataset(images, labels, files)
+
+
+def _npy_files(folder: Path) -> list[str]:
+    """The `.npy` files directly inside `folder` (each checked like a dataset image entry)."""
+    check_folder(folder)
+    real = folder.resolve()
+    entries = [e for e in _scan(folder) if e.name.endswith(".npy")]
+    for entry in entries:
+        _check_image_entry(entry, real)
+    return [e.path for e in sorted(entries, key=lambda e: _natural_key(e.name))]
+
+
+def read_inputs(paths: Sequence[str | os.PathLike], num_classes: int = 6) -> RawDataset:
+    """Images to predict: `.npy` files, folders of them, or dataset folders with class folders.
+
+    Every file passes the same strict checks as a dataset's. Labels are the class
+    folder's (0-based) where a path is a dataset folder, -1 elsewhere. `files` are
+    the paths as given, in a stable order.
+    """
+    files: list[str] = []
+    labels: list[int] = []
+    for given in paths:
+        path = Path(given)
+        _require_utf8(str(path))
+        if path.is_dir() and any((path / str(k + 1)).is_dir() for k in range(num_classes)):
+            pairs = list_files(path, num_classes)
+            files += [p for p, _ in pairs]
+            labels += [label for _, label in pairs]
+        elif path.is_dir():
+            found = _npy_files(path)
+            if not found:
+                raise DatasetError(path, "no .npy files in this folder")
+            files += found
+            labels += [-1] * len(found)
+        elif path.name.endswith(".npy"):
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                raise DatasetError(path, _os_problem(exc)) from None
+            if not stat.S_ISREG(mode):
+                raise DatasetError(path, _not_regular(str(path)))
+            files.append(str(path))
+            labels.append(-1)
+        else:
+            raise DatasetError(path, "expected a .npy file or a folder")
+    blobs = read_all_bytes(files)
+    images = decode(files, blobs)
+    return RawDataset(images, np.asarray(labels, dtype=np.int64), tuple(files))

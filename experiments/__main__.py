@@ -140,6 +140,48 @@ def _shift(args: argparse.Namespace) -> None:
             )
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from experiments.predict import predict_files, selected_run, summary, write_csv
+
+    source = args.model
+    if "/" in source and "://" not in source and not source.startswith("models:"):
+        source = selected_run(*source.split("/", 1))
+    frame, labels = predict_files(args.paths, source)
+    write_csv(frame, Path(args.out))
+    print(f"wrote {args.out}: {len(frame):,} predictions")
+    numbers = summary(frame, labels)
+    if numbers:
+        line = f"accuracy {numbers['accuracy']:.4f} on {numbers['labelled']:,} labelled images"
+        if "coverage" in numbers:
+            line += (
+                f"; coverage {numbers['coverage']:.4f}, "
+                f"accuracy on answered {numbers['answered_accuracy']:.4f}"
+            )
+        print(line)
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from experiments.registry import ALIAS, promote
+
+    for task in args.task or (1, 2):
+        champion, version, created = promote(task)
+        state = "new version" if created else "already registered"
+        print(f"{champion.name} v{version} @{ALIAS} ({state}): {results_line(champion)}")
+
+
+def results_line(champion) -> str:
+    detector = ""
+    if champion.detector:
+        detector = f", detector {champion.detector['name']} > {champion.detector['threshold']:.4f}"
+    step, model = champion.run["tags.step"], champion.run["tags.model"]
+    return (
+        f"{step}/{model} run {champion.run_id[:12]}, selection (validation) accuracy "
+        f"{champion.selection_acc:.4f}{detector}"
+    )
+
+
 def _report(args: argparse.Namespace) -> None:
     from experiments.report import build_report, row_text
 
@@ -263,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shift.set_defaults(func=_shift)
 
+    predict = commands.add_parser("predict", help="apply a trained model to new .npy files")
+    predict.add_argument(
+        "paths", nargs="+", help=".npy files, folders of them, or dataset folders (class folders)"
+    )
+    predict.add_argument(
+        "--model",
+        default="models:/glyph-task2@champion",
+        help="an MLflow model URI (default models:/glyph-task2@champion; models:/NAME@ALIAS, "
+        "runs:/ID/model), a run id, or STEP/MODEL",
+    )
+    predict.add_argument("--out", default="predictions.csv", help="CSV (default predictions.csv)")
+    predict.set_defaults(func=_predict)
+
+    promote = commands.add_parser(
+        "promote", help="register each task's champion (glyph-task1, glyph-task2) @champion"
+    )
+    promote.add_argument("--task", type=int, action="append", choices=[1, 2])
+    promote.set_defaults(func=_promote)
+
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")
     report.add_argument(
@@ -288,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         action="append",
-        choices=["data", "train", "logging"],
-        help="run only these sections",
+        choices=["data", "train", "logging", "fidelity"],
+        help="run only these sections (fidelity: slow, trial-score vs final rank correlation)",
     )
     bench.set_defaults(func=_bench)
     return parser

@@ -289,12 +289,112 @@ def bench_reproduce() -> float:
         return time.perf_counter() - start
 
 
+FIDELITY_STUDIES = (("task2-step3", "resnet"), ("task1-step1", "hybrid"))
+FIDELITIES = {
+    # name: Budget changes; "final" is the reference every other fidelity is ranked against
+    "current (4,000-image subset, 12,000 images)": {},
+    "2x images (24,000) on the same subset": {"trial_images": 24_000},
+    "3x larger subset (12,000 images, 24,000 seen)": {
+        "train_subset": 12_000,
+        "trial_images": 24_000,
+    },
+    "half the images (6,000)": {"trial_images": 6_000},
+}
+
+
+def bench_fidelity(configs: int = 6, seed: int = 0):
+    """Rank correlation between each trial fidelity's validation accuracy and the same settings'
+    validation accuracy at the final budget, with the CPU seconds each fidelity costs.
+
+    For each study: the defaults plus `configs` settings drawn at random from the search space;
+    each trained at every fidelity of `FIDELITIES` and at the final budget (no MLflow).
+    """
+    import optuna
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from experiments.runner import load_step_data
+    from experiments.settings import resolve
+    from experiments.space import Budget, suggest
+    from experiments.steps import get_step
+    from experiments.train import fit
+
+    rows = []
+    for step_name, model in FIDELITY_STUDIES:
+        data = load_step_data(get_step(step_name))
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        candidates = [{}]
+        for _ in range(configs):
+            candidates.append(suggest(study.ask(), model))
+        scores: dict[str, list[float]] = {}
+        seconds: dict[str, float] = {}
+        for number, params in enumerate(candidates):
+            plans = {
+                name: Budget(**changes).trial_role(params, data.train_images, number)
+                for name, changes in FIDELITIES.items()
+            }
+            plans["final budget (reference)"] = Budget().final_role(params, data.train_images)
+            for name, role in plans.items():
+                cfg = resolve(model, searched=params, role=role)
+                start = time.perf_counter()
+                result = fit(cfg, data.train_set, label=f"fidelity {step_name}/{model} {number}")
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+                scores.setdefault(name, []).append(result.best_val_acc)
+        reference = scores["final budget (reference)"]
+        for name in scores:
+            rho = spearmanr(scores[name], reference).statistic if name in FIDELITIES else 1.0
+            rows.append(
+                {
+                    "study": f"{step_name}/{model}",
+                    "fidelity": name,
+                    "settings": len(candidates),
+                    "CPU seconds": seconds[name],
+                    "Spearman rho vs final": rho,
+                    "rho per CPU-minute": rho / (seconds[name] / 60)
+                    if name in FIDELITIES
+                    else None,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_fidelity(out: str | None = None) -> Path:
+    """reports/fidelity.md from `bench_fidelity`, and the same section in bench.md."""
+    frame = bench_fidelity()
+    text = "\n".join(
+        [
+            "## Trial fidelity: does a trial's score predict its final?",
+            "",
+            f"Machine: {_machine()}. For each study, the defaults and 6 random settings of the",
+            "search space, each trained at every trial fidelity and at the final budget (validation",
+            "accuracy on the same split; no evaluation set is read). Spearman rho ranks each",
+            "fidelity's scores against the final budget's.",
+            "",
+            frame.to_markdown(index=False, floatfmt=".3f", missingval=""),
+            "",
+        ]
+    )
+    folder = config.reports_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fidelity.md").write_text(text)
+    bench = folder / "bench.md"
+    old = bench.read_text() if bench.exists() else "# Benchmarks\n"
+    head, marker, rest = old.partition("## Trial fidelity")
+    tail = rest[rest.find("\n## ") :] if marker and "\n## " in rest else ""
+    bench.write_text(head.rstrip("\n") + "\n\n" + text + tail.lstrip("\n"))
+    print(text)
+    return folder / "fidelity.md"
+
+
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path:
     sections = sections or ["data", "train", "logging"]
+    if sections == ["fidelity"]:
+        return write_fidelity(out)
     targets: list[tuple[str, str, bool]] = []
     lines = [
         "# Benchmarks",
@@ -403,6 +503,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "- Not tried yet: `torch.compile` on CPU, a cheaper default VGG for the search.",
         "",
     ]
+    fidelity = config.reports_dir(out) / "fidelity.md"
+    if fidelity.exists():  # measured by `bench --only fidelity` (slow), kept across runs
+        lines += [fidelity.read_text(), ""]
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     print("targets:")
     for target, measured, met in targets:

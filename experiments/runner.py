@@ -7,6 +7,7 @@ KILLED, an error FAILED, each tagged with its `state` (and the reason).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import traceback
@@ -18,8 +19,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 
-from data_tools import Dataset, load_splits
+from data_tools import DERIVED, Dataset, load_splits
 from experiments import config, tracking
 from experiments.checkpoint import make_checkpoint
 from experiments.evaluation import plot_confusion, plot_curves, plot_misclassified
@@ -56,6 +59,32 @@ class RunOutcome:
     run_id: str
     metrics: dict[str, float]
     result: FitResult
+
+
+def _source_folder(name: str) -> Path:
+    """The raw folder a (raw or derived) set is read from."""
+    return config.data_dir() / (DERIVED[name][0][0] if name in DERIVED else name)
+
+
+def log_inputs(data: StepData, cfg: TrainConfig) -> None:
+    """The run's data lineage: its training, validation and evaluation sets as MLflow dataset
+    inputs, each with the project's data fingerprint as its digest."""
+    train = data.train_set
+    split = f"val_fraction={cfg.val_fraction},split_seed={cfg.split_seed}"
+    validation_digest = hashlib.sha256(f"{train.fingerprint}|{split}".encode()).hexdigest()
+    sets = [
+        (train.name, train.fingerprint, "train"),
+        (f"{train.name} validation split", validation_digest, "validation"),
+        *((name, ds.fingerprint, "evaluation") for name, ds in data.eval_sets.items()),
+    ]
+    with warnings.catch_warnings():  # a local folder matches two equivalent source types
+        warnings.simplefilter("ignore", UserWarning)
+        for name, digest, context in sets:
+            folder = _source_folder(name.split(" ")[0])
+            dataset = MetaDataset(
+                resolve_dataset_source(str(folder)), name=name, digest=digest[:16]
+            )
+            mlflow.log_input(dataset, context=context)
 
 
 def _epoch_sink(row: dict[str, float]) -> None:
@@ -102,6 +131,7 @@ def train_and_log(
     try:
         if on_start is not None:
             on_start(run.info.run_id)
+        log_inputs(data, cfg)
         mlflow.log_params(cfg.flat())
         result = fit(cfg, data.train_set, on_epoch=[_epoch_sink, *on_epoch], label=run_name)
         mlflow.log_params({f"split.{k}": v for k, v in result.split.items() if k not in cfg.flat()})

@@ -22,6 +22,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from experiments import config
+from experiments.steps import PRETRAIN, STEPS
 
 DATA_ANALYSIS_EXPERIMENT = "data-analysis"
 
@@ -44,21 +45,42 @@ def store_exists() -> bool:
     return Path(uri[len("sqlite:///") :]).exists()
 
 
+EXPERIMENT_NOTES = {
+    DATA_ANALYSIS_EXPERIMENT: "The three datasets: counts, backgrounds, figures.",
+    "task1-shift": "Task 1 without TEST labels: new-script detectors, selective prediction.",
+    "report": "The comparison report's files, one run per `make report`.",
+}
+
+
+def _note(name: str) -> str:
+    """The one-line description the MLflow UI shows for experiment `name`."""
+    if name in STEPS:
+        step = STEPS[name]
+        return f"{step.description}. Labels read: {step.label_use}."
+    if name == PRETRAIN.name:
+        return PRETRAIN.description
+    return EXPERIMENT_NOTES.get(name, "")
+
+
 def experiment_id(name: str) -> str:
-    """Get or create experiment `name`, with an absolute artifact location for a local store."""
+    """Get or create experiment `name`, with an absolute artifact location for a local store
+    and its description (the UI's note) set once."""
     init()
     client = MlflowClient()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
             client.restore_experiment(existing.experiment_id)
+        if _note(name) and "mlflow.note.content" not in existing.tags:
+            client.set_experiment_tag(existing.experiment_id, "mlflow.note.content", _note(name))
         return existing.experiment_id
     location = None
     if config.tracking_uri().startswith(("sqlite:", "file:")):
         folder = config.artifacts_dir() / name.replace("/", "_")
         location = folder.resolve().as_uri()
+    tags = {"mlflow.note.content": _note(name)} if _note(name) else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=tags)
     except mlflow.exceptions.MlflowException:
         # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id

@@ -1,0 +1,102 @@
+"""`predict` on new files: the logged accuracy reproduced, strict input, lineage in MLflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import runs_in
+
+from experiments.__main__ import main
+from experiments.driver import run_step
+from experiments.space import Budget
+
+TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=2, warmup_epochs=0)
+
+
+@pytest.fixture
+def final_run(study_data):
+    return run_step("task2-step3", "vgg", Budget(**TINY))
+
+
+def test_predict_on_a_dataset_folder_reproduces_the_logged_accuracy(
+    final_run, study_data, tmp_path, capsys
+):
+    out = tmp_path / "pred.csv"
+    code = main(
+        ["predict", str(study_data / "TEST2"), "--model", final_run.final_run_id, "--out", str(out)]
+    )
+    assert code == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == 120 and set(frame["predicted"]) <= set(range(1, 7))
+    labels = frame["path"].str.extract(r"TEST2/(\d)/")[0].astype(int)
+    accuracy = float((frame["predicted"] == labels).mean())
+    assert accuracy == pytest.approx(final_run.final_metrics["TEST2_acc"])
+    assert f"accuracy {accuracy:.4f} on 120 labelled images" in capsys.readouterr().out
+    assert np.allclose(frame[[f"prob_{k}" for k in range(1, 7)]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_predict_on_loose_files_and_by_step_and_model(final_run, study_data, tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, source in enumerate(sorted((study_data / "TEST2" / "3").glob("*.npy"))[:5]):
+        (loose / f"x{i}.npy").write_bytes(source.read_bytes())
+    out = tmp_path / "loose.csv"
+    assert (
+        main(
+            [
+                "predict",
+                str(loose),
+                str(loose / "x0.npy"),
+                "--model",
+                "task2-step3/vgg",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    frame = pd.read_csv(out)
+    assert len(frame) == 6 and frame["path"].iloc[-1].endswith("x0.npy")
+
+
+def test_a_bad_file_is_one_line_and_nothing_is_written(final_run, study_data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.npy").write_bytes((study_data / "TEST2" / "1" / "img_0.npy").read_bytes())
+    (bad / "b.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    out = tmp_path / "never.csv"
+    code = main(["predict", str(bad), "--model", final_run.final_run_id, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "b.npy" in err[0]
+    assert not out.exists()
+    code = main(["predict", str(bad / "a.npy"), "--model", "0" * 32, "--out", str(out)])
+    assert code == 2 and "cannot load" in capsys.readouterr().err and not out.exists()
+
+
+def test_every_run_records_its_datasets_as_mlflow_inputs(final_run):
+    run = runs_in("task2-step3", "tags.role = 'final'")[0]
+    inputs = {
+        (d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context"))
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        ("TRAIN3", "train"),
+        ("TRAIN3 validation split", "validation"),
+        ("TEST2", "evaluation"),
+    }
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert run.data.tags["data.TEST2_fingerprint"].startswith(digests["TEST2"])
+
+
+def test_every_experiment_carries_its_step_description(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from experiments import tracking
+    from experiments.steps import STEPS
+
+    for name in ("task2-step3", "task2-pretrain", "report"):
+        experiment_id = tracking.experiment_id(name)
+        experiment = MlflowClient().get_experiment(experiment_id)
+        note = experiment.tags["mlflow.note.content"]
+        assert note and (name not in STEPS or note.startswith(STEPS[name].description))

@@ -1,0 +1,133 @@
+"""The Model Registry: champions promoted once, loaded by alias, served over REST."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_tools import load_split
+from experiments import config, tracking
+from experiments.driver import run_step
+from experiments.registry import ALIAS, choose, promote
+from experiments.space import Budget
+
+TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=2, warmup_epochs=0)
+
+
+@pytest.fixture
+def studies(study_data):
+    for model in ("vgg", "hybrid"):
+        run_step("task2-step3", model, Budget(**TINY))
+    run_step("task1-step1", "resnet", Budget(**TINY))
+    return study_data
+
+
+def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
+    task2, version, created = promote(2)
+    assert created and version == "1"
+    again, version_again, created_again = promote(2)
+    assert not created_again and version_again == "1" and again.run_id == task2.run_id
+    client = MlflowClient()
+    registered = client.get_model_version_by_alias("glyph-task2", ALIAS)
+    assert registered.tags["source_run"] == task2.run_id
+    assert registered.tags["selection_rule"].startswith("task2-step3 study answer")
+    assert "data.TEST2_fingerprint" in registered.tags
+    model = mlflow.pyfunc.load_model(f"models:/glyph-task2@{ALIAS}")
+    test2 = load_split("TEST2", studies)
+    frame = model.predict(test2.images.numpy())
+    accuracy = float((frame["predicted"].to_numpy() - 1 == test2.labels.numpy()).mean())
+    logged = client.get_run(task2.run_id).data.metrics["TEST2_acc"]
+    assert accuracy == logged  # the registered model reproduces its run's number exactly
+
+    task1, _, _ = promote(1)
+    assert task1.detector["name"] == "max_softmax" and 0 < task1.detector["threshold"] < 1
+    frame = mlflow.pyfunc.load_model(f"models:/glyph-task1@{ALIAS}").predict(
+        load_split("TEST", studies).images.numpy()
+    )
+    assert {"detector_score", "unknown"} <= set(frame.columns)
+    assert (
+        frame["unknown"].to_numpy().any()
+        or frame["detector_score"].max() <= task1.detector["threshold"]
+    )
+
+
+def _permute(folder):
+    shutil.move(folder / "1", folder / "tmp")
+    for label in range(2, 7):
+        shutil.move(folder / str(label), folder / str(label - 1))
+    shutil.move(folder / "tmp", folder / "6")
+
+
+def test_permuting_evaluation_labels_changes_no_champion(studies, monkeypatch, tmp_path):
+    first = {task: choose(task) for task in (1, 2)}
+    _permute(studies / "TEST2")
+    _permute(studies / "TEST")  # Task 1's evaluation set (task1-step1 trains on TRAIN only)
+    monkeypatch.setenv("MLRUNS_DIR", str(tmp_path / "mlruns-permuted"))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache-permuted"))
+    for model in ("vgg", "hybrid"):
+        run_step("task2-step3", model, Budget(**TINY))  # TRAIN3 is TEST's white half: retrained
+    run_step("task1-step1", "resnet", Budget(**TINY))
+    second = {task: choose(task) for task in (1, 2)}
+    assert second[1].run["tags.model"] == first[1].run["tags.model"]
+    assert second[1].selection_acc == first[1].selection_acc
+    assert second[1].detector == first[1].detector
+    assert second[2].run["tags.model"] == first[2].run["tags.model"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_champion_answers_over_rest(studies, tmp_path):
+    champion, _, _ = promote(2)
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)  # mlflow starts uvicorn from PATH
+    path = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": config.tracking_uri(), "PATH": path}
+    mlflow_cli = os.path.join(bin_dir, "mlflow")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen(
+        [mlflow_cli, "models", "serve", "-m", f"models:/glyph-task2@{ALIAS}",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        images = load_split("TEST2", studies).images[:16].numpy()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            served = json.loads(response.read())["predictions"]
+        tracking.init()
+        local = mlflow.pyfunc.load_model(f"models:/glyph-task2@{ALIAS}").predict(images)
+        assert [row["predicted"] for row in served] == local["predicted"].tolist()
+    except Exception:
+        log.flush()
+        print((tmp_path / "serve.log").read_text()[-3000:])
+        raise
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -97,15 +97,6 @@ def _folder_state(root: Path, num_classes: int) -> _FolderState:
     return _FolderState(digest.hexdigest(), frozenset(files), len(files))
 
 
-def stat_key(root: Path, num_classes: int) -> str:
-    """Hash of the name, size, mtime, ctime and inode of every entry under `root` (two levels).
-
-    Every entry counts, valid or not, so any added, removed, renamed or
-    rewritten file changes the key. One `stat` per file, no reading.
-    """
-    return _folder_state(root, num_classes).key
-
-
 def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of the images' and labels' bytes: the data fingerprint that runs record."""
     digest = hashlib.sha256()

@@ -52,10 +52,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from experiments.driver import run_step
+    from experiments.driver import check_settings, run_step
     from experiments.report import row_text
     from experiments.settings import parse_overrides
     from experiments.space import default_budget
+    from experiments.steps import training_step
 
     budget = default_budget(
         trials=args.trials,
@@ -67,7 +68,11 @@ def _search(args: argparse.Namespace) -> None:
         score_trials=args.score_trials or None,
         overrides=parse_overrides(args.set or []),
     )
-    for model in args.model or list(MODELS):
+    models = args.model or list(MODELS)
+    step = training_step(args.step)
+    for model in models:  # every model's settings are checked before the first study starts
+        check_settings(step, model, budget)
+    for model in models:
         result = run_step(args.step, model, budget, storage_url=args.storage, workers=args.workers)
         acc = {
             k: v
@@ -143,12 +148,9 @@ def _shift(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from experiments.predict import predict_files, selected_run, summary, write_csv
+    from experiments.predict import predict_files, resolve_source, summary, write_csv
 
-    source = args.model
-    if "/" in source and "://" not in source and not source.startswith("models:"):
-        source = selected_run(*source.split("/", 1))
-    frame, labels = predict_files(args.paths, source)
+    frame, labels = predict_files(args.paths, resolve_source(args.model))
     write_csv(frame, Path(args.out))
     print(f"wrote {args.out}: {len(frame):,} predictions")
     numbers = summary(frame, labels)

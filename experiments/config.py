@@ -27,7 +27,6 @@ from sqlalchemy.engine import make_url
 
 from data_tools.paths import PROJECT_ROOT, cache_dir, data_dir, env_path, reports_dir
 
-NUM_CLASSES = 6
 __all__ = [
     "PROJECT_ROOT",
     "artifacts_dir",

@@ -15,12 +15,14 @@ sets are scored after training, for the record.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from experiments import config, results, study, tracking, transfer
 from experiments.checkpoint import load_checkpoint
@@ -41,12 +43,16 @@ class StudyResult:
     final_metrics: dict[str, float]
 
 
-def base_settings(step: Step, model: str, budget: Budget, create: bool) -> dict[str, Any]:
-    """What a run of `step` starts from before any search: a fine-tune's pretrained model and
-    the fine-tunes' hand-set defaults (every one of which a fine-tuning trial searches)."""
+def base_settings(
+    step: Step, model: str, budget: Budget, create: bool, run_id: str | None = None
+) -> dict[str, Any]:
+    """What a run of `step` starts from before any search: a fine-tune's pretrained model
+    (`run_id`, else found or made) and the fine-tunes' hand-set defaults (every one of which a
+    fine-tuning trial searches)."""
     if step.kind != "fine_tune":
         return {}
-    return {**transfer.fine_tune_base(step, model, budget, create=create), **FINE_TUNE_DEFAULTS}
+    pretrained = transfer.fine_tune_base(step, model, budget, create=create, run_id=run_id)
+    return {**pretrained, **FINE_TUNE_DEFAULTS}
 
 
 class _Defaults:
@@ -110,12 +116,19 @@ def run_config(
     )
 
 
+PRETRAINED = "pretrained run (found or made when the step runs)"
+
+
 def check_settings(step: Step, model: str, budget: Budget) -> TrainConfig:
-    """Resolve the step's fixed and the user's settings alone: a bad key or value, or a `--set`
-    that contradicts the step, stops the command before any data, run or study is made."""
-    cfg = run_config(step, model, budget, {}, {}, step.role_settings)
-    if cfg.init_from:
-        load_checkpoint(cfg.init_from)  # a file that is not a checkpoint stops here
+    """Resolve the step's fixed and the user's settings alone: a bad key or value, a `--set`
+    that contradicts the step, or an `init_from` that is not a checkpoint of this model
+    stops the command before any data, run or study is made."""
+    base = {"init_from": PRETRAINED} if step.kind == "fine_tune" else {}
+    cfg = run_config(step, model, budget, base, {}, step.role_settings)
+    if cfg.init_from and cfg.init_from != PRETRAINED:
+        source = load_checkpoint(cfg.init_from).checkpoint["model"]
+        if source != model:
+            raise ValueError(f"init_from {cfg.init_from}: a {source} checkpoint, not {model}")
     return cfg
 
 
@@ -241,7 +254,7 @@ def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | Non
     stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
     if stale:
         print(f"[{handle.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
-    orphans = end_orphans(step, handle.study_name)
+    orphans = [] if study.is_rdb(storage_url) else end_orphans(step, handle.study_name)
     if orphans:
         print(f"[{handle.study_name}] ended interrupted runs {orphans} as KILLED", flush=True)
     parent = study.ensure_parent_run(
@@ -251,15 +264,17 @@ def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | Non
 
 
 def end_orphans(step: Step, name: str) -> list[str]:
-    """End the study's `final` and parent runs left RUNNING by a process that died.
+    """End the study's parent, `final` and `baseline` runs left RUNNING by a process that died.
 
-    Called by the launcher before it starts anything, like `fail_stale_trials`:
-    no other process of this study is alive then (trials are handled there).
+    Called by the launcher before it starts anything, like `fail_stale_trials`, and
+    only with the single-machine journal storage: then no other process of this
+    study is alive (trials are handled there). With a shared RDB another machine's
+    launcher may be running them, so they are left alone.
     """
     client = MlflowClient()
     ended = []
     for _, run in results.running(step.name, name).iterrows():
-        if results.tag(run, "role") in ("final", "study"):
+        if results.tag(run, "role") in ("final", "study", "baseline"):
             tracking.mark_interrupted(client, run["run_id"])
             ended.append(f"{results.tag(run, 'role')} {run['run_id'][:8]}")
     return ended
@@ -276,20 +291,18 @@ def search_step(
 ) -> StudyResult:
     """A study until it holds `budget.trials` finished trials, then its best trial retrained."""
     handle, parent = prepare_study(step, model, budget, storage_url)
-    base = base_settings(step, model, budget, create=True)  # before any worker starts
-    if base.get("init_from"):
-        MlflowClient().set_tag(parent, "pretrained_run", base["init_from"])
-    if not handle.trials:  # trial 0 of every study: the hand-set defaults
-        handle.enqueue_trial(
-            default_trial_params(step, model, budget, base), user_attrs={"defaults": True}
-        )
-        warm_start(handle, step, model, budget, storage_url, parent)
-    finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
-    remaining = max(0, budget.trials - finished)
-    print(f"[{handle.study_name}] {finished} finished trials, running {remaining} more", flush=True)
     try:
+        base = study_base(handle, step, model, budget, parent)  # before any worker starts
+        enqueue_starts(handle, step, model, budget, storage_url, parent, base)
+        finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
+        remaining = max(0, budget.trials - finished)
+        print(
+            f"[{handle.study_name}] {finished} finished trials, running {remaining} more",
+            flush=True,
+        )
         if remaining and workers > 1:
-            study.spawn_workers(step.name, model, budget, storage_url, remaining, workers)
+            entry = [sys.executable, "-m", "experiments", "worker"]  # runs `worker_main`
+            study.spawn_workers(entry, step.name, model, budget, storage_url, remaining, workers)
         elif remaining:
             objective = make_objective(data, model, parent, budget, base)
             study.optimize(handle, objective, remaining, budget.timeout)
@@ -297,6 +310,38 @@ def search_step(
     except BaseException as exc:
         study.end_parent(parent, exc)
         raise
+
+
+def study_base(
+    handle: optuna.Study, step: Step, model: str, budget: Budget, parent: str
+) -> dict[str, Any]:
+    """The study's base settings; a fine-tune study keeps the pretrained run it started from."""
+    pretrained = handle.user_attrs.get("pretrained_run")
+    base = base_settings(step, model, budget, create=True, run_id=pretrained)
+    if base.get("init_from") and pretrained is None:
+        handle.set_user_attr("pretrained_run", base["init_from"])
+        MlflowClient().set_tag(parent, "pretrained_run", base["init_from"])
+    return base
+
+
+def enqueue_starts(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    parent: str,
+    base: dict[str, Any],
+) -> None:
+    """Trial 0 is the hand-set defaults, then the warm start; each enqueued again if a crash
+    left it FAIL, so a resumed study never loses them."""
+    alive = [t for t in handle.trials if t.state != TrialState.FAIL]
+    if not any(t.user_attrs.get("defaults") for t in alive):
+        handle.enqueue_trial(
+            default_trial_params(step, model, budget, base), user_attrs={"defaults": True}
+        )
+    if not any(t.user_attrs.get("warm_start_from") for t in alive):
+        warm_start(handle, step, model, budget, storage_url, parent)
 
 
 def worker_main(
@@ -308,7 +353,7 @@ def worker_main(
     step = training_step(step_name)
     handle = study.join_study(step.name, model, budget, index)
     parent = handle.user_attrs["mlflow_parent_run_id"]
-    base = base_settings(step, model, budget, create=False)
+    base = base_settings(step, model, budget, False, handle.user_attrs.get("pretrained_run"))
     objective = make_objective(load_step_data(step), model, parent, budget, base)
     return study.optimize(handle, objective, quota, budget.timeout)
 
@@ -335,9 +380,10 @@ def finish_study(
     study.tag_best_trials(handle, best)
     final_run_id = handle.user_attrs.get("final_run_id")
     final_metrics: dict[str, float] = {}
-    if final and (final_run_id is None or handle.user_attrs.get("final_of_trial") != best.number):
-        role = budget.final_role(best.params, data.train_images)
-        cfg = run_config(step, model, budget, base, best.params, role)
+    role = budget.final_role(best.params, data.train_images)
+    cfg = run_config(step, model, budget, base, best.params, role)
+    key = transfer.pretrain_key(cfg.flat())  # a new budget, seed or --set: a new final
+    if final and (final_run_id is None or handle.user_attrs.get("final_key") != key):
         print(
             f"[{handle.study_name}] retraining trial {best.number} on the full training split",
             flush=True,
@@ -345,6 +391,7 @@ def finish_study(
         outcome = train_final(data, cfg, handle.study_name, best.number, parent)
         handle.set_user_attr("final_run_id", outcome.run_id)
         handle.set_user_attr("final_of_trial", best.number)
+        handle.set_user_attr("final_key", key)
         final_run_id, final_metrics = outcome.run_id, outcome.metrics
     elif final_run_id:
         final_metrics = results.run_metrics(final_run_id)
@@ -391,6 +438,13 @@ def train_baseline(
     return outcome.run_id, outcome.metrics
 
 
+def _answers(frame) -> set[str]:
+    """Run ids of a study's earlier finals and baselines (candidates of an earlier selection)."""
+    if frame.empty or "tags.role" not in frame:
+        return set()
+    return set(frame.loc[frame["tags.role"].isin(["final", "baseline"]), "run_id"])
+
+
 def select(
     handle: optuna.Study,
     parent: str,
@@ -408,7 +462,9 @@ def select(
     defaults = baseline_metrics.get("best_val_acc", -1.0)
     chosen = final_id if searched >= defaults else baseline_id
     client = MlflowClient()
-    for run_id in {final_id, baseline_id}:
+    step_name, model = handle.study_name.split("/", 1)
+    earlier = results.runs(step_name, model=model, state=None, study=handle.study_name)
+    for run_id in _answers(earlier) | {final_id, baseline_id}:  # one selected run per study
         client.set_tag(run_id, "selected", "true" if run_id == chosen else "false")
     client.set_tag(parent, "selected_run", chosen)
     client.set_tag(parent, "selected_role", "final" if chosen == final_id else "baseline")
@@ -443,14 +499,13 @@ def retrain_best(
     if best is None:
         raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")
     name = study.study_name(step.name, model)
-    end_orphans(step, name)
+    if not study.is_rdb(storage_url):
+        end_orphans(step, name)
+    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
+    cfg = run_config(step, model, budget, {}, best.params, role)
+    key = transfer.pretrain_key(cfg.flat())  # other settings (a --set, a seed): another run
     found = results.runs(
-        step.name,
-        model=model,
-        role="final",
-        study=name,
-        retrain_of_trial=str(best.number),
-        params_from=source_name,
+        step.name, model=model, role="final", study=name, params_from=source_name, retrain_key=key
     )
     if not found.empty:
         run = found.iloc[0]
@@ -458,14 +513,12 @@ def retrain_best(
         return StudyResult(
             name, "", best.number, best.params, best.value, run["run_id"], results.metrics_of(run)
         )
-    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
-    cfg = run_config(step, model, budget, {}, best.params, role)
     print(
         f"[{name}] retraining {source_name} trial {best.number}: "
         + ", ".join(f"{k}={v}" for k, v in step.role_settings.items()),
         flush=True,
     )
-    outcome = train_final(data, cfg, name, best.number, params_from=source_name)
+    outcome = train_final(data, cfg, name, best.number, params_from=source_name, retrain_key=key)
     return StudyResult(
         name, "", best.number, best.params, best.value, outcome.run_id, outcome.metrics
     )

@@ -63,7 +63,7 @@ class EnsembleResult:
 
 def final_runs(step: str) -> list[Member]:
     """The newest COMPLETE final run of each study of `step`."""
-    frame = results.final_runs(step)
+    frame = results.study_models(step)
     return [
         Member(row["run_id"], step, model, float(row.get("metrics.best_val_acc", np.nan)))
         for model, row in frame.iterrows()

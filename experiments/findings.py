@@ -205,16 +205,17 @@ def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
     best_single = singles.iloc[0]
     reached_single = int((singles["accuracy"] >= TARGET_TEST2).sum())
     lines.append(
-        f"- Best single model: **{best_single['accuracy']:.4f}** "
-        f"({best_single['step']}/{best_single['model']}); {reached_single} of {len(singles)} "
-        f"single-model cells reach {TARGET_TEST2}."
+        f"- Best single cell in hindsight (picked by its TEST2 accuracy, so context, not a "
+        f"result): {best_single['accuracy']:.4f} ({best_single['step']}/{best_single['model']}); "
+        f"{reached_single} of {len(singles)} single-model cells reach {TARGET_TEST2}."
     )
     best_overall = float(best_single["accuracy"])
     if not ensembles.empty:
         best = ensembles.loc[ensembles["accuracy"].fillna(0.0).idxmax()]
         reached = int((ensembles["accuracy"] >= TARGET_TEST2).sum())
         lines.append(
-            f"- Best ensemble: **{best['accuracy']:.4f}** ({best['ensemble']}, {best['k']} members"
+            f"- Best ensemble in hindsight (picked by TEST2): {best['accuracy']:.4f} "
+            f"({best['ensemble']}, {best['k']} members"
             f"{', TTA' if best['tta'] else ''}); {reached} of {len(ensembles)} ensemble rows "
             f"reach {TARGET_TEST2}."
         )
@@ -228,11 +229,14 @@ def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
                 )
         best_overall = max(best_overall, float(ensembles["accuracy"].max()))
     verdict = (
-        f"The target {TARGET_TEST2} is met."
+        f"Some row reaches {TARGET_TEST2} in hindsight"
         if best_overall >= TARGET_TEST2
-        else f"The target {TARGET_TEST2} is **not** met: the best is {best_overall:.4f}."
+        else f"No row reaches {TARGET_TEST2}, even in hindsight: the best is {best_overall:.4f}"
     )
-    lines.append(f"- {verdict}")
+    lines.append(
+        f"- {verdict}. Whether the target is met is the champion's number (chosen on validation "
+        "only): see the registry's Task 2 champion."
+    )
     return lines
 
 

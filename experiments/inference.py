@@ -33,9 +33,10 @@ def training_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
-def autocast(device: torch.device, precision: str = "fp32"):
-    """bf16 autocast on CUDA (always, for inference too) or where `precision` asks for it."""
-    enabled = device.type == "cuda" or precision == "bf16"
+def autocast(device: torch.device, precision: str | None = None):
+    """bf16 autocast where `precision` (a training run's resolved one) asks for it; for
+    prediction (`precision=None`) on CUDA only, so CPU predictions are fp32 everywhere."""
+    enabled = precision == "bf16" if precision is not None else device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -22,22 +22,34 @@ import pandas as pd
 
 from data_tools.reader import read_inputs
 from experiments import results, tracking
-from experiments.checkpoint import RUN_ID
+from experiments.checkpoint import RUN_ID, load_checkpoint
+from experiments.pyfunc_model import classify
+from experiments.steps import STEPS, training_step
 
 BATCH = 2048
 
 
 def model_uri(source: str) -> str:
     """An MLflow model URI for `source`: a URI as given, or a run id's logged model."""
-    if "://" in source or source.startswith("models:/"):
+    if source.startswith(("models:/", "runs:/")) or "://" in source:
         return source
     if RUN_ID.fullmatch(source):
         return f"runs:/{source}/model"
-    raise ValueError(f"--model {source}: expected an MLflow model URI or a run id")
+    raise ValueError(f"--model {source}: expected an MLflow model URI, a run id or STEP/MODEL")
+
+
+class _CheckpointModel:
+    """A run without a logged MLflow model (a trial, a `train` run): its checkpoint, same output."""
+
+    def __init__(self, run_id: str):
+        self.loaded = load_checkpoint(run_id)
+
+    def predict(self, images: np.ndarray) -> pd.DataFrame:
+        return classify(self.loaded, images)
 
 
 def load_model(source: str):
-    """The pyfunc model behind `source`; a one-line error when there is none."""
+    """The model behind `source` (its MLflow model, else a run's checkpoint); one-line errors."""
     tracking.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = model_uri(source)
@@ -45,6 +57,11 @@ def load_model(source: str):
         return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises several types for a missing model, run or alias
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if RUN_ID.fullmatch(source):
+            try:
+                return _CheckpointModel(source)
+            except (OSError, ValueError):
+                pass
         raise ValueError(f"--model {source}: cannot load {uri} ({first[:200]})") from None
 
 
@@ -81,9 +98,12 @@ def write_csv(frame: pd.DataFrame, out: Path) -> None:
     os.replace(tmp.name, out)
 
 
-def selected_run(step: str, model: str) -> str:
-    """A study's answer run id (for `--model STEP/MODEL` convenience)."""
-    run = results.final_run(step, model)
+def resolve_source(source: str) -> str:
+    """`STEP/MODEL` (a declared step's study answer) as a run id; anything else as given."""
+    step, slash, model = source.partition("/")
+    if not slash or step not in STEPS or source.startswith(("models:", "runs:")):
+        return source
+    run = results.final_run(training_step(step).name, model)
     if run is None:
-        raise ValueError(f"--model {step}/{model}: no finished study of that step and model")
+        raise ValueError(f"--model {source}: no finished study of that step and model")
     return run["run_id"]

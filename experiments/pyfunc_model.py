@@ -20,6 +20,30 @@ import pandas as pd
 import torch
 
 
+def classify(loaded, model_input) -> pd.DataFrame:
+    """One row per image of `model_input` (raw, in [0, 1]) for a loaded checkpoint."""
+    from experiments.inference import predict_logits
+
+    images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected images (N, 1, 28, 28), got {tuple(images.shape)}")
+    logits = predict_logits(loaded.model, loaded.preprocessing.transform(images))
+    probabilities = logits.softmax(1).numpy()
+    frame = pd.DataFrame(
+        probabilities, columns=[f"prob_{k + 1}" for k in range(probabilities.shape[1])]
+    )
+    frame.insert(0, "probability", probabilities.max(1))
+    frame.insert(0, "predicted", probabilities.argmax(1) + 1)
+    detector = loaded.checkpoint.get("detector")
+    if detector:
+        score = 1.0 - probabilities.max(1)  # max softmax, the detector the project ships
+        frame["detector_score"] = score
+        frame["unknown"] = score > float(detector["threshold"])
+    return frame
+
+
 class GlyphClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from experiments.checkpoint import load_checkpoint
@@ -27,27 +51,8 @@ class GlyphClassifier(mlflow.pyfunc.PythonModel):
         self.loaded = load_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-            raise ValueError(f"expected images (N, 1, 28, 28), got {tuple(images.shape)}")
-        from experiments.inference import predict_logits
-
-        x = self.loaded.preprocessing.transform(images)
-        logits = predict_logits(self.loaded.model, x)
-        probabilities = logits.softmax(1).numpy()
-        frame = pd.DataFrame(
-            probabilities, columns=[f"prob_{k + 1}" for k in range(probabilities.shape[1])]
-        )
-        frame.insert(0, "probability", probabilities.max(1))
-        frame.insert(0, "predicted", probabilities.argmax(1) + 1)
-        detector = self.loaded.checkpoint.get("detector")
-        if detector:
-            score = 1.0 - probabilities.max(1)  # max softmax; other detectors are added by name
-            frame["detector_score"] = score
-            frame["unknown"] = score > float(detector["threshold"])
-        return frame
+        return classify(self.loaded, model_input)
 
 
-mlflow.models.set_model(GlyphClassifier())
+if __name__ != "experiments.pyfunc_model":  # run as a model file by MLflow, not imported
+    mlflow.models.set_model(GlyphClassifier())

@@ -67,7 +67,7 @@ class Champion:
 def choose(task: int) -> Champion:
     """The champion of `task` by its rule (validation accuracy; ties: the smaller model)."""
     step = CHAMPION_STEP[task]
-    frame = results.final_runs(step)
+    frame = results.study_models(step)
     if frame.empty:
         raise RuntimeError(f"no {step} study has finished: run `make {step}` first")
     sizes = {

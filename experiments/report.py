@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from data_tools import load_split  # noqa: E402
-from experiments import config, ensemble, findings, results, tracking  # noqa: E402
+from experiments import config, ensemble, findings, registry, results, tracking  # noqa: E402
 from experiments.steps import STEPS, training_step  # noqa: E402
 from models import MODELS, title  # noqa: E402
 
@@ -216,6 +216,31 @@ def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+def champions_markdown() -> list[str]:
+    """The two champions first: their rule (validation only), selection and evaluation numbers."""
+    lines = ["## Champions (chosen on validation only; evaluation measured after)", ""]
+    for task, evaluated in ((1, "TEST"), (2, "TEST2")):
+        try:
+            champion = registry.choose(task)
+        except RuntimeError as exc:
+            lines.append(f"- Task {task}: no champion yet ({exc}).")
+            continue
+        metrics = results.metrics_of(champion.run)
+        detector = ""
+        if champion.detector:
+            detector = (
+                f"; detector {champion.detector['name']}, threshold "
+                f"{champion.detector['threshold']:.4f} from TRAIN validation"
+            )
+        lines.append(
+            f"- **Task {task}**: {results.tag(champion.run, 'step')}/"
+            f"{results.tag(champion.run, 'model')} (run {champion.run_id[:12]}), selection "
+            f"accuracy {champion.selection_acc:.4f}, **{evaluated} {metrics.get(f'{evaluated}_acc', float('nan')):.4f}**"
+            f"{detector}. Rule: {registry.RULES[task]}."
+        )
+    return ["", *lines, ""]
+
+
 def shift_metrics() -> dict[str, dict[str, float]]:
     """The newest `task1-shift` run's metrics per model (empty without `make task1-shift`)."""
     frame = results.runs(SHIFT_EXPERIMENT, state=None, newest=True, step=SHIFT_EXPERIMENT)
@@ -259,9 +284,12 @@ def build_report(
     shift = shift_metrics()
     figure = out_dir / "figures" / "label_efficiency.png"
     has_figure = findings.plot_label_efficiency(shift, figure)
+    title_line, _, body = to_markdown(cells).partition("\n")
     text = "\n".join(
         [
-            to_markdown(cells).rstrip("\n"),
+            title_line,
+            *champions_markdown(),
+            body.rstrip("\n"),
             *ensembles_markdown(frame),
             *findings.task2_section(cells, frame),
             *findings.task1_section(shift, "figures/label_efficiency.png" if has_figure else None),

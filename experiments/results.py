@@ -77,21 +77,21 @@ def runs(
 
 
 def study_models(experiment: str) -> pd.DataFrame:
-    """Each model's study answer in a step: its newest COMPLETE run tagged `selected=true`
-    (the best trial's retrain or the baseline, chosen on validation), else its newest final."""
+    """Each model's study answer in a step, indexed by model: the run its newest study parent
+    names in `selected_run` (the best trial's retrain or the baseline, chosen on validation)
+    when that run is COMPLETE, else the model's newest COMPLETE final."""
     frame = search(experiment, {"state": "COMPLETE"})
     if frame.empty or "tags.role" not in frame:
         return frame.iloc[0:0]
-    selected = frame.get("tags.selected", pd.Series(index=frame.index, dtype=object))
-    chosen = frame[(selected == "true") & frame["tags.role"].isin(["final", "baseline"])]
+    parents = search(experiment, {"role": "study"})
+    named = set()
+    if "tags.selected_run" in parents:
+        newest = parents.drop_duplicates(subset=["tags.model"], keep="first")
+        named = set(newest["tags.selected_run"].dropna())
+    chosen = frame[frame["run_id"].isin(named)]
     finals = frame[frame["tags.role"] == "final"]
     frame = pd.concat([chosen, finals]).drop_duplicates(subset=["tags.model"], keep="first")
     return frame.set_index("tags.model", drop=False)
-
-
-def final_runs(step: str) -> pd.DataFrame:
-    """The study answer of each model of `step` (see `study_models`), indexed by model."""
-    return study_models(step)
 
 
 def final_run(step: str, model: str) -> pd.Series | None:

@@ -62,8 +62,9 @@ class RunOutcome:
 
 
 def _source_folder(name: str) -> Path:
-    """The raw folder a (raw or derived) set is read from."""
-    return config.data_dir() / (DERIVED[name][0][0] if name in DERIVED else name)
+    """The raw folder a set is read from (the datasets folder for one made of several)."""
+    sources = DERIVED[name][0] if name in DERIVED else (name,)
+    return config.data_dir() / sources[0] if len(sources) == 1 else config.data_dir()
 
 
 def log_inputs(data: StepData, cfg: TrainConfig) -> None:

@@ -268,9 +268,18 @@ def optimize(
 
 
 def spawn_workers(
-    step: str, model: str, budget: Budget, storage_url: str | None, remaining: int, workers: int
+    entry: list[str],
+    step: str,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    remaining: int,
+    workers: int,
 ) -> None:
-    """Split `remaining` trials over `workers` processes sharing the study storage; wait for all."""
+    """Split `remaining` trials over `workers` processes sharing the study storage; wait for all.
+
+    `entry` is the command that starts one worker (the driver's), given its options here.
+    """
     workers = min(workers, remaining)
     threads = max(1, (os.cpu_count() or 1) // workers)
     quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
@@ -280,7 +289,7 @@ def spawn_workers(
     procs = []
     for index, quota in enumerate(quotas):
         command = [
-            sys.executable, "-m", "experiments", "worker",
+            *entry,
             "--step", step, "--model", model, "--quota", str(quota),
             "--threads", str(threads), "--index", str(index), "--budget", json.dumps(asdict(budget)),
         ]  # fmt: skip

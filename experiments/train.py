@@ -133,7 +133,7 @@ def train_one_epoch(
     augment: nn.Module | None,
     generator: torch.Generator,
     progress: tqdm | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> tuple[float, float]:
     """One pass over the training images in random order; returns (mean loss, accuracy)."""
     model.train()

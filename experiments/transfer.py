@@ -101,10 +101,12 @@ def _pretrain(model: str, settings: dict[str, Any], key: str, origin: str, budge
     return outcome.run_id
 
 
-def fine_tune_base(step: Step, model: str, budget: Budget, create: bool = False) -> dict[str, Any]:
-    """The base settings of every fine-tune of `model`: the pretrained weights, architecture,
-    normalization and polarity, and the fixed fine-tuning optimiser."""
-    run_id = pretrained_run(step, model, budget, create=create)
+def fine_tune_base(
+    step: Step, model: str, budget: Budget, create: bool = False, run_id: str | None = None
+) -> dict[str, Any]:
+    """The base settings of every fine-tune of `model`: the pretrained weights (`run_id`, else
+    found or made), architecture, normalization and polarity, and the fixed fine-tuning optimiser."""
+    run_id = run_id or pretrained_run(step, model, budget, create=create)
     checkpoint = load_checkpoint(run_id).checkpoint
     config = checkpoint["config"]
     return {

@@ -55,3 +55,13 @@ def write_study_data(root: Path, per_class: int = 20) -> Path:
     write_dataset(root / "TEST", per_class, 0.5, seed=2)
     write_dataset(root / "TEST2", per_class, 1.0, seed=3)
     return root
+
+
+def permute_labels(folder: Path) -> None:
+    """Rotate the class folders of a dataset folder: every image's label changes."""
+    import shutil
+
+    shutil.move(folder / "1", folder / "tmp")
+    for label in range(2, 7):
+        shutil.move(folder / str(label), folder / str(label - 1))
+    shutil.move(folder / "tmp", folder / "6")

@@ -20,3 +20,15 @@ def test_flop_count_grows_with_width_and_is_linear_in_batch():
     # conv FLOPs scale with in x out channels: doubling the width roughly quadruples them
     assert 3.0 * narrow < wide < 4.5 * narrow
     assert step_flops("vgg", 16, width=8) == pytest.approx(2 * narrow)
+
+
+def test_fidelity_bench_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):
+    import experiments.bench as bench
+
+    monkeypatch.setattr(bench, "FIDELITY_STUDIES", (("task2-step3", "hybrid"),))
+    frame = bench.bench_fidelity(configs=2)
+    names = set(frame["fidelity"])
+    assert set(bench.FIDELITIES) < names and "final budget (reference)" in names
+    assert (frame["settings"] == 3).all()  # the defaults and two drawn settings
+    rho = frame.set_index("fidelity")["Spearman rho vs final"]
+    assert rho["final budget (reference)"] == 1.0

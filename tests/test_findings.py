@@ -110,9 +110,10 @@ def test_task2_verdict_follows_the_best_number(singles, ensembles, met):
     text = "\n".join(task2_section(_cells(*singles), _ensembles(*ensembles)))
     best = max([*singles, *(acc for _, acc in ensembles)])
     if met:
-        assert "The target 0.99 is met." in text
+        assert "Some row reaches 0.99 in hindsight" in text
     else:
-        assert f"**not** met: the best is {best:.4f}" in text
+        assert f"No row reaches 0.99, even in hindsight: the best is {best:.4f}" in text
+    assert "hindsight (picked by its TEST2 accuracy" in text
     assert f"{sum(a >= 0.99 for a in singles)} of {len(singles)} single-model cells" in text
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import urllib.request
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from synthetic import permute_labels
 
 from data_tools import load_split
 from experiments import config, tracking
@@ -61,17 +61,10 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
     )
 
 
-def _permute(folder):
-    shutil.move(folder / "1", folder / "tmp")
-    for label in range(2, 7):
-        shutil.move(folder / str(label), folder / str(label - 1))
-    shutil.move(folder / "tmp", folder / "6")
-
-
 def test_permuting_evaluation_labels_changes_no_champion(studies, monkeypatch, tmp_path):
     first = {task: choose(task) for task in (1, 2)}
-    _permute(studies / "TEST2")
-    _permute(studies / "TEST")  # Task 1's evaluation set (task1-step1 trains on TRAIN only)
+    permute_labels(studies / "TEST2")
+    permute_labels(studies / "TEST")  # Task 1's evaluation set (task1-step1 trains on TRAIN only)
     monkeypatch.setenv("MLRUNS_DIR", str(tmp_path / "mlruns-permuted"))
     monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache-permuted"))
     for model in ("vgg", "hybrid"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import optuna
 import pandas as pd
 import pytest
 from conftest import runs_in
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from synthetic import permute_labels
 
 from experiments import tracking
 from experiments.driver import run_step
@@ -103,19 +102,11 @@ def test_report_builds_table_from_runs(study_data, tmp_path):
     assert (out / "comparison.png").stat().st_size > 0
 
 
-def _permute_labels(folder):
-    """Rotate the class folders of an evaluation set: every label changes."""
-    shutil.move(folder / "1", folder / "tmp")
-    for label in range(2, 7):
-        shutil.move(folder / str(label), folder / str(label - 1))
-    shutil.move(folder / "tmp", folder / "6")
-
-
 def test_selection_ignores_evaluation_labels(study_data, monkeypatch, tmp_path):
     budget = Budget(**{**TINY, "trials": 3})
     first = run_step("task1-step1", "vgg", budget, final=False)
-    _permute_labels(study_data / "TEST")
-    _permute_labels(study_data / "TEST2")
+    permute_labels(study_data / "TEST")
+    permute_labels(study_data / "TEST2")
     monkeypatch.setenv("MLRUNS_DIR", str(tmp_path / "mlruns-permuted"))
     second = run_step("task1-step1", "vgg", budget, final=False)
     assert (second.best_trial, second.best_params, second.best_val_acc) == (

@@ -153,7 +153,7 @@ def warm_start(
     except KeyError:
         return
     best = study.best_complete_trial(source)
-    if best is None:
+    if best is None or best.user_attrs.get("defaults"):  # the defaults are trial 0 already
         return
     keep = pinned(step, model, budget)
     params = {k: v for k, v in best.params.items() if k not in keep}

@@ -61,6 +61,7 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
     )
 
 
+@pytest.mark.slow  # trains six tiny studies twice
 def test_permuting_evaluation_labels_changes_no_champion(studies, monkeypatch, tmp_path):
     first = {task: choose(task) for task in (1, 2)}
     permute_labels(studies / "TEST2")

@@ -134,9 +134,10 @@ def to_markdown(cells: pd.DataFrame) -> str:
     lines = [
         "# Comparison: best run of every study",
         "",
-        "Each cell: evaluation accuracy of the study's final run (its best COMPLETE trial, by",
-        "validation accuracy on the training set's split, retrained on the whole split);",
-        "in brackets the reference notebooks' number and the difference. Empty: no study yet.",
+        "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
+        "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
+        "whichever has the higher validation accuracy; in brackets the reference notebooks' number",
+        "and the difference. Empty: no finished study yet.",
         "",
         comparison_table(cells).to_markdown(index=False),
         "",

@@ -360,13 +360,17 @@ def bench_fidelity(configs: int = 6, seed: int = 0):
 
 
 def write_fidelity(out: str | None = None) -> Path:
-    """reports/fidelity.md from `bench_fidelity`, and the same section in bench.md."""
-    frame = bench_fidelity()
+    """reports/fidelity.md from `bench_fidelity`, and the same section in bench.md.
+
+    `FIDELITY_CONFIGS` (default 6) sets how many random settings join the defaults.
+    """
+    configs = int(os.environ.get("FIDELITY_CONFIGS", "6"))
+    frame = bench_fidelity(configs)
     text = "\n".join(
         [
             "## Trial fidelity: does a trial's score predict its final?",
             "",
-            f"Machine: {_machine()}. For each study, the defaults and 6 random settings of the",
+            f"Machine: {_machine()}. For each study, the defaults and {configs} random settings of the",
             "search space, each trained at every trial fidelity and at the final budget (validation",
             "accuracy on the same split; no evaluation set is read). Spearman rho ranks each",
             "fidelity's scores against the final budget's.",
@@ -387,8 +391,25 @@ def write_fidelity(out: str | None = None) -> Path:
     return folder / "fidelity.md"
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and its bf16 support, read at run time (Linux; else the platform)."""
+    from experiments.inference import cpu_has_bf16
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(
+            line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} ({'with' if cpu_has_bf16() else 'without'} native bf16)"
+
+
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (
+        f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path:

@@ -43,8 +43,8 @@ lock: ## refresh requirements.lock from a fresh resolve of pyproject.toml's rang
 	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^glyph-shift' > requirements.lock
 	rm -rf .venv-lock
 
-test: $(STAMP) ## run the fast test suite (slow tests: make test-all)
-	$(PY) -m pytest -q
+test: $(STAMP) ## run the fast test suite on two processes, one thread each (slow tests: make test-all)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q -m ''

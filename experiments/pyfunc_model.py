@@ -50,7 +50,9 @@ class GlyphClassifier(mlflow.pyfunc.PythonModel):
 
         self.loaded = load_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # An ndarray hint: MLflow validates nothing from it (the logged signature does) and, unlike
+    # no hint, does not print its advice on type hints at every load.
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         return classify(self.loaded, model_input)
 
 

@@ -164,30 +164,28 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(study_data, monkeypatch):
     assert failed[0].data.tags["fail_reason"] == "diverged"
 
 
-def test_kill_9_during_the_final_then_resume_leaves_no_running_run(study_data):
+def test_kill_9_during_the_final_then_resume_leaves_no_running_run(study_data, tmp_path):
     env = {**os.environ, "CI": "1"}
     command = [
         sys.executable, "-m", "experiments", "search", "--step", "task2-step3", "--model", "vgg",
         "--trials", "1", "--epochs", "1", "--train-subset", "0",
     ]  # fmt: skip
     long_final = [*command, "--final-epochs", "400", "--set", "patience=1000"]
-    proc = subprocess.Popen(
-        long_final, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    out, err = tmp_path / "search.out", tmp_path / "search.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(long_final, env=env, stdout=stdout, stderr=stderr)
     final = None
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while time.time() < deadline and final is None:
         time.sleep(0.5)
-        if not (config.mlruns_dir() / "mlflow.db").exists():
+        assert proc.poll() is None, f"the search exited ({proc.returncode}): {err.read_text()}"
+        # The search prints this once its tracking database and parent run exist: only then
+        # does this test open the store, so the two processes never race to create it.
+        if "finished trials" not in out.read_text():
             continue
-        try:  # read only: the search process creates the experiment, never this test
-            client = MlflowClient(config.tracking_uri())
-            experiment = client.get_experiment_by_name("task2-step3")
-            found = experiment and client.search_runs(
-                [experiment.experiment_id], "tags.role = 'final'"
-            )
-        except Exception:  # the database is being created by the search
-            continue
+        client = MlflowClient(config.tracking_uri())
+        experiment = client.get_experiment_by_name("task2-step3")
+        found = client.search_runs([experiment.experiment_id], "tags.role = 'final'")
         final = found[0] if found else None
     assert final is not None, "the final retrain did not start in time"
     time.sleep(1.0)

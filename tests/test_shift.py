@@ -26,7 +26,7 @@ def test_mahalanobis_scores_far_points_higher():
 
 
 def test_shift_command_on_tiny_data(study_data, tmp_path):
-    run_step("task1-step1", "vgg", Budget(trials=1, epochs=3, train_subset=0, final_epochs=3))
+    run_step("task1-step1", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     results = run_shift(("vgg",))
     metrics = results["vgg"].metrics
     # TEST is half each script (60 + 60 images): overall accuracy is the mean of the halves
@@ -83,7 +83,7 @@ def test_self_training_uses_only_confident_class_balanced_pseudo_labels(study_da
     from experiments.checkpoint import load_checkpoint
     from experiments.shift import self_train
 
-    run = run_step("task1-step1", "vgg", Budget(trials=1, epochs=3, train_subset=0, final_epochs=3))
+    run = run_step("task1-step1", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     loaded = load_checkpoint(run.final_run_id)
     train, test = load_split("TRAIN", study_data), load_split("TEST", study_data)
     _, log = self_train(loaded, train, test.images, rounds=1, confidence=1.01)

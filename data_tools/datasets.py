@@ -8,6 +8,11 @@
 | TRAIN2 | TRAIN plus every TRAIN image inverted (1 - x)      | 72,000 |
 | TRAIN3 | the white-background images of TEST               | 3,000  |
 | TRAIN_TEST | TRAIN and TEST together (Task 2 only)         | 42,000 |
+| SELECT2 | Task 2's selection split: a seeded, stratified 20 % of TEST's white half | 600 |
+
+SELECT2 is the one validation set of every Task 2 step: each of them trains on
+its set minus these images (`Dataset.without`), so validation accuracy means
+the same thing in every Task 2 row and can rank candidates across steps.
 
 The background rule (`is_white_background`) is the one place that decides
 black versus white: the mean of the outermost ring of pixels is above 0.5.
@@ -33,6 +38,9 @@ from data_tools.reader import DatasetError, RawDataset
 NUM_CLASSES = 6
 RAW_SPLITS = ("TRAIN", "TEST", "TEST2")
 WHITE_BORDER_THRESHOLD = 0.5
+SELECTION = "SELECT2"  # Task 2's selection split (validation of every Task 2 step)
+SELECTION_FRACTION = 0.2
+SELECTION_SEED = 0
 
 
 def border_mean(images: torch.Tensor) -> torch.Tensor:
@@ -69,6 +77,15 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def without(self, other: Dataset) -> Dataset:
+        """This set minus every image that is also in `other` (compared by content), so no
+        image of a held-out set is trained on, whichever files it came from."""
+        held = {bytes(image.numpy().tobytes()) for image in other.images}
+        keep = torch.tensor([image.numpy().tobytes() not in held for image in self.images])
+        kept = self.subset(keep, f"{self.name}-{other.name}")
+        kept.fingerprint = f"{self.fingerprint}|without|{other.fingerprint}"
+        return kept
+
     def subset(self, mask_or_index: torch.Tensor, name: str) -> Dataset:
         index = mask_or_index
         if index.dtype == torch.bool:
@@ -102,6 +119,19 @@ def _train3(test: Dataset) -> Dataset:
     return test.subset(test.white, "TRAIN3")
 
 
+def _selection(test: Dataset) -> Dataset:
+    """A stratified SELECTION_FRACTION of TEST's white half, fixed by SELECTION_SEED."""
+    white = test.white.nonzero().flatten()
+    generator = np.random.default_rng(SELECTION_SEED)
+    labels = test.labels[white].numpy()
+    chosen = []
+    for label in np.unique(labels):  # per class: the same fraction of each
+        members = white.numpy()[labels == label]
+        count = round(len(members) * SELECTION_FRACTION)
+        chosen.extend(generator.choice(members, size=count, replace=False).tolist())
+    return test.subset(torch.tensor(sorted(chosen), dtype=torch.long), SELECTION)
+
+
 def _train_test(train: Dataset, test: Dataset) -> Dataset:
     images = torch.cat([train.images, test.images])
     labels = torch.cat([train.labels, test.labels])
@@ -116,6 +146,7 @@ DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., Dataset]]] = {
     "TRAIN2": (("TRAIN",), _train2),
     "TRAIN3": (("TEST",), _train3),
     "TRAIN_TEST": (("TRAIN", "TEST"), _train_test),
+    SELECTION: (("TEST",), _selection),
 }
 SPLITS = RAW_SPLITS + tuple(DERIVED)
 

@@ -177,9 +177,9 @@ def results_line(champion) -> str:
     detector = ""
     if champion.detector:
         detector = f", detector {champion.detector['name']} > {champion.detector['threshold']:.4f}"
-    step, model = champion.run["tags.step"], champion.run["tags.model"]
+    runs = ", ".join(run_id[:12] for run_id in champion.run_ids)
     return (
-        f"{step}/{model} run {champion.run_id[:12]}, selection (validation) accuracy "
+        f"{champion.label} (run {runs}), selection (validation) accuracy "
         f"{champion.selection_acc:.4f}{detector}"
     )
 

@@ -338,7 +338,12 @@ def bench_fidelity(configs: int = 6, seed: int = 0):
             for name, role in plans.items():
                 cfg = resolve(model, searched=params, role=role)
                 start = time.perf_counter()
-                result = fit(cfg, data.train_set, label=f"fidelity {step_name}/{model} {number}")
+                result = fit(
+                    cfg,
+                    data.train_set,
+                    label=f"fidelity {step_name}/{model} {number}",
+                    val_set=data.val_set,
+                )
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
                 scores.setdefault(name, []).append(result.best_val_acc)
         reference = scores["final budget (reference)"]

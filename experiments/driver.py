@@ -292,6 +292,7 @@ def search_step(
     """A study until it holds `budget.trials` finished trials, then its best trial retrained."""
     handle, parent = prepare_study(step, model, budget, storage_url)
     try:
+        check_data(handle, data)
         base = study_base(handle, step, model, budget, parent)  # before any worker starts
         enqueue_starts(handle, step, model, budget, storage_url, parent, base)
         finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
@@ -310,6 +311,19 @@ def search_step(
     except BaseException as exc:
         study.end_parent(parent, exc)
         raise
+
+
+def check_data(handle: optuna.Study, data: StepData) -> None:
+    """A study's trials are comparable only on one training and validation set: a study is
+    resumed on the data it started with, never on other data."""
+    recorded = handle.user_attrs.get("data_key")
+    if recorded is None:
+        handle.set_user_attr("data_key", data.data_key)
+    elif recorded != data.data_key:
+        raise ValueError(
+            f"study {handle.study_name}: its trials were scored on other data (data key "
+            f"{recorded}, now {data.data_key}); use another store (MLRUNS_DIR) or delete the study"
+        )
 
 
 def study_base(
@@ -382,13 +396,16 @@ def finish_study(
     final_metrics: dict[str, float] = {}
     role = budget.final_role(best.params, data.train_images)
     cfg = run_config(step, model, budget, base, best.params, role)
-    key = transfer.pretrain_key(cfg.flat())  # a new budget, seed or --set: a new final
+    key = run_key(cfg, data)  # a new budget, seed, --set or data: a new final
     if final and (final_run_id is None or handle.user_attrs.get("final_key") != key):
         print(
             f"[{handle.study_name}] retraining trial {best.number} on the full training split",
             flush=True,
         )
-        outcome = train_final(data, cfg, handle.study_name, best.number, parent)
+        tags = {}
+        if best.user_attrs.get("defaults"):  # trial 0 won: this final is also the baseline
+            tags = {"baseline_key": key, "also_baseline": "true"}
+        outcome = train_final(data, cfg, handle.study_name, best.number, parent, **tags)
         handle.set_user_attr("final_run_id", outcome.run_id)
         handle.set_user_attr("final_of_trial", best.number)
         handle.set_user_attr("final_key", key)
@@ -406,6 +423,11 @@ def finish_study(
     )
 
 
+def run_key(cfg: TrainConfig, data: StepData) -> str:
+    """What finds a final, baseline or retrain again: its resolved settings and its data."""
+    return transfer.pretrain_key({**cfg.flat(), "data": data.data_key})
+
+
 def train_baseline(
     handle: optuna.Study,
     step: Step,
@@ -415,10 +437,17 @@ def train_baseline(
     data: StepData,
     base: dict[str, Any],
 ) -> tuple[str, dict[str, float]]:
-    """The hand-set defaults trained exactly like a final (`role=baseline`), once per settings."""
-    cfg = run_config(step, model, budget, base, {}, budget.final_role(base, data.train_images))
-    key = transfer.pretrain_key(cfg.flat())
+    """The hand-set defaults trained exactly like a final (`role=baseline`), once per settings
+    and data: trial 0's settings (each default as the search space holds it, e.g. a weight
+    decay of 0 at the range's lower bound), so that when trial 0 wins, final and baseline
+    are one run (the final, tagged `also_baseline`)."""
+    params = default_trial_params(step, model, budget, base)
+    role = budget.final_role(params, data.train_images)
+    cfg = run_config(step, model, budget, base, params, role)
+    key = run_key(cfg, data)
     found = results.runs(step.name, model=model, role="baseline", baseline_key=key)
+    if found.empty:  # the defaults trial won: its final is the baseline
+        found = results.runs(step.name, model=model, role="final", baseline_key=key)
     if not found.empty:
         return found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
     print(f"[{handle.study_name}] training the baseline (hand-set defaults)", flush=True)
@@ -503,7 +532,7 @@ def retrain_best(
         end_orphans(step, name)
     role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
     cfg = run_config(step, model, budget, {}, best.params, role)
-    key = transfer.pretrain_key(cfg.flat())  # other settings (a --set, a seed): another run
+    key = run_key(cfg, data)  # other settings (a --set, a seed) or data: another run
     found = results.runs(
         step.name, model=model, role="final", study=name, params_from=source_name, retrain_key=key
     )

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import kornia.geometry.transform as KT
 import numpy as np
 import pandas as pd
 import torch
 
 from data_tools import Dataset
 from experiments import results
-from experiments.checkpoint import Loaded, load_checkpoint
+from experiments.checkpoint import load_checkpoint
 from experiments.evaluation import metrics_of
-from experiments.inference import predict_logits
+from experiments.inference import SHIFTS, probabilities, shifted_views  # noqa: F401
 from experiments.steps import STEPS
 
-SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 # Task 2 steps whose training reads labelled TEST images: the "all" group's members
 TASK2_LABELLED = (
     "task2-step2",
@@ -73,29 +71,6 @@ def final_runs(step: str) -> list[Member]:
 def best_k(step: str, k: int) -> list[Member]:
     """The `k` final runs of `step` with the highest validation accuracy (ties: model name)."""
     return sorted(final_runs(step), key=lambda m: (-m.best_val_acc, m.model))[:k]
-
-
-def shifted_views(images: torch.Tensor, tta: bool) -> list[torch.Tensor]:
-    """The images, and with TTA their four one-pixel shifts (border pixels repeated)."""
-    views = []
-    for dx, dy in SHIFTS if tta else SHIFTS[:1]:
-        if (dx, dy) == (0, 0):
-            views.append(images)
-            continue
-        translation = torch.tensor([[float(dx), float(dy)]]).expand(len(images), 2)
-        views.append(KT.translate(images, translation, padding_mode="border", align_corners=True))
-    return views
-
-
-@torch.no_grad()
-def probabilities(loaded: Loaded, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Softmax probabilities of one model on raw images (averaged over the shifts with TTA)."""
-    views = shifted_views(images, tta)
-    total = sum(
-        predict_logits(loaded.model, loaded.preprocessing.transform(view)).softmax(1)
-        for view in views
-    )
-    return total / len(views)
 
 
 class ProbabilityCache:

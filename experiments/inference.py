@@ -49,3 +49,32 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 102
         with autocast(images.device):
             outputs.append(model(images[start : start + batch_size]).float())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shifted_views(images: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+    """The images, and with TTA their four one-pixel shifts (border pixels repeated)."""
+    import kornia.geometry.transform as KT
+
+    views = []
+    for dx, dy in SHIFTS if tta else SHIFTS[:1]:
+        if (dx, dy) == (0, 0):
+            views.append(images)
+            continue
+        translation = torch.tensor([[float(dx), float(dy)]]).expand(len(images), 2)
+        views.append(KT.translate(images, translation, padding_mode="border", align_corners=True))
+    return views
+
+
+@torch.no_grad()
+def probabilities(loaded, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities of one loaded checkpoint (`.model`, `.preprocessing`) on raw
+    images, averaged over the one-pixel shifts with TTA."""
+    views = shifted_views(images, tta)
+    total = sum(
+        predict_logits(loaded.model, loaded.preprocessing.transform(view)).softmax(1)
+        for view in views
+    )
+    return total / len(views)

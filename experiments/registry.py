@@ -4,9 +4,12 @@
 Champion rules, written before any score is read (validation only, never TEST
 or TEST2 labels):
 
-- Task 2 (`CHAMPION_STEP[2]`): among the study answers of task2-step3 (trained on
-  TEST's white half, the data closest to TEST2), the one with the highest
-  validation accuracy; ties: fewer parameters.
+- Task 2: the candidates are the study answers of every Task 2 step that
+  validated on SELECT2 (the one selection split, which no Task 2 step trains on)
+  and the ensembles built from them by a fixed recipe: all answers of each step,
+  and all answers together; each with and without test-time augmentation
+  (`task2_candidates`). The champion is the candidate with the highest SELECT2
+  accuracy; ties: fewer parameters, then fewer members.
 - Task 1: among the study answers of task1-step1 (TRAIN only), the one with the
   highest TRAIN validation accuracy; ties: fewer parameters. It ships with the
   new-script detector declared in advance (max softmax), its threshold the 95th
@@ -30,42 +33,65 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from data_tools import load_split
+from data_tools import SELECTION, load_split
 from experiments import config, results, tracking
 from experiments.checkpoint import load_checkpoint
+from experiments.inference import probabilities
 from experiments.runner import log_pyfunc_model
 from experiments.shift import REFUSE_FRACTION, logits_and_features
+from experiments.steps import STEPS
 from experiments.train import split_indices
 from models import count_parameters
 
 REGISTRY_EXPERIMENT = "registry"
 ALIAS = "champion"
-CHAMPION_STEP = {1: "task1-step1", 2: "task2-step3"}
+CHAMPION_STEP = {1: "task1-step1"}
+TASK2_STEPS = tuple(name for name, step in STEPS.items() if step.val_set == SELECTION)
 RULES = {
     1: "task1-step1 study answer with the highest TRAIN validation accuracy (ties: fewer "
     "parameters); detector max_softmax, threshold = 95th percentile on TRAIN validation",
-    2: "task2-step3 study answer with the highest validation accuracy (ties: fewer parameters)",
+    2: "highest SELECT2 accuracy among the Task 2 study answers validated on SELECT2 and "
+    "their fixed-recipe ensembles (all answers of a step; all answers), each with and "
+    "without TTA (ties: fewer parameters, then fewer members)",
 }
 
 
 @dataclass
 class Champion:
     task: int
-    run: pd.Series
+    runs: list[pd.Series]  # the members: one for a single model
     selection_acc: float
     detector: dict | None = None
+    label: str = ""  # the candidate's name, e.g. "task2-step3/hybrid" or "all answers (TTA)"
+    tta: bool = False
+    parameters: int = 0
 
     @property
     def name(self) -> str:
         return f"glyph-task{self.task}"
 
     @property
+    def run(self) -> pd.Series:
+        return self.runs[0]
+
+    @property
     def run_id(self) -> str:
         return self.run["run_id"]
 
+    @property
+    def run_ids(self) -> list[str]:
+        return [r["run_id"] for r in self.runs]
+
 
 def choose(task: int) -> Champion:
-    """The champion of `task` by its rule (validation accuracy; ties: the smaller model)."""
+    """The champion of `task` by its rule (validation only; ties: the smaller candidate)."""
+    if task == 2:
+        candidates = task2_candidates()
+        if not candidates:
+            raise RuntimeError(
+                "no Task 2 study validated on SELECT2 has finished: run `make task2-step3` first"
+            )
+        return min(candidates, key=lambda c: (-c.selection_acc, c.parameters, len(c.runs), c.label))
     step = CHAMPION_STEP[task]
     frame = results.study_models(step)
     if frame.empty:
@@ -78,10 +104,74 @@ def choose(task: int) -> Champion:
         frame.index, key=lambda m: (-float(frame.loc[m, "metrics.best_val_acc"]), sizes[m], m)
     )
     run = frame.loc[ranked[0]]
-    champion = Champion(task, run, float(run["metrics.best_val_acc"]))
-    if task == 1:
-        champion.detector = detector_of(run["run_id"])
+    label = f"{step}/{run['tags.model']}"
+    champion = Champion(task, [run], float(run["metrics.best_val_acc"]), label=label)
+    champion.detector = detector_of(run["run_id"])
     return champion
+
+
+def accuracy_on(champion: Champion, split: str) -> float:
+    """The champion's accuracy on `split`, measured after it was chosen (never used to choose)."""
+    dataset = load_split(split, config.data_dir(), config.cache_dir())
+    mean = torch.stack(
+        [probabilities(load_checkpoint(r), dataset.images, champion.tta) for r in champion.run_ids]
+    ).mean(0)
+    return float((mean.argmax(1) == dataset.labels).double().mean())
+
+
+def task2_answers() -> list[pd.Series]:
+    """The study answers of the Task 2 steps whose runs validated on SELECT2."""
+    answers = []
+    for step in TASK2_STEPS:
+        frame = results.study_models(step)
+        if frame.empty or "params.split.val_set" not in frame:
+            continue
+        answers += [row for _, row in frame.iterrows() if row["params.split.val_set"] == SELECTION]
+    return answers
+
+
+def task2_candidates() -> list[Champion]:
+    """Every Task 2 candidate of the fixed recipe, scored on SELECT2 (its labels: allowed in
+    Task 2 and never trained on by any Task 2 step). TEST2 is not read."""
+    answers = task2_answers()
+    if not answers:
+        return []
+    selection = load_split(SELECTION, config.data_dir(), config.cache_dir())
+    loaded = {row["run_id"]: load_checkpoint(row["run_id"]) for row in answers}
+    sizes = {run_id: count_parameters(item.model) for run_id, item in loaded.items()}
+    cache: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def probs(run_id: str, tta: bool) -> torch.Tensor:
+        if (run_id, tta) not in cache:
+            cache[(run_id, tta)] = probabilities(loaded[run_id], selection.images, tta)
+        return cache[(run_id, tta)]
+
+    groups: list[tuple[str, list[pd.Series]]] = [
+        (f"{results.tag(r, 'step')}/{results.tag(r, 'model')}", [r]) for r in answers
+    ]
+    steps = list(dict.fromkeys(results.tag(r, "step") for r in answers))
+    for step in steps:
+        members = [r for r in answers if results.tag(r, "step") == step]
+        if len(members) > 1:
+            groups.append((f"{step}: all {len(members)} answers", members))
+    if len(steps) > 1:
+        groups.append((f"Task 2: all {len(answers)} answers", answers))
+    candidates = []
+    for label, members in groups:
+        for tta in (False, True):
+            mean = torch.stack([probs(r["run_id"], tta) for r in members]).mean(0)
+            accuracy = float((mean.argmax(1) == selection.labels).double().mean())
+            candidates.append(
+                Champion(
+                    2,
+                    members,
+                    accuracy,
+                    label=f"{label}{' (TTA)' if tta else ''}",
+                    tta=tta,
+                    parameters=sum(sizes[r["run_id"]] for r in members),
+                )
+            )
+    return candidates
 
 
 def detector_of(run_id: str) -> dict:
@@ -97,7 +187,7 @@ def detector_of(run_id: str) -> dict:
 
 
 def _key(champion: Champion) -> str:
-    text = f"{champion.run_id}|{RULES[champion.task]}|{champion.detector}"
+    text = f"{champion.run_ids}|{champion.tta}|{RULES[champion.task]}|{champion.detector}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -122,18 +212,28 @@ def promote(task: int) -> tuple[Champion, str, bool]:
 
 
 def _register(champion: Champion, key: str) -> str:
-    checkpoint = load_checkpoint(champion.run_id).checkpoint
+    checkpoints = [load_checkpoint(run_id).checkpoint for run_id in champion.run_ids]
     if champion.detector:
-        checkpoint = {**checkpoint, "detector": champion.detector}
-    run = champion.run
+        checkpoints[0] = {**checkpoints[0], "detector": champion.detector}
+    steps = sorted({results.tag(r, "step") for r in champion.runs})
+    models = [results.tag(r, "model") for r in champion.runs]
+    fingerprints = {
+        k[len("tags.") :]: v
+        for run in champion.runs
+        for k, v in run.items()
+        if str(k).startswith("tags.data.") and isinstance(v, str)
+    }
     tags = {
         "selection_rule": RULES[champion.task],
         "selection_acc": f"{champion.selection_acc:.6f}",
-        "step": results.tag(run, "step"),
-        "model": results.tag(run, "model"),
-        "source_run": champion.run_id,
+        "candidate": champion.label,
+        "step": ",".join(steps),
+        "model": ",".join(models),
+        "members": str(len(champion.runs)),
+        "tta": str(champion.tta).lower(),
+        "source_run": ",".join(champion.run_ids),
         "promotion_key": key,
-        **{k[len("tags.") :]: v for k, v in run.items() if str(k).startswith("tags.data.")},
+        **fingerprints,
         "git_commit": tracking.environment_tags()["git_commit"],
     }
     if champion.detector:
@@ -144,12 +244,18 @@ def _register(champion: Champion, key: str) -> str:
         tempfile.TemporaryDirectory() as tmp,
         mlflow.start_run(experiment_id=experiment, run_name=f"promote-{champion.name}", tags=tags),
     ):
-        path = Path(tmp) / "model.pt"
-        torch.save(checkpoint, path)
-        log_pyfunc_model(path)
+        paths = []
+        for i, checkpoint in enumerate(checkpoints):
+            path = Path(tmp) / f"model_{i}.pt"
+            torch.save(checkpoint, path)
+            paths.append(path)
+        single = len(paths) == 1 and not champion.tta
+        log_pyfunc_model(paths[0] if single else paths, tta=champion.tta)
         uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     version = mlflow.register_model(uri, champion.name, tags=tags)
     MlflowClient().update_model_version(
-        champion.name, version.version, description=f"Champion: {RULES[champion.task]}."
+        champion.name,
+        version.version,
+        description=f"Champion: {champion.label}. Rule: {RULES[champion.task]}.",
     )
     return str(version.version)

@@ -78,8 +78,13 @@ def _cell(step_name: str, model: str) -> dict:
         run_id=run["run_id"],
         source=origin,
     )
-    baseline = results.metrics_of(results.role_run(source.name, model, "baseline"))
-    searched = results.metrics_of(results.role_run(source.name, model, "final"))
+    baseline_run = results.role_run(source.name, model, "baseline")
+    final_run = results.role_run(source.name, model, "final")
+    if final_run is not None and results.tag(final_run, "also_baseline") == "true":
+        older = baseline_run is None or baseline_run["start_time"] < final_run["start_time"]
+        baseline_run = final_run if older else baseline_run  # trial 0 (the defaults) won
+    baseline = results.metrics_of(baseline_run)
+    searched = results.metrics_of(final_run)
     cell["baseline_acc"] = baseline.get(f"{evaluated}_acc")
     cell["searched_acc"] = searched.get(f"{evaluated}_acc")
     cell["selected"] = results.tag(run, "role") if results.tag(run, "selected") == "true" else ""
@@ -226,18 +231,18 @@ def champions_markdown() -> list[str]:
         except RuntimeError as exc:
             lines.append(f"- Task {task}: no champion yet ({exc}).")
             continue
-        metrics = results.metrics_of(champion.run)
         detector = ""
         if champion.detector:
             detector = (
                 f"; detector {champion.detector['name']}, threshold "
                 f"{champion.detector['threshold']:.4f} from TRAIN validation"
             )
+        runs = ", ".join(run_id[:12] for run_id in champion.run_ids)
+        evaluation = registry.accuracy_on(champion, evaluated)
         lines.append(
-            f"- **Task {task}**: {results.tag(champion.run, 'step')}/"
-            f"{results.tag(champion.run, 'model')} (run {champion.run_id[:12]}), selection "
-            f"accuracy {champion.selection_acc:.4f}, **{evaluated} {metrics.get(f'{evaluated}_acc', float('nan')):.4f}**"
-            f"{detector}. Rule: {registry.RULES[task]}."
+            f"- **Task {task}**: {champion.label} (run {runs}), selection accuracy "
+            f"{champion.selection_acc:.4f}, **{evaluated} {evaluation:.4f}**{detector}. "
+            f"Rule: {registry.RULES[task]}."
         )
     return ["", *lines, ""]
 

@@ -35,12 +35,22 @@ from experiments.train import Diverged, FitResult, fit
 @dataclass
 class StepData:
     step: Step
-    train_set: Dataset
+    train_set: Dataset  # with a val_set: already without the val_set's images
     eval_sets: dict[str, Dataset]
+    val_set: Dataset | None = None  # None: validate on a split of train_set
+
+    @property
+    def data_key(self) -> str:
+        """The data a run of this step sees (training and validation sets): part of every key
+        that finds a run again, so other data never reuses a final or a baseline."""
+        val = self.val_set.fingerprint if self.val_set is not None else ""
+        return hashlib.sha256(f"{self.train_set.fingerprint}|{val}".encode()).hexdigest()[:16]
 
     @property
     def train_images(self) -> int:
-        """Images in the training part of the default train/validation split."""
+        """Images a final trains on: all of train_set with a val_set, else its training split."""
+        if self.val_set is not None:
+            return len(self.train_set)
         return round(len(self.train_set) * (1 - TrainConfig.val_fraction))
 
 
@@ -49,9 +59,14 @@ def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:
 
     Every set is read and checked before any cache entry is written.
     """
-    names = list(dict.fromkeys([step.train_set, *step.eval_sets]))
+    val = [step.val_set] if step.val_set else []
+    names = list(dict.fromkeys([step.train_set, *step.eval_sets, *val]))
     loaded = load_splits(names, config.data_dir(data_dir), config.cache_dir())
-    return StepData(step, loaded[step.train_set], {n: loaded[n] for n in step.eval_sets})
+    train = loaded[step.train_set]
+    val_set = loaded[step.val_set] if step.val_set else None
+    if val_set is not None:
+        train = train.without(val_set)  # no image of the selection split is trained on
+    return StepData(step, train, {n: loaded[n] for n in step.eval_sets}, val_set)
 
 
 @dataclass
@@ -71,17 +86,21 @@ def log_inputs(data: StepData, cfg: TrainConfig) -> None:
     """The run's data lineage: its training, validation and evaluation sets as MLflow dataset
     inputs, each with the project's data fingerprint as its digest."""
     train = data.train_set
-    split = f"val_fraction={cfg.val_fraction},split_seed={cfg.split_seed}"
-    validation_digest = hashlib.sha256(f"{train.fingerprint}|{split}".encode()).hexdigest()
+    if data.val_set is not None:
+        validation = (data.val_set.name, data.val_set.fingerprint)
+    else:
+        split = f"val_fraction={cfg.val_fraction},split_seed={cfg.split_seed}"
+        digest = hashlib.sha256(f"{train.fingerprint}|{split}".encode()).hexdigest()
+        validation = (f"{train.name} validation split", digest)
     sets = [
         (train.name, train.fingerprint, "train"),
-        (f"{train.name} validation split", validation_digest, "validation"),
+        (*validation, "validation"),
         *((name, ds.fingerprint, "evaluation") for name, ds in data.eval_sets.items()),
     ]
     with warnings.catch_warnings():  # a local folder matches two equivalent source types
         warnings.simplefilter("ignore", UserWarning)
         for name, digest, context in sets:
-            folder = _source_folder(name.split(" ")[0])
+            folder = _source_folder(name.split(" ")[0].split("-")[0])
             dataset = MetaDataset(
                 resolve_dataset_source(str(folder)), name=name, digest=digest[:16]
             )
@@ -106,6 +125,9 @@ def run_tags(data: StepData, cfg: TrainConfig) -> dict[str, str]:
     }
     for name, dataset in data.eval_sets.items():
         tags[f"data.{name}_fingerprint"] = dataset.fingerprint[:16]
+    if data.val_set is not None:
+        tags["val_set"] = data.val_set.name
+        tags[f"data.{data.val_set.name}_fingerprint"] = data.val_set.fingerprint[:16]
     return tags
 
 
@@ -134,7 +156,13 @@ def train_and_log(
             on_start(run.info.run_id)
         log_inputs(data, cfg)
         mlflow.log_params(cfg.flat())
-        result = fit(cfg, data.train_set, on_epoch=[_epoch_sink, *on_epoch], label=run_name)
+        result = fit(
+            cfg,
+            data.train_set,
+            on_epoch=[_epoch_sink, *on_epoch],
+            label=run_name,
+            val_set=data.val_set,
+        )
         mlflow.log_params({f"split.{k}": v for k, v in result.split.items() if k not in cfg.flat()})
         metrics = {
             "best_val_acc": result.best_val_acc,
@@ -191,23 +219,32 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 PROJECT_PACKAGES = ("experiments", "models", "data_tools")
 
 
-def log_pyfunc_model(checkpoint: Path) -> None:
+def log_pyfunc_model(checkpoints: Path | list[Path], tta: bool = False) -> None:
     """Log the run's model for MLflow (UI, registry, serving) without any pickle.
 
     Models from code: `pyfunc_model.py` is the model, the weights-only checkpoint
-    its artifact, the project's packages its code; loading never unpickles.
+    (an ensemble: one per member, and `ensemble.json`) its artifacts, the project's
+    packages its code; loading never unpickles.
     """
     root = config.PROJECT_ROOT
-    with warnings.catch_warnings():  # advice on type hints and integer columns, at every model
+    with warnings.catch_warnings():  # advice on integer columns, at every model
         warnings.simplefilter("ignore", UserWarning)
-        _log_pyfunc(root, checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            if isinstance(checkpoints, Path):
+                artifacts = {"checkpoint": str(checkpoints)}
+            else:
+                artifacts = {f"checkpoint_{i}": str(c) for i, c in enumerate(checkpoints)}
+                spec = Path(tmp) / "ensemble.json"
+                spec.write_text(json.dumps({"tta": tta, "members": len(checkpoints)}))
+                artifacts["ensemble"] = str(spec)
+            _log_pyfunc(root, artifacts)
 
 
-def _log_pyfunc(root: Path, checkpoint: Path) -> None:
+def _log_pyfunc(root: Path, artifacts: dict[str, str]) -> None:
     mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
-        artifacts={"checkpoint": str(checkpoint)},
+        artifacts=artifacts,
         code_paths=[str(root / package) for package in PROJECT_PACKAGES],
         input_example=np.zeros((2, 1, 28, 28), dtype=np.float32),
         pip_requirements=tracking.requirements(),

@@ -12,13 +12,18 @@ Adding a step is adding an entry. Each step has a `kind`, and one dispatcher
 
 `label_use` states which labels the step's training reads, so every row of
 the report says it. `fixed` settings are kept by every run of the step and are
-never searched.
+never searched. A step with a `val_set` validates on that set and trains on its
+training set minus those images; without one it validates on a stratified
+split of its training set. Every Task 2 step that trains validates on SELECT2,
+the one Task 2 selection split (TEST labels are allowed in Task 2; TEST2's never).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from data_tools import SELECTION
 
 KINDS = ("search", "reuse", "retrain", "fine_tune")
 
@@ -36,6 +41,7 @@ class Step:
     settings: tuple[tuple[str, Any], ...] = ()  # a retrain step's schedule (e.g. 40 epochs)
     row: str = ""  # the report's row label (default: "<train_set> / <primary eval>")
     warm_start: str | None = None  # a related step whose study's best params are enqueued too
+    val_set: str | None = None  # validate on this set; train on train_set minus its images
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +95,7 @@ STEPS: dict[str, Step] = {
             "train on TEST (its labels are allowed in Task 2), evaluate on TEST2",
             label_use="TEST labels (allowed in Task 2)",
             warm_start="task2-step3",
+            val_set=SELECTION,
         ),
         Step(
             "task2-step3",
@@ -96,6 +103,7 @@ STEPS: dict[str, Step] = {
             ("TEST2",),
             "train on TRAIN3 = TEST's white-background half, evaluate on TEST2",
             label_use="TEST white-half labels (allowed in Task 2)",
+            val_set=SELECTION,
         ),
         Step(
             "task2-mixed",
@@ -104,6 +112,7 @@ STEPS: dict[str, Step] = {
             "train on TRAIN and TEST together, every image turned to a black background",
             label_use="TRAIN and TEST labels (allowed in Task 2)",
             fixed=(("polarity", "to_black"),),
+            val_set=SELECTION,
         ),
         Step(
             "task2-step3-long",
@@ -116,6 +125,7 @@ STEPS: dict[str, Step] = {
             source="task2-step3",
             settings=(("epochs", 40), ("patience", 40)),
             row="TRAIN3, 40 epochs / TEST2",
+            val_set=SELECTION,
         ),
         Step(
             "task2-transfer",
@@ -126,6 +136,7 @@ STEPS: dict[str, Step] = {
             kind="fine_tune",
             source="task1-step1",
             row="TRAIN → TEST (fine-tuned) / TEST2",
+            val_set=SELECTION,
         ),
         Step(
             "task2-transfer-white",
@@ -138,6 +149,7 @@ STEPS: dict[str, Step] = {
             source="task1-step1",
             row="TRAIN → TRAIN3 (fine-tuned) / TEST2",
             fixed=(("polarity", "to_black"),),
+            val_set=SELECTION,
         ),
     )
 }

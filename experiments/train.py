@@ -75,6 +75,16 @@ def split_indices(
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
 
 
+def subset_indices(labels: torch.Tensor, subset: int, seed: int) -> torch.Tensor:
+    """All indices, or a stratified `subset` of them when 0 < subset < len(labels)."""
+    index = np.arange(len(labels))
+    if 0 < subset < len(index):
+        index, _ = train_test_split(
+            index, train_size=subset, stratify=labels.numpy(), random_state=seed
+        )
+    return torch.from_numpy(np.sort(index))
+
+
 def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of `cfg.init_from` into `model`, then freeze what `cfg.freeze` says.
 
@@ -196,19 +206,30 @@ def fit(
     train_set: Dataset,
     on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
     label: str = "",
+    val_set: Dataset | None = None,
 ) -> FitResult:
-    """Train `cfg.model` on a split of `train_set`; stop early on validation loss; restore the best."""
+    """Train `cfg.model`; stop early on validation loss; restore the best epoch.
+
+    Validation is `val_set` when given (all of `train_set` trains), else a stratified
+    split of `train_set` (`val_fraction`, `split_seed`).
+    """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = training_precision(cfg.precision, device)
-    train_idx, val_idx = split_indices(
-        train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
-    )
+    if val_set is None:
+        train_idx, val_idx = split_indices(
+            train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
+        )
+        val_images, val_labels = train_set.images[val_idx], train_set.labels[val_idx]
+    else:
+        train_idx = subset_indices(train_set.labels, cfg.train_subset, cfg.split_seed)
+        val_idx = subset_indices(val_set.labels, cfg.val_subset, cfg.split_seed)
+        val_images, val_labels = val_set.images[val_idx], val_set.labels[val_idx]
     prep = cfg.preprocessing().fit(train_set.images[train_idx])
     x_train = prep.transform(train_set.images[train_idx]).to(device)
     y_train = train_set.labels[train_idx].to(device)
-    x_val = prep.transform(train_set.images[val_idx]).to(device)
-    y_val = train_set.labels[val_idx].to(device)
+    x_val = prep.transform(val_images).to(device)
+    y_val = val_labels.to(device)
     augment = prep.augmenter()
     if augment is not None:
         augment = augment.to(device)
@@ -284,7 +305,8 @@ def fit(
 
     model.load_state_dict(best["state"])
     split = {
-        "val_fraction": cfg.val_fraction,
+        "val_set": val_set.name if val_set is not None else "split of the training set",
+        "val_fraction": cfg.val_fraction if val_set is None else 0.0,
         "split_seed": cfg.split_seed,
         "train_images": len(train_idx),
         "val_images": len(val_idx),

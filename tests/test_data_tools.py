@@ -253,3 +253,23 @@ def test_real_data_counts(tmp_path):
     assert int(test.white.sum()) == 3000
     assert int((~test2.white).sum()) == 0
     assert torch.bincount(test.labels).tolist() == [1000] * 6
+
+
+def test_selection_split_is_a_stratified_seeded_fifth_of_tests_white_half(study_data):
+    test = load_split("TEST", study_data)
+    selection = load_split("SELECT2", study_data)
+    assert len(selection) == 12 and bool(selection.white.all())  # 20 % of 60 white images
+    assert torch.bincount(selection.labels, minlength=6).tolist() == [2] * 6
+    again = load_split("SELECT2", study_data)
+    assert again.files == selection.files and again.fingerprint == selection.fingerprint
+    assert set(selection.files) <= {f for f, w in zip(test.files, test.white, strict=True) if w}
+
+
+def test_without_removes_held_out_images_by_content(study_data):
+    selection = load_split("SELECT2", study_data)
+    for name, expected in (("TEST", 120 - 12), ("TRAIN3", 60 - 12), ("TRAIN_TEST", 240 - 12)):
+        kept = load_split(name, study_data).without(selection)
+        assert len(kept) == expected
+        held = {image.numpy().tobytes() for image in selection.images}
+        assert not any(image.numpy().tobytes() in held for image in kept.images)
+        assert kept.fingerprint != load_split(name, study_data).fingerprint

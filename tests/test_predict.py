@@ -81,12 +81,13 @@ def test_every_run_records_its_datasets_as_mlflow_inputs(final_run):
         for d in run.inputs.dataset_inputs
     }
     assert inputs == {
-        ("TRAIN3", "train"),
-        ("TRAIN3 validation split", "validation"),
+        ("TRAIN3-SELECT2", "train"),  # TEST's white half minus the Task 2 selection split
+        ("SELECT2", "validation"),
         ("TEST2", "evaluation"),
     }
     digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert run.data.tags["data.TEST2_fingerprint"].startswith(digests["TEST2"])
+    assert run.data.tags["data.SELECT2_fingerprint"].startswith(digests["SELECT2"])
 
 
 def test_every_experiment_carries_its_step_description(tmp_path):

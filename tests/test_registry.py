@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from synthetic import permute_labels
 
 from data_tools import load_split
-from experiments import config, tracking
+from experiments import config, registry, tracking
 from experiments.driver import run_step
-from experiments.registry import ALIAS, choose, promote
+from experiments.registry import ALIAS, accuracy_on, choose, promote, task2_candidates
 from experiments.space import Budget
 
 TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=2, warmup_epochs=0)
@@ -39,15 +39,17 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
     assert not created_again and version_again == "1" and again.run_id == task2.run_id
     client = MlflowClient()
     registered = client.get_model_version_by_alias("glyph-task2", ALIAS)
-    assert registered.tags["source_run"] == task2.run_id
-    assert registered.tags["selection_rule"].startswith("task2-step3 study answer")
+    assert registered.tags["source_run"] == ",".join(task2.run_ids)
+    assert registered.tags["selection_rule"].startswith("highest SELECT2 accuracy")
+    assert registered.tags["candidate"] == task2.label
     assert "data.TEST2_fingerprint" in registered.tags
     model = mlflow.pyfunc.load_model(f"models:/glyph-task2@{ALIAS}")
     test2 = load_split("TEST2", studies)
     frame = model.predict(test2.images.numpy())
     accuracy = float((frame["predicted"].to_numpy() - 1 == test2.labels.numpy()).mean())
-    logged = client.get_run(task2.run_id).data.metrics["TEST2_acc"]
-    assert accuracy == logged  # the registered model reproduces its run's number exactly
+    assert accuracy == accuracy_on(task2, "TEST2")  # the registered model is the candidate
+    if len(task2.runs) == 1 and not task2.tta:  # and reproduces its run's number exactly
+        assert accuracy == client.get_run(task2.run_id).data.metrics["TEST2_acc"]
 
     task1, _, _ = promote(1)
     assert task1.detector["name"] == "max_softmax" and 0 < task1.detector["threshold"] < 1
@@ -59,6 +61,33 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
         frame["unknown"].to_numpy().any()
         or frame["detector_score"].max() <= task1.detector["threshold"]
     )
+
+
+def test_task2_candidates_follow_the_fixed_recipe_and_an_ensemble_registers(studies, monkeypatch):
+    candidates = {c.label: c for c in task2_candidates()}
+    singles = ["task2-step3/vgg", "task2-step3/hybrid"]
+    ensemble = "task2-step3: all 2 answers"
+    expected = {*singles, ensemble}
+    assert set(candidates) == expected | {f"{name} (TTA)" for name in expected}
+    client = MlflowClient()
+    for name in singles:  # a final's best_val_acc is its SELECT2 accuracy
+        single = candidates[name]
+        logged = client.get_run(single.run_id).data.metrics["best_val_acc"]
+        assert single.selection_acc == pytest.approx(logged, abs=1e-6)
+    best = choose(2)
+    assert best.selection_acc == max(c.selection_acc for c in candidates.values())
+    chosen = candidates[f"{ensemble} (TTA)"]
+    assert chosen.parameters == sum(candidates[name].parameters for name in singles)
+    monkeypatch.setattr(registry, "choose", lambda task: chosen)
+    promoted, _, created = promote(2)
+    assert created and promoted is chosen
+    model = mlflow.pyfunc.load_model(f"models:/glyph-task2@{ALIAS}")
+    test2 = load_split("TEST2", studies)
+    frame = model.predict(test2.images.numpy())
+    accuracy = float((frame["predicted"].to_numpy() - 1 == test2.labels.numpy()).mean())
+    assert accuracy == accuracy_on(chosen, "TEST2")
+    registered = client.get_model_version_by_alias("glyph-task2", ALIAS)
+    assert registered.tags["members"] == "2" and registered.tags["tta"] == "true"
 
 
 @pytest.mark.slow  # trains six tiny studies twice
@@ -75,7 +104,7 @@ def test_permuting_evaluation_labels_changes_no_champion(studies, monkeypatch, t
     assert second[1].run["tags.model"] == first[1].run["tags.model"]
     assert second[1].selection_acc == first[1].selection_acc
     assert second[1].detector == first[1].detector
-    assert second[2].run["tags.model"] == first[2].run["tags.model"]
+    assert second[2].label == first[2].label
 
 
 def _free_port() -> int:

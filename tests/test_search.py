@@ -161,3 +161,37 @@ def test_fixed_step_settings_are_kept_and_not_searched(study_data):
     assert len(trained) == 3 and all(r.data.params["polarity"] == "to_black" for r in trained)
     final = next(r for r in trained if r.data.tags["role"] == "final")
     assert final.data.tags["train_set"] == "TRAIN_TEST" and "TEST2_acc" in final.data.metrics
+
+
+def test_a_study_is_never_resumed_on_other_data(study_data, tmp_path, monkeypatch, capsys):
+    from synthetic import write_study_data
+
+    from experiments.__main__ import main
+
+    argv = ["search", "--step", "task2-step3", "--model", "vgg", "--trials", "1", "--epochs", "1",
+            "--final-epochs", "1", "--train-subset", "0"]  # fmt: skip
+    assert main(argv) == 0
+    other = write_study_data(tmp_path / "other", per_class=21)  # one more image per class
+    monkeypatch.setenv("DATA_DIR", str(other))
+    capsys.readouterr()
+    assert main([*argv[:-4], "--trials", "2", *argv[-4:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scored on other data" in err[0]
+    trials = runs_in("task2-step3", "tags.role = 'trial'")
+    assert len(trials) == 1  # nothing trained on the other data
+
+
+def test_when_the_defaults_trial_wins_the_final_is_the_baseline_trained_once(study_data):
+    from experiments.report import collect
+
+    result = run_step(
+        "task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1)
+    )
+    finals = runs_in("task2-step3", "tags.role = 'final'")
+    assert len(finals) == 1 and finals[0].info.run_id == result.final_run_id
+    assert finals[0].data.tags["also_baseline"] == "true"
+    assert runs_in("task2-step3", "tags.role = 'baseline'") == []
+    cell = collect(("vgg",)).set_index("step").loc["task2-step3"]
+    assert cell["baseline_acc"] == cell["searched_acc"] == cell["accuracy"]
+    run_step("task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
+    assert len(runs_in("task2-step3", "tags.role != 'study'")) == 2  # resumed: nothing retrained

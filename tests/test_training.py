@@ -152,7 +152,8 @@ def test_failed_run_ends_failed_with_reason(study_data, monkeypatch):
 def test_every_declared_step_trains_on_tiny_data(study_data, name):
     step = training_step(name)
     data = load_step_data(step)
-    assert data.train_set.name == step.train_set and set(data.eval_sets) == set(step.eval_sets)
+    trained = f"{step.train_set}-{step.val_set}" if step.val_set else step.train_set
+    assert data.train_set.name == trained and set(data.eval_sets) == set(step.eval_sets)
     outcome = train_and_log(
         data, TrainConfig(model="hybrid", epochs=1, batch_size=32), run_name=name, log_figures=False
     )
@@ -207,3 +208,32 @@ def test_cli_train_runs_a_step(study_data, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "task2-step1 trains nothing" in out and "TEST2_acc" in out
+
+
+@pytest.mark.parametrize("step", [s.name for s in STEPS.values() if s.val_set])
+def test_task2_steps_validate_on_the_selection_split_and_never_train_on_it(study_data, step):
+    from data_tools import SELECTION
+
+    data = load_step_data(get_step(step))
+    assert data.val_set is not None and data.val_set.name == SELECTION
+    held = {image.numpy().tobytes() for image in data.val_set.images}
+    assert not any(image.numpy().tobytes() in held for image in data.train_set.images)
+    assert data.train_images == len(data.train_set)
+
+
+def test_a_task2_run_scores_its_best_epoch_on_the_selection_split(study_data):
+    data = load_step_data(get_step("task2-step3"))
+    outcome = train_and_log(data, TrainConfig(model="vgg", **FAST), run_name="t")
+    tracking.init()
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.params["split.val_set"] == "SELECT2"
+    assert run.data.params["split.train_images"] == str(len(data.train_set)) == "48"
+    assert run.data.params["split.val_images"] == "12"
+    inputs = {
+        d.dataset.name: next(t.value for t in d.tags if t.key == "mlflow.data.context")
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs["SELECT2"] == "validation"
+    predictions = load_checkpoint(outcome.run_id).predict(data.val_set.images)
+    accuracy = float((predictions == data.val_set.labels).float().mean())
+    assert accuracy == pytest.approx(run.data.metrics["best_val_acc"])

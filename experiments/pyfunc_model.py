@@ -44,8 +44,10 @@ def classify(loaded, model_input, tta: bool = False) -> pd.DataFrame:
     frame.insert(0, "probability", probabilities.max(1))
     frame.insert(0, "predicted", probabilities.argmax(1) + 1)
     detector = members[0].checkpoint.get("detector")
-    if detector:
-        score = 1.0 - probabilities.max(1)  # max softmax, the detector the project ships
+    if detector:  # Task 1: the new-script detector chosen on TRAIN alone, and its threshold
+        from experiments.detectors import score_shipped
+
+        score = score_shipped(detector, members[0], images).numpy()
         frame["detector_score"] = score
         frame["unknown"] = score > float(detector["threshold"])
     return frame

@@ -12,9 +12,10 @@ or TEST2 labels):
   accuracy; ties: fewer parameters, then fewer members.
 - Task 1: among the study answers of task1-step1 (TRAIN only), the one with the
   highest TRAIN validation accuracy; ties: fewer parameters. It ships with the
-  new-script detector declared in advance (max softmax), its threshold the 95th
-  percentile of its score on TRAIN validation images (5 % of in-script images
-  refused), so it can answer "unknown".
+  new-script detector that scores best on a proxy TRAIN alone provides (its
+  validation images against the same images inverted; `detector_of`), its
+  threshold the 95th percentile of its score on TRAIN validation images (5 % of
+  in-script images refused), so it can answer "unknown".
 
 Re-promoting the same source run with the same rule makes no new version; the
 alias `champion` always points at the version of the current champion.
@@ -32,13 +33,22 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
 
-from data_tools import SELECTION, load_split
+from data_tools import SELECTION, invert, load_split
 from experiments import config, results, tracking
 from experiments.checkpoint import load_checkpoint
+from experiments.detectors import (
+    MODEL_DETECTORS,
+    Mahalanobis,
+    logits_and_features,
+    model_scores,
+    score_shipped,
+    shipped,
+)
 from experiments.inference import probabilities
 from experiments.runner import log_pyfunc_model
-from experiments.shift import REFUSE_FRACTION, logits_and_features
+from experiments.shift import REFUSE_FRACTION
 from experiments.steps import STEPS
 from experiments.train import split_indices
 from models import count_parameters
@@ -49,7 +59,9 @@ CHAMPION_STEP = {1: "task1-step1"}
 TASK2_STEPS = tuple(name for name, step in STEPS.items() if step.val_set == SELECTION)
 RULES = {
     1: "task1-step1 study answer with the highest TRAIN validation accuracy (ties: fewer "
-    "parameters); detector max_softmax, threshold = 95th percentile on TRAIN validation",
+    "parameters); detector: the best of max_softmax / energy / mahalanobis by AUROC on a "
+    "TRAIN-only proxy (TRAIN validation vs the same images inverted), threshold = 95th "
+    "percentile of its score on TRAIN validation",
     2: "highest SELECT2 accuracy among the Task 2 study answers validated on SELECT2 and "
     "their fixed-recipe ensembles (all answers of a step; all answers), each with and "
     "without TTA (ties: fewer parameters, then fewer members)",
@@ -174,20 +186,65 @@ def task2_candidates() -> list[Champion]:
     return candidates
 
 
-def detector_of(run_id: str) -> dict:
-    """The max-softmax detector's threshold from the run's own TRAIN validation images."""
+def detector_of(run_id: str, fit_images: int = 6000) -> dict:
+    """The Task 1 detector, chosen and calibrated with TRAIN alone.
+
+    Proxy for the unseen new script: the run's TRAIN validation images (in-script)
+    against the same images inverted (a script shift built from TRAIN: the new
+    script is drawn dark on light). Each model-based detector is scored by its
+    AUROC on that proxy; the best ships (ties: the declared order). Its threshold
+    refuses REFUSE_FRACTION of the TRAIN validation images. Mahalanobis is fitted
+    on `fit_images` of the run's TRAIN training split. No TEST image is read.
+    """
     loaded = load_checkpoint(run_id)
     train = load_split("TRAIN", config.data_dir(), config.cache_dir())
     cfg = loaded.checkpoint["config"]
-    _, val_idx = split_indices(train.labels, cfg["val_fraction"], cfg["split_seed"])
-    logits, _ = logits_and_features(loaded, train.images[val_idx])
-    score = (1 - logits.softmax(1).max(1).values).numpy()
-    threshold = float(np.quantile(score, 1 - REFUSE_FRACTION))
-    return {"name": "max_softmax", "threshold": threshold, "refuse_fraction": REFUSE_FRACTION}
+    train_idx, val_idx = split_indices(train.labels, cfg["val_fraction"], cfg["split_seed"])
+    generator = torch.Generator().manual_seed(0)
+    fit_idx = train_idx[torch.randperm(len(train_idx), generator=generator)[:fit_images]]
+    _, fit_features = logits_and_features(loaded, train.images[fit_idx])
+    maha = Mahalanobis.fit(fit_features, train.labels[fit_idx])
+    inside = model_scores(*logits_and_features(loaded, train.images[val_idx]), maha)
+    outside = model_scores(*logits_and_features(loaded, invert(train.images[val_idx])), maha)
+    truth = np.r_[np.zeros(len(val_idx)), np.ones(len(val_idx))]
+    proxy = {
+        name: float(roc_auc_score(truth, np.r_[inside[name], outside[name]]))
+        for name in MODEL_DETECTORS
+    }
+    name = max(MODEL_DETECTORS, key=lambda n: (proxy[n], -MODEL_DETECTORS.index(n)))
+    threshold = float(np.quantile(inside[name], 1 - REFUSE_FRACTION))
+    return shipped(
+        name,
+        threshold,
+        maha,
+        refuse_fraction=REFUSE_FRACTION,
+        proxy="TRAIN validation vs the same images inverted",
+        proxy_auroc=proxy,
+    )
+
+
+def task1_measures(champion: Champion) -> dict[str, float]:
+    """The Task 1 champion on TEST, measured after it was chosen: accuracy, the detector's
+    AUROC for the new script (TEST's white half), coverage and accuracy on the answered."""
+    test = load_split("TEST", config.data_dir(), config.cache_dir())
+    loaded = load_checkpoint(champion.run_id)
+    score = score_shipped(champion.detector, loaded, test.images).numpy()
+    predictions = probabilities(loaded, test.images).argmax(1)
+    correct = (predictions == test.labels).numpy()
+    answered = score <= champion.detector["threshold"]
+    is_new = test.white.numpy()
+    return {
+        "TEST_acc": float(correct.mean()),
+        "auroc": float(roc_auc_score(is_new, score)),
+        "coverage": float(answered.mean()),
+        "answered_acc": float(correct[answered].mean()) if answered.any() else float("nan"),
+    }
 
 
 def _key(champion: Champion) -> str:
-    text = f"{champion.run_ids}|{champion.tta}|{RULES[champion.task]}|{champion.detector}"
+    detector = champion.detector or {}
+    summary = {k: v for k, v in detector.items() if not isinstance(v, torch.Tensor)}
+    text = f"{champion.run_ids}|{champion.tta}|{RULES[champion.task]}|{sorted(summary.items())}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -239,6 +296,9 @@ def _register(champion: Champion, key: str) -> str:
     if champion.detector:
         tags["detector"] = champion.detector["name"]
         tags["detector_threshold"] = f"{champion.detector['threshold']:.6f}"
+        tags["detector_proxy"] = champion.detector["proxy"]
+        for name, auroc in champion.detector["proxy_auroc"].items():
+            tags[f"detector_proxy_auroc.{name}"] = f"{auroc:.4f}"
     experiment = tracking.experiment_id(REGISTRY_EXPERIMENT)
     with (
         tempfile.TemporaryDirectory() as tmp,

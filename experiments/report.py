@@ -231,20 +231,45 @@ def champions_markdown() -> list[str]:
         except RuntimeError as exc:
             lines.append(f"- Task {task}: no champion yet ({exc}).")
             continue
-        detector = ""
-        if champion.detector:
-            detector = (
-                f"; detector {champion.detector['name']}, threshold "
-                f"{champion.detector['threshold']:.4f} from TRAIN validation"
-            )
         runs = ", ".join(run_id[:12] for run_id in champion.run_ids)
         evaluation = registry.accuracy_on(champion, evaluated)
         lines.append(
             f"- **Task {task}**: {champion.label} (run {runs}), selection accuracy "
-            f"{champion.selection_acc:.4f}, **{evaluated} {evaluation:.4f}**{detector}. "
+            f"{champion.selection_acc:.4f}, **{evaluated} {evaluation:.4f}**. "
             f"Rule: {registry.RULES[task]}."
         )
+        if champion.detector:
+            lines += task1_detector_lines(champion)
     return ["", *lines, ""]
+
+
+def task1_detector_lines(champion) -> list[str]:
+    """The Task 1 detector: its TRAIN-only proxy scores, then TEST measured after the fact,
+    beside the hindsight-best (model, detector) pair of the shift analysis."""
+    detector = champion.detector
+    proxy = ", ".join(f"{k} {v:.3f}" for k, v in detector["proxy_auroc"].items())
+    measured = registry.task1_measures(champion)
+    lines = [
+        f"  - Detector **{detector['name']}** chosen by AUROC on the TRAIN-only proxy "
+        f"({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
+        f"({detector['refuse_fraction']:.0%} of TRAIN validation refused).",
+        f"  - On TEST, measured after: new-script AUROC {measured['auroc']:.3f}, coverage "
+        f"{measured['coverage']:.3f}, accuracy on the answered images "
+        f"{measured['answered_acc']:.3f} (all TEST {measured['TEST_acc']:.3f}).",
+    ]
+    pairs = [
+        (value, model, key[len("auroc_") :])
+        for model, metrics in shift_metrics().items()
+        for key, value in metrics.items()
+        if key.startswith("auroc_") and key != "auroc_background"
+    ]
+    if pairs:
+        value, model, name = max(pairs)
+        lines.append(
+            f"  - Hindsight (picked by TEST AUROC, not a result): {model} + {name}, "
+            f"AUROC {value:.3f}."
+        )
+    return lines
 
 
 def shift_metrics() -> dict[str, dict[str, float]]:

@@ -36,10 +36,10 @@ from data_tools import Dataset, border_mean, load_split
 from data_tools.datasets import WHITE_BORDER_THRESHOLD
 from experiments import config, results, tracking
 from experiments.checkpoint import Loaded, load_checkpoint
+from experiments.detectors import Mahalanobis, logits_and_features, model_scores
 from experiments.evaluation import halves_accuracy
 from experiments.inference import predict_logits
 from experiments.train import split_indices, train_one_epoch
-from models import feature_layer
 
 SHIFT_EXPERIMENT = "task1-shift"
 SOURCE_STEP = "task1-step1"
@@ -47,55 +47,10 @@ SOURCE_STEP = "task1-step1"
 REFUSE_FRACTION = 0.05  # of in-script (TRAIN validation) images, sets the model-based thresholds
 
 
-@torch.no_grad()
-def logits_and_features(loaded: Loaded, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and penultimate features (the input of the registry's feature layer) for raw images."""
-    last = feature_layer(loaded.model)
-    captured: list[torch.Tensor] = []
-    hook = last.register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].detach())
-    )
-    try:
-        device = next(loaded.model.parameters()).device
-        logits = predict_logits(
-            loaded.model, loaded.preprocessing.transform(images).to(device)
-        ).cpu()
-    finally:
-        hook.remove()
-    return logits, torch.cat(captured).float().cpu()
-
-
-@dataclass
-class Mahalanobis:
-    means: torch.Tensor  # classes x features
-    precision: torch.Tensor  # features x features
-
-    @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor) -> Mahalanobis:
-        classes = int(labels.max()) + 1
-        means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
-        centred = features - means[labels]
-        covariance = centred.T @ centred / len(features)
-        eye = torch.eye(covariance.shape[0])
-        precision = torch.linalg.pinv(covariance + 1e-4 * eye.mul(covariance.diagonal().mean()))
-        return cls(means, precision)
-
-    def score(self, features: torch.Tensor) -> torch.Tensor:
-        diff = features[:, None, :] - self.means[None, :, :]
-        distances = torch.einsum("ncf,fg,ncg->nc", diff, self.precision, diff)
-        return distances.min(1).values
-
-
 def detector_scores(
     logits: torch.Tensor, features: torch.Tensor, images: torch.Tensor, maha: Mahalanobis
 ):
-    probabilities = logits.softmax(1)
-    return {
-        "background": border_mean(images).numpy(),
-        "max_softmax": (1 - probabilities.max(1).values).numpy(),
-        "energy": (-torch.logsumexp(logits, 1)).numpy(),
-        "mahalanobis": maha.score(features).numpy(),
-    }
+    return {"background": border_mean(images).numpy(), **model_scores(logits, features, maha)}
 
 
 @dataclass

@@ -11,12 +11,14 @@ import time
 import urllib.request
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from synthetic import permute_labels
 
 from data_tools import load_split
 from experiments import config, registry, tracking
+from experiments.detectors import MODEL_DETECTORS
 from experiments.driver import run_step
 from experiments.registry import ALIAS, accuracy_on, choose, promote, task2_candidates
 from experiments.space import Budget
@@ -52,15 +54,37 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
         assert accuracy == client.get_run(task2.run_id).data.metrics["TEST2_acc"]
 
     task1, _, _ = promote(1)
-    assert task1.detector["name"] == "max_softmax" and 0 < task1.detector["threshold"] < 1
+    assert task1.detector["name"] in MODEL_DETECTORS
     frame = mlflow.pyfunc.load_model(f"models:/glyph-task1@{ALIAS}").predict(
         load_split("TEST", studies).images.numpy()
     )
     assert {"detector_score", "unknown"} <= set(frame.columns)
-    assert (
-        frame["unknown"].to_numpy().any()
-        or frame["detector_score"].max() <= task1.detector["threshold"]
+    flagged = frame["detector_score"].to_numpy() > task1.detector["threshold"]
+    assert (frame["unknown"].to_numpy() == flagged).all()
+
+
+def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, monkeypatch):
+    from experiments.checkpoint import load_checkpoint
+    from experiments.detectors import score_shipped
+
+    seen, real = [], registry.load_split
+    monkeypatch.setattr(
+        registry, "load_split", lambda name, *a, **k: seen.append(name) or real(name, *a, **k)
     )
+    champion = choose(1)
+    assert seen == ["TRAIN"]  # the detector and its threshold never read TEST or TEST2
+    detector = champion.detector
+    assert set(detector["proxy_auroc"]) == set(MODEL_DETECTORS)
+    assert detector["proxy_auroc"][detector["name"]] == max(detector["proxy_auroc"].values())
+    monkeypatch.setattr(registry, "MODEL_DETECTORS", ("mahalanobis",))  # the hardest to ship
+    maha, _, _ = promote(1)
+    assert maha.detector["name"] == "mahalanobis"
+    test = real("TEST", studies)
+    frame = mlflow.pyfunc.load_model(f"models:/glyph-task1@{ALIAS}").predict(test.images.numpy())
+    expected = score_shipped(maha.detector, load_checkpoint(maha.run_id), test.images).numpy()
+    assert np.allclose(frame["detector_score"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    measured = registry.task1_measures(maha)
+    assert measured["coverage"] == pytest.approx(1 - frame["unknown"].mean())
 
 
 def test_task2_candidates_follow_the_fixed_recipe_and_an_ensemble_registers(studies, monkeypatch):

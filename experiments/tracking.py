@@ -49,6 +49,8 @@ EXPERIMENT_NOTES = {
     DATA_ANALYSIS_EXPERIMENT: "The three datasets: counts, backgrounds, figures.",
     "task1-shift": "Task 1 without TEST labels: new-script detectors, selective prediction.",
     "report": "The comparison report's files, one run per `make report`.",
+    "registry": "One run per promoted champion: the model that the Model Registry version "
+    "(glyph-task1 / glyph-task2, alias champion) points to.",
 }
 
 

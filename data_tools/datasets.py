@@ -129,7 +129,10 @@ def _selection(test: Dataset) -> Dataset:
         members = white.numpy()[labels == label]
         count = round(len(members) * SELECTION_FRACTION)
         chosen.extend(generator.choice(members, size=count, replace=False).tolist())
-    return test.subset(torch.tensor(sorted(chosen), dtype=torch.long), SELECTION)
+    selection = test.subset(torch.tensor(sorted(chosen), dtype=torch.long), SELECTION)
+    recipe = f"{SELECTION}(white,fraction={SELECTION_FRACTION},seed={SELECTION_SEED})"
+    selection.fingerprint = f"{test.fingerprint}|{recipe}"
+    return selection
 
 
 def _train_test(train: Dataset, test: Dataset) -> Dataset:

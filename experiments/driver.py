@@ -317,12 +317,13 @@ def check_data(handle: optuna.Study, data: StepData) -> None:
     """A study's trials are comparable only on one training and validation set: a study is
     resumed on the data it started with, never on other data."""
     recorded = handle.user_attrs.get("data_key")
-    if recorded is None:
+    if recorded is None and not handle.trials:
         handle.set_user_attr("data_key", data.data_key)
     elif recorded != data.data_key:
+        known = f"data key {recorded}" if recorded else "a study from before data keys"
         raise ValueError(
-            f"study {handle.study_name}: its trials were scored on other data (data key "
-            f"{recorded}, now {data.data_key}); use another store (MLRUNS_DIR) or delete the study"
+            f"study {handle.study_name}: its trials were scored on other data ({known}, now "
+            f"{data.data_key}); use another store (MLRUNS_DIR) or delete the study"
         )
 
 
@@ -403,8 +404,8 @@ def finish_study(
             flush=True,
         )
         tags = {}
-        if best.user_attrs.get("defaults"):  # trial 0 won: this final is also the baseline
-            tags = {"baseline_key": key, "also_baseline": "true"}
+        if best.user_attrs.get("defaults") and baseline_key(step, model, budget, data, base) == key:
+            tags = {"baseline_key": key, "also_baseline": "true"}  # trial 0 won: one run
         outcome = train_final(data, cfg, handle.study_name, best.number, parent, **tags)
         handle.set_user_attr("final_run_id", outcome.run_id)
         handle.set_user_attr("final_of_trial", best.number)
@@ -428,6 +429,22 @@ def run_key(cfg: TrainConfig, data: StepData) -> str:
     return transfer.pretrain_key({**cfg.flat(), "data": data.data_key})
 
 
+def baseline_config(
+    step: Step, model: str, budget: Budget, data: StepData, base: dict[str, Any]
+) -> TrainConfig:
+    """Trial 0's settings (the hand-set defaults as the search space holds them), as a final."""
+    params = default_trial_params(step, model, budget, base)
+    return run_config(
+        step, model, budget, base, params, budget.final_role(params, data.train_images)
+    )
+
+
+def baseline_key(
+    step: Step, model: str, budget: Budget, data: StepData, base: dict[str, Any]
+) -> str:
+    return run_key(baseline_config(step, model, budget, data, base), data)
+
+
 def train_baseline(
     handle: optuna.Study,
     step: Step,
@@ -441,9 +458,7 @@ def train_baseline(
     and data: trial 0's settings (each default as the search space holds it, e.g. a weight
     decay of 0 at the range's lower bound), so that when trial 0 wins, final and baseline
     are one run (the final, tagged `also_baseline`)."""
-    params = default_trial_params(step, model, budget, base)
-    role = budget.final_role(params, data.train_images)
-    cfg = run_config(step, model, budget, base, params, role)
+    cfg = baseline_config(step, model, budget, data, base)
     key = run_key(cfg, data)
     found = results.runs(step.name, model=model, role="baseline", baseline_key=key)
     if found.empty:  # the defaults trial won: its final is the baseline
@@ -498,6 +513,7 @@ def select(
     client.set_tag(parent, "selected_run", chosen)
     client.set_tag(parent, "selected_role", "final" if chosen == final_id else "baseline")
     client.set_tag(parent, "baseline_run", baseline_id)
+    client.set_tag(parent, "final_run", final_id)
     handle.set_user_attr("selected_run_id", chosen)
     print(
         f"[{handle.study_name}] selected the {'searched final' if chosen == final_id else 'baseline'}"

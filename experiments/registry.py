@@ -54,6 +54,8 @@ from experiments.train import split_indices
 from models import count_parameters
 
 REGISTRY_EXPERIMENT = "registry"
+DECLARED_DETECTOR = "max_softmax"  # declared in advance; ships when the proxy cannot choose
+PROXY_MARGIN = 0.02  # a proxy whose every AUROC is within this of 0.5 cannot choose
 ALIAS = "champion"
 CHAMPION_STEP = {1: "task1-step1"}
 TASK2_STEPS = tuple(name for name, step in STEPS.items() if step.val_set == SELECTION)
@@ -211,7 +213,16 @@ def detector_of(run_id: str, fit_images: int = 6000) -> dict:
         name: float(roc_auc_score(truth, np.r_[inside[name], outside[name]]))
         for name in MODEL_DETECTORS
     }
-    name = max(MODEL_DETECTORS, key=lambda n: (proxy[n], -MODEL_DETECTORS.index(n)))
+    # A model that turns every image black-background undoes the inversion, and then no
+    # detector can separate the proxy's two sides: the declared default ships instead.
+    informative = (
+        cfg.get("polarity") != "to_black"
+        and max(abs(a - 0.5) for a in proxy.values()) >= PROXY_MARGIN
+    )
+    if informative:
+        name = max(MODEL_DETECTORS, key=lambda n: (proxy[n], -MODEL_DETECTORS.index(n)))
+    else:
+        name = DECLARED_DETECTOR
     threshold = float(np.quantile(inside[name], 1 - REFUSE_FRACTION))
     return shipped(
         name,
@@ -220,6 +231,7 @@ def detector_of(run_id: str, fit_images: int = 6000) -> dict:
         refuse_fraction=REFUSE_FRACTION,
         proxy="TRAIN validation vs the same images inverted",
         proxy_auroc=proxy,
+        chosen_by="proxy AUROC" if informative else "declared default (proxy uninformative)",
     )
 
 
@@ -297,6 +309,7 @@ def _register(champion: Champion, key: str) -> str:
         tags["detector"] = champion.detector["name"]
         tags["detector_threshold"] = f"{champion.detector['threshold']:.6f}"
         tags["detector_proxy"] = champion.detector["proxy"]
+        tags["detector_chosen_by"] = champion.detector["chosen_by"]
         for name, auroc in champion.detector["proxy_auroc"].items():
             tags[f"detector_proxy_auroc.{name}"] = f"{auroc:.4f}"
     experiment = tracking.experiment_id(REGISTRY_EXPERIMENT)

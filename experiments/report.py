@@ -78,13 +78,17 @@ def _cell(step_name: str, model: str) -> dict:
         run_id=run["run_id"],
         source=origin,
     )
-    baseline_run = results.role_run(source.name, model, "baseline")
-    final_run = results.role_run(source.name, model, "final")
-    if final_run is not None and results.tag(final_run, "also_baseline") == "true":
-        older = baseline_run is None or baseline_run["start_time"] < final_run["start_time"]
-        baseline_run = final_run if older else baseline_run  # trial 0 (the defaults) won
-    baseline = results.metrics_of(baseline_run)
-    searched = results.metrics_of(final_run)
+    parent_run = results.study_parent(source.name, model)
+    named = {
+        r: results.tag(parent_run, f"{r}_run") if parent_run is not None else ""
+        for r in ("baseline", "final")
+    }
+    if all(named.values()):  # the pair the study compared
+        baseline = results.run_metrics(named["baseline"])
+        searched = results.run_metrics(named["final"])
+    else:  # a retrain step, or a study of an older store
+        baseline = results.metrics_of(results.role_run(source.name, model, "baseline"))
+        searched = results.metrics_of(results.role_run(source.name, model, "final"))
     cell["baseline_acc"] = baseline.get(f"{evaluated}_acc")
     cell["searched_acc"] = searched.get(f"{evaluated}_acc")
     cell["selected"] = results.tag(run, "role") if results.tag(run, "selected") == "true" else ""
@@ -250,8 +254,8 @@ def task1_detector_lines(champion) -> list[str]:
     proxy = ", ".join(f"{k} {v:.3f}" for k, v in detector["proxy_auroc"].items())
     measured = registry.task1_measures(champion)
     lines = [
-        f"  - Detector **{detector['name']}** chosen by AUROC on the TRAIN-only proxy "
-        f"({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
+        f"  - Detector **{detector['name']}**, {detector['chosen_by']}; AUROC on the "
+        f"TRAIN-only proxy ({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
         f"({detector['refuse_fraction']:.0%} of TRAIN validation refused).",
         f"  - On TEST, measured after: new-script AUROC {measured['auroc']:.3f}, coverage "
         f"{measured['coverage']:.3f}, accuracy on the answered images "

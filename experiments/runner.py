@@ -82,6 +82,15 @@ def _source_folder(name: str) -> Path:
     return config.data_dir() / sources[0] if len(sources) == 1 else config.data_dir()
 
 
+def short_digest(fingerprint: str) -> str:
+    """16 hex digits naming a set: a raw folder's own digest, a derived set's hashed recipe
+    (a derived fingerprint starts with its source's digest, so a prefix would not tell them
+    apart)."""
+    if "|" not in fingerprint:
+        return fingerprint[:16]
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
 def log_inputs(data: StepData, cfg: TrainConfig) -> None:
     """The run's data lineage: its training, validation and evaluation sets as MLflow dataset
     inputs, each with the project's data fingerprint as its digest."""
@@ -102,7 +111,7 @@ def log_inputs(data: StepData, cfg: TrainConfig) -> None:
         for name, digest, context in sets:
             folder = _source_folder(name.split(" ")[0].split("-")[0])
             dataset = MetaDataset(
-                resolve_dataset_source(str(folder)), name=name, digest=digest[:16]
+                resolve_dataset_source(str(folder)), name=name, digest=short_digest(digest)
             )
             mlflow.log_input(dataset, context=context)
 
@@ -120,14 +129,14 @@ def run_tags(data: StepData, cfg: TrainConfig) -> dict[str, str]:
         "eval_sets": ",".join(step.eval_sets),
         "label_use": step.label_use,
         "seed": str(cfg.seed),
-        f"data.{step.train_set}_fingerprint": data.train_set.fingerprint[:16],
+        f"data.{step.train_set}_fingerprint": short_digest(data.train_set.fingerprint),
         **tracking.environment_tags(),
     }
     for name, dataset in data.eval_sets.items():
-        tags[f"data.{name}_fingerprint"] = dataset.fingerprint[:16]
+        tags[f"data.{name}_fingerprint"] = short_digest(dataset.fingerprint)
     if data.val_set is not None:
         tags["val_set"] = data.val_set.name
-        tags[f"data.{data.val_set.name}_fingerprint"] = data.val_set.fingerprint[:16]
+        tags[f"data.{data.val_set.name}_fingerprint"] = short_digest(data.val_set.fingerprint)
     return tags
 
 

@@ -64,6 +64,9 @@ def test_resume_after_crash_fails_stale_trial_and_completes_count(study_data):
     tracking.init()
     storage = make_storage()
     study = load_or_create_study("task2-step2", "resnet", storage, budget)
+    from experiments.runner import load_step_data
+
+    study.set_user_attr("data_key", load_step_data(STEPS["task2-step2"]).data_key)  # as a run does
     crashed = study.ask()  # left RUNNING, as by a process killed mid-trial
     client = MlflowClient()
     run = client.create_run(
@@ -195,3 +198,16 @@ def test_when_the_defaults_trial_wins_the_final_is_the_baseline_trained_once(stu
     assert cell["baseline_acc"] == cell["searched_acc"] == cell["accuracy"]
     run_step("task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     assert len(runs_in("task2-step3", "tags.role != 'study'")) == 2  # resumed: nothing retrained
+
+
+def test_a_study_from_before_data_keys_is_not_resumed(study_data, capsys):
+    from experiments.__main__ import main
+
+    tracking.init()
+    old = load_or_create_study("task2-step3", "vgg", make_storage(), Budget(**TINY))
+    old.ask()  # a trial from a version that recorded no data key
+    argv = ["search", "--step", "task2-step3", "--model", "vgg", "--trials", "2", "--epochs", "1",
+            "--final-epochs", "1", "--train-subset", "0"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "a study from before data keys" in capsys.readouterr().err

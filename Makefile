@@ -21,7 +21,7 @@ MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
 
 .DEFAULT_GOAL := help
-.PHONY: promote predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -87,6 +87,10 @@ report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Ta
 
 promote: $(STAMP) ## register each task's champion in the MLflow Model Registry (glyph-task1/2 @champion)
 	$(PY) -m experiments promote
+
+task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2), then the champion registered
+	$(MAKE) --no-print-directory task2-step3 task2-step2
+	$(PY) -m experiments promote --task 2
 
 IN ?=
 MODEL_URI ?= models:/glyph-task2@champion

@@ -133,6 +133,43 @@ def accuracy_on(champion: Champion, split: str) -> float:
     return float((mean.argmax(1) == dataset.labels).double().mean())
 
 
+def candidates_table(split: str = "TEST2") -> pd.DataFrame:
+    """Every Task 2 candidate with its SELECT2 (selection) accuracy and, measured after the
+    rule has chosen, its accuracy on `split`; the champion first, then by selection."""
+    candidates = task2_candidates()
+    if not candidates:
+        return pd.DataFrame()
+    champion = choose(2)
+    dataset = load_split(split, config.data_dir(), config.cache_dir())
+    cache: dict[tuple[str, bool], torch.Tensor] = {}
+    rows = []
+    for candidate in candidates:
+        for run_id in candidate.run_ids:
+            if (run_id, candidate.tta) not in cache:
+                loaded = load_checkpoint(run_id)
+                cache[(run_id, candidate.tta)] = probabilities(
+                    loaded, dataset.images, candidate.tta
+                )
+        mean = torch.stack([cache[(r, candidate.tta)] for r in candidate.run_ids]).mean(0)
+        rows.append(
+            {
+                "candidate": candidate.label,
+                "members": len(candidate.runs),
+                "tta": candidate.tta,
+                "parameters": candidate.parameters,
+                "selection_acc (SELECT2)": candidate.selection_acc,
+                f"{split}_acc (measured after)": float(
+                    (mean.argmax(1) == dataset.labels).double().mean()
+                ),
+                "champion": candidate.label == champion.label,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(
+        ["champion", "selection_acc (SELECT2)", "parameters"], ascending=[False, False, True]
+    ).reset_index(drop=True)
+
+
 def task2_answers() -> list[pd.Series]:
     """The study answers of the Task 2 steps whose runs validated on SELECT2."""
     answers = []

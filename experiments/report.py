@@ -244,6 +244,18 @@ def champions_markdown() -> list[str]:
         )
         if champion.detector:
             lines += task1_detector_lines(champion)
+    table = registry.candidates_table("TEST2")
+    if not table.empty:
+        lines += [
+            "",
+            "### Task 2 candidates (the rule's whole field; TEST2 measured after the choice)",
+            "",
+            "Study answers validated on SELECT2 and the fixed-recipe ensembles, with and "
+            "without TTA. Only the selection column chooses; a higher TEST2 number elsewhere "
+            "would be hindsight.",
+            "",
+            table.to_markdown(index=False, floatfmt=".4f"),
+        ]
     return ["", *lines, ""]
 
 

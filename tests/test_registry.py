@@ -115,6 +115,10 @@ def test_task2_candidates_follow_the_fixed_recipe_and_an_ensemble_registers(stud
         assert single.selection_acc == pytest.approx(logged, abs=1e-6)
     best = choose(2)
     assert best.selection_acc == max(c.selection_acc for c in candidates.values())
+    table = registry.candidates_table("TEST2")
+    assert len(table) == len(candidates) and table["champion"].tolist() == [True] + [False] * 5
+    assert table.loc[0, "candidate"] == best.label
+    assert table.loc[0, "TEST2_acc (measured after)"] == accuracy_on(best, "TEST2")
     chosen = candidates[f"{ensemble} (TTA)"]
     assert chosen.parameters == sum(candidates[name].parameters for name in singles)
     monkeypatch.setattr(registry, "choose", lambda task: chosen)

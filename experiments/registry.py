@@ -170,6 +170,22 @@ def candidates_table(split: str = "TEST2") -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
+EVALUATED = {1: "TEST", 2: "TEST2"}
+
+
+def evaluation_metrics(champion: Champion) -> dict[str, float]:
+    """What the promote run logs beside the model, measured after the choice: the selection
+    accuracy and the task's evaluation accuracy (Task 1: with the detector's measures)."""
+    split = EVALUATED[champion.task]
+    metrics = {"selection_acc": champion.selection_acc}
+    if champion.task == 1 and champion.detector:
+        measured = task1_measures(champion)
+        metrics.update({f"{split}_{k}" if k != "TEST_acc" else k: v for k, v in measured.items()})
+    else:
+        metrics[f"{split}_acc"] = accuracy_on(champion, split)
+    return metrics
+
+
 def task2_answers() -> list[pd.Series]:
     """The study answers of the Task 2 steps whose runs validated on SELECT2."""
     answers = []
@@ -361,6 +377,7 @@ def _register(champion: Champion, key: str) -> str:
             paths.append(path)
         single = len(paths) == 1 and not champion.tta
         log_pyfunc_model(paths[0] if single else paths, tta=champion.tta)
+        mlflow.log_metrics(evaluation_metrics(champion))  # measured after the choice
         uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     version = mlflow.register_model(uri, champion.name, tags=tags)
     MlflowClient().update_model_version(

@@ -50,6 +50,8 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies):
     frame = model.predict(test2.images.numpy())
     accuracy = float((frame["predicted"].to_numpy() - 1 == test2.labels.numpy()).mean())
     assert accuracy == accuracy_on(task2, "TEST2")  # the registered model is the candidate
+    promote_run = client.get_run(client.get_model_version("glyph-task2", version).run_id)
+    assert accuracy == promote_run.data.metrics["TEST2_acc"]  # and its logged number, exactly
     if len(task2.runs) == 1 and not task2.tta:  # and reproduces its run's number exactly
         assert accuracy == client.get_run(task2.run_id).data.metrics["TEST2_acc"]
 

@@ -540,6 +540,7 @@ def retrain_best(
             f"{step.name} retrains the best trial of {source_name}, which does not exist yet: "
             f"run `make {step.source} MODELS={model}` first"
         ) from None
+    check_data(source, data)  # the source's trials were scored on the data this step trains on
     best = study.best_complete_trial(source)
     if best is None:
         raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")

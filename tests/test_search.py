@@ -211,3 +211,15 @@ def test_a_study_from_before_data_keys_is_not_resumed(study_data, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     assert "a study from before data keys" in capsys.readouterr().err
+
+
+def test_a_retrain_step_refuses_a_source_study_scored_on_other_data(
+    study_data, tmp_path, monkeypatch
+):
+    from synthetic import write_study_data
+
+    run_step("task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
+    monkeypatch.setenv("DATA_DIR", str(write_study_data(tmp_path / "other", per_class=21)))
+    with pytest.raises(ValueError, match="scored on other data"):
+        run_step("task2-step3-long", "vgg", Budget(trials=1, epochs=1, train_subset=0))
+    assert runs_in("task2-step3-long") == []

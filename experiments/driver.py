@@ -561,7 +561,7 @@ def retrain_best(
         )
     print(
         f"[{name}] retraining {source_name} trial {best.number}: "
-        + ", ".join(f"{k}={v}" for k, v in step.role_settings.items()),
+        + ", ".join(f"{k}={getattr(cfg, k)}" for k in step.role_settings),  # as resolved
         flush=True,
     )
     outcome = train_final(data, cfg, name, best.number, params_from=source_name, retrain_key=key)

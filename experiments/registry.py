@@ -329,7 +329,7 @@ def promote(task: int) -> tuple[Champion, str, bool]:
     ]
     created = not existing
     version = existing[0].version if existing else _register(champion, key)
-    if existing and not client.get_run(existing[0].run_id).data.metrics:
+    if existing and not results.run_metrics(existing[0].run_id):
         # a version promoted before its run logged the champion's numbers: add them now
         for name, value in evaluation_metrics(champion).items():
             client.log_metric(existing[0].run_id, name, value)

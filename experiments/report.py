@@ -79,16 +79,20 @@ def _cell(step_name: str, model: str) -> dict:
         source=origin,
     )
     parent_run = results.study_parent(source.name, model)
-    named = {
+    named = {  # the pair the study compared, as its parent names them
         r: results.tag(parent_run, f"{r}_run") if parent_run is not None else ""
         for r in ("baseline", "final")
     }
-    if all(named.values()):  # the pair the study compared
-        baseline = results.run_metrics(named["baseline"])
-        searched = results.run_metrics(named["final"])
-    else:  # a retrain step, or a study of an older store
-        baseline = results.metrics_of(results.role_run(source.name, model, "baseline"))
-        searched = results.metrics_of(results.role_run(source.name, model, "final"))
+    baseline = (
+        results.run_metrics(named["baseline"])
+        if named["baseline"]
+        else results.metrics_of(results.role_run(source.name, model, "baseline"))
+    )
+    searched = (
+        results.run_metrics(named["final"])
+        if named["final"]
+        else results.metrics_of(results.role_run(source.name, model, "final"))
+    )
     cell["baseline_acc"] = baseline.get(f"{evaluated}_acc")
     cell["searched_acc"] = searched.get(f"{evaluated}_acc")
     cell["selected"] = results.tag(run, "role") if results.tag(run, "selected") == "true" else ""

@@ -24,7 +24,12 @@ from data_tools import Dataset
 from experiments import results
 from experiments.checkpoint import load_checkpoint
 from experiments.evaluation import metrics_of
-from experiments.inference import SHIFTS, probabilities, shifted_views  # noqa: F401
+from experiments.inference import (  # noqa: F401 (re-exported: the report's TTA)
+    SHIFTS,
+    ProbabilityCache,
+    probabilities,
+    shifted_views,
+)
 from experiments.steps import STEPS
 
 # Task 2 steps whose training reads labelled TEST images: the "all" group's members
@@ -73,20 +78,6 @@ def best_k(step: str, k: int) -> list[Member]:
     return sorted(final_runs(step), key=lambda m: (-m.best_val_acc, m.model))[:k]
 
 
-class ProbabilityCache:
-    """Each (run, TTA) pair is predicted once per report, however many ensembles share it."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-        self._cache: dict[tuple[str, bool], torch.Tensor] = {}
-
-    def __call__(self, run_id: str, tta: bool) -> torch.Tensor:
-        key = (run_id, tta)
-        if key not in self._cache:
-            self._cache[key] = probabilities(load_checkpoint(run_id), self.images, tta)
-        return self._cache[key]
-
-
 def evaluate_ensemble(
     name: str, members: list[Member], dataset: Dataset, tta: bool, cache: ProbabilityCache
 ) -> EnsembleResult:
@@ -117,7 +108,7 @@ def ensemble_specs(k: int) -> list[tuple[str, tuple[str, ...], int | None]]:
 
 def run_ensembles(k: int, tta_options: tuple[bool, ...], dataset: Dataset) -> list[EnsembleResult]:
     """Every ensemble of `ensemble_specs(k)` with and without TTA, scored on `dataset`."""
-    cache = ProbabilityCache(dataset.images)
+    cache = ProbabilityCache(dataset.images, load_checkpoint)
     results = []
     for name, steps, size in ensemble_specs(k):
         if size is None:

@@ -78,3 +78,23 @@ def probabilities(loaded, images: torch.Tensor, tta: bool = False) -> torch.Tens
         for view in views
     )
     return total / len(views)
+
+
+class ProbabilityCache:
+    """Softmax probabilities of runs on one image set: each (run, TTA) pair is predicted once,
+    however many ensembles or candidates share it. `load(run_id)` gives a loaded checkpoint."""
+
+    def __init__(self, images: torch.Tensor, load):
+        self.images, self.load = images, load
+        self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def __call__(self, run_id: str, tta: bool) -> torch.Tensor:
+        key = (run_id, tta)
+        if key not in self._cache:
+            self._cache[key] = probabilities(self.load(run_id), self.images, tta)
+        return self._cache[key]
+
+    def accuracy(self, run_ids: list[str], tta: bool, labels: torch.Tensor) -> float:
+        """Accuracy of the members' averaged probabilities (one member: the model itself)."""
+        mean = torch.stack([self(run_id, tta) for run_id in run_ids]).mean(0)
+        return float((mean.argmax(1) == labels).double().mean())

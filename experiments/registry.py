@@ -46,7 +46,7 @@ from experiments.detectors import (
     score_shipped,
     shipped,
 )
-from experiments.inference import probabilities
+from experiments.inference import ProbabilityCache, probabilities
 from experiments.runner import log_pyfunc_model
 from experiments.shift import REFUSE_FRACTION
 from experiments.steps import STEPS
@@ -100,12 +100,7 @@ class Champion:
 def choose(task: int) -> Champion:
     """The champion of `task` by its rule (validation only; ties: the smaller candidate)."""
     if task == 2:
-        candidates = task2_candidates()
-        if not candidates:
-            raise RuntimeError(
-                "no Task 2 study validated on SELECT2 has finished: run `make task2-step3` first"
-            )
-        return min(candidates, key=lambda c: (-c.selection_acc, c.parameters, len(c.runs), c.label))
+        return best_of(task2_candidates())
     step = CHAMPION_STEP[task]
     frame = results.study_models(step)
     if frame.empty:
@@ -124,13 +119,20 @@ def choose(task: int) -> Champion:
     return champion
 
 
+def best_of(candidates: list[Champion]) -> Champion:
+    """The Task 2 rule: the best SELECT2 accuracy; ties: fewer parameters, fewer members."""
+    if not candidates:
+        raise RuntimeError(
+            "no Task 2 study validated on SELECT2 has finished: run `make task2-step3` first"
+        )
+    return min(candidates, key=lambda c: (-c.selection_acc, c.parameters, len(c.runs), c.label))
+
+
 def accuracy_on(champion: Champion, split: str) -> float:
     """The champion's accuracy on `split`, measured after it was chosen (never used to choose)."""
     dataset = load_split(split, config.data_dir(), config.cache_dir())
-    mean = torch.stack(
-        [probabilities(load_checkpoint(r), dataset.images, champion.tta) for r in champion.run_ids]
-    ).mean(0)
-    return float((mean.argmax(1) == dataset.labels).double().mean())
+    cache = ProbabilityCache(dataset.images, load_checkpoint)
+    return cache.accuracy(champion.run_ids, champion.tta, dataset.labels)
 
 
 def candidates_table(split: str = "TEST2") -> pd.DataFrame:
@@ -139,18 +141,11 @@ def candidates_table(split: str = "TEST2") -> pd.DataFrame:
     candidates = task2_candidates()
     if not candidates:
         return pd.DataFrame()
-    champion = choose(2)
+    champion = best_of(candidates)
     dataset = load_split(split, config.data_dir(), config.cache_dir())
-    cache: dict[tuple[str, bool], torch.Tensor] = {}
+    cache = ProbabilityCache(dataset.images, load_checkpoint)
     rows = []
     for candidate in candidates:
-        for run_id in candidate.run_ids:
-            if (run_id, candidate.tta) not in cache:
-                loaded = load_checkpoint(run_id)
-                cache[(run_id, candidate.tta)] = probabilities(
-                    loaded, dataset.images, candidate.tta
-                )
-        mean = torch.stack([cache[(r, candidate.tta)] for r in candidate.run_ids]).mean(0)
         rows.append(
             {
                 "candidate": candidate.label,
@@ -158,8 +153,8 @@ def candidates_table(split: str = "TEST2") -> pd.DataFrame:
                 "tta": candidate.tta,
                 "parameters": candidate.parameters,
                 "selection_acc (SELECT2)": candidate.selection_acc,
-                f"{split}_acc (measured after)": float(
-                    (mean.argmax(1) == dataset.labels).double().mean()
+                f"{split}_acc (measured after)": cache.accuracy(
+                    candidate.run_ids, candidate.tta, dataset.labels
                 ),
                 "champion": candidate.label == champion.label,
             }
@@ -206,12 +201,7 @@ def task2_candidates() -> list[Champion]:
     selection = load_split(SELECTION, config.data_dir(), config.cache_dir())
     loaded = {row["run_id"]: load_checkpoint(row["run_id"]) for row in answers}
     sizes = {run_id: count_parameters(item.model) for run_id, item in loaded.items()}
-    cache: dict[tuple[str, bool], torch.Tensor] = {}
-
-    def probs(run_id: str, tta: bool) -> torch.Tensor:
-        if (run_id, tta) not in cache:
-            cache[(run_id, tta)] = probabilities(loaded[run_id], selection.images, tta)
-        return cache[(run_id, tta)]
+    cache = ProbabilityCache(selection.images, loaded.__getitem__)
 
     groups: list[tuple[str, list[pd.Series]]] = [
         (f"{results.tag(r, 'step')}/{results.tag(r, 'model')}", [r]) for r in answers
@@ -226,8 +216,8 @@ def task2_candidates() -> list[Champion]:
     candidates = []
     for label, members in groups:
         for tta in (False, True):
-            mean = torch.stack([probs(r["run_id"], tta) for r in members]).mean(0)
-            accuracy = float((mean.argmax(1) == selection.labels).double().mean())
+            run_ids = [r["run_id"] for r in members]
+            accuracy = cache.accuracy(run_ids, tta, selection.labels)
             candidates.append(
                 Champion(
                     2,

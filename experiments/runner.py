@@ -94,24 +94,25 @@ def short_digest(fingerprint: str) -> str:
 def log_inputs(data: StepData, cfg: TrainConfig) -> None:
     """The run's data lineage: its training, validation and evaluation sets as MLflow dataset
     inputs, each with the project's data fingerprint as its digest."""
-    train = data.train_set
+    train, step = data.train_set, data.step
     if data.val_set is not None:
-        validation = (data.val_set.name, data.val_set.fingerprint)
+        validation = (data.val_set.name, data.val_set.fingerprint, step.val_set)
     else:
         split = f"val_fraction={cfg.val_fraction},split_seed={cfg.split_seed}"
         digest = hashlib.sha256(f"{train.fingerprint}|{split}".encode()).hexdigest()
-        validation = (f"{train.name} validation split", digest)
-    sets = [
-        (train.name, train.fingerprint, "train"),
+        validation = (f"{train.name} validation split", digest, step.train_set)
+    sets = [  # (name, fingerprint, the declared set it is read from, context)
+        (train.name, train.fingerprint, step.train_set, "train"),
         (*validation, "validation"),
-        *((name, ds.fingerprint, "evaluation") for name, ds in data.eval_sets.items()),
+        *((name, ds.fingerprint, name, "evaluation") for name, ds in data.eval_sets.items()),
     ]
     with warnings.catch_warnings():  # a local folder matches two equivalent source types
         warnings.simplefilter("ignore", UserWarning)
-        for name, digest, context in sets:
-            folder = _source_folder(name.split(" ")[0].split("-")[0])
+        for name, digest, declared, context in sets:
             dataset = MetaDataset(
-                resolve_dataset_source(str(folder)), name=name, digest=short_digest(digest)
+                resolve_dataset_source(str(_source_folder(declared))),
+                name=name,
+                digest=short_digest(digest),
             )
             mlflow.log_input(dataset, context=context)
 

@@ -114,7 +114,7 @@ def log_inputs(data: StepData, cfg: TrainConfig) -> None:
                 name=name,
                 digest=short_digest(digest),
             )
-            mlflow.log_input(dataset, context=context)
+            tracking.log_input(dataset, context=context)
 
 
 def _epoch_sink(row: dict[str, float]) -> None:

@@ -14,11 +14,13 @@ import json
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments import config
@@ -86,6 +88,25 @@ def experiment_id(name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def log_input(dataset, context: str, attempts: int = 5) -> None:
+    """`mlflow.log_input` that survives two processes logging the same dataset at once.
+
+    MLflow's SQL store checks that a dataset is absent, then inserts it; when two
+    workers' trials log the same set at the same moment, the second insert breaks the
+    unique key and the call fails (BAD_REQUEST, HTTP 400 from a server, so the client
+    does not retry). Tried again, the call finds the dataset and links it.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("unique" in text or "duplicate" in text):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def mark_interrupted(client: MlflowClient, run_id: str) -> None:

@@ -66,7 +66,12 @@ def test_two_workers_on_postgres_and_mlflow_server(study_data, engines, tmp_path
     storage_tag = client.get_run(parent).data.tags["storage"]
     assert "cluster-test-pw" not in storage_tag and "***" in storage_tag
     states = {run_id: run.data.tags["state"] for run_id, run in trials.items()}
-    assert "COMPLETE" in states.values() and set(states.values()) <= {"COMPLETE", "PRUNED"}
+    reasons = {run_id: trials[run_id].data.tags.get("fail_reason") for run_id in states}
+    assert "COMPLETE" in states.values() and set(states.values()) <= {"COMPLETE", "PRUNED"}, (
+        states,
+        reasons,
+        proc.stdout[-3000:],
+    )
     for run_id, state in states.items():  # a pruned trial stops before its artifacts
         if state == "COMPLETE":
             names = {a.path for a in client.list_artifacts(run_id)}

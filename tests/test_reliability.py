@@ -171,3 +171,42 @@ def test_bad_data_leaves_nothing_in_mlflow(study_data):
             == []
         )
     assert not os.path.exists(config.study_storage())
+
+
+def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
+    """MLflow's SQL store checks, then inserts a dataset: two workers' trials logging the same
+    set at the same moment broke the unique key and failed a trial (seen in CI with two
+    workers). Each round races two threads on a new dataset; every run must end with it."""
+    import threading
+
+    import mlflow
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tracking.init()
+    experiment = tracking.experiment_id("task2-step3")
+    client = MlflowClient()
+    run_ids = [client.create_run(experiment).info.run_id for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def log(run_id: str, digest: str, barrier: threading.Barrier) -> None:
+        dataset = MetaDataset(HTTPDatasetSource("http://127.0.0.1/glyphs"), name="d", digest=digest)
+        with mlflow.start_run(run_id=run_id):
+            barrier.wait()
+            try:
+                tracking.log_input(dataset, context="train")
+            except BaseException as exc:  # collected: a thread's exception would be lost
+                errors.append(exc)
+
+    digests = [f"{round_:016x}" for round_ in range(12)]
+    for digest in digests:
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=log, args=(r, digest, barrier)) for r in run_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    for run_id in run_ids:
+        logged = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+        assert logged == set(digests)

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         action="append",
-        choices=["data", "train", "logging", "fidelity"],
+        choices=["data", "train", "precision", "logging", "fidelity"],
         help="run only these sections (fidelity: slow, trial-score vs final rank correlation)",
     )
     bench.set_defaults(func=_bench)

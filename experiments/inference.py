@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import cpu_bf16
+
 
 def cpu_has_bf16() -> bool:
     """True when this CPU computes bf16 natively (AVX512_BF16 or AMX), read at run time."""
@@ -24,13 +26,15 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def training_precision(precision: str, device: torch.device) -> str:
-    """The precision a run trains in: `auto` is bf16 where the device has it natively, else fp32."""
+def training_precision(precision: str, device: torch.device, model: str | None = None) -> str:
+    """The precision a run trains in: `auto` is bf16 where the device has it natively, else
+    fp32; on CPU also fp32 for a model that declares bf16 slower there (`models.cpu_bf16`)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    fast = model is None or cpu_bf16(model)
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() and fast else "fp32"
 
 
 def autocast(device: torch.device, precision: str | None = None):

@@ -215,7 +215,7 @@ def fit(
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    precision = training_precision(cfg.precision, device)
+    precision = training_precision(cfg.precision, device, cfg.model)
     if val_set is None:
         train_idx, val_idx = split_indices(
             train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset

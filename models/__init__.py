@@ -11,7 +11,9 @@ The contract every registered model keeps (checked for each by the tests):
 - optional class attributes: `TITLE` (the report's column title) and
   `SEARCH_SPACE`, the knobs a search varies, as
   `{knob: ("categorical", choices) | ("int", low, high) | ("float", low, high)}`.
-  A model without one is searched on the training settings only.
+  A model without one is searched on the training settings only;
+  `CPU_BF16` (default True): False where bf16 autocast trains this model more
+  slowly than fp32 on CPU, so `precision=auto` keeps it in fp32 there.
 
 Adding a model is its own file and one line in `MODELS`.
 """
@@ -66,6 +68,11 @@ def search_space(name: str) -> dict[str, tuple[Any, ...]]:
 def title(name: str) -> str:
     """The model's display name (its `TITLE`, else its registry name)."""
     return getattr(_constructor(name), "TITLE", name)
+
+
+def cpu_bf16(name: str) -> bool:
+    """Whether bf16 autocast speeds model `name` up on a CPU that has bf16 (its `CPU_BF16`)."""
+    return bool(getattr(_constructor(name), "CPU_BF16", True))
 
 
 def _constructor(name: str) -> Callable[..., nn.Module]:

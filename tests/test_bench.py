@@ -32,3 +32,17 @@ def test_fidelity_bench_ranks_every_fidelity_against_the_final(study_data, tmp_p
     assert (frame["settings"] == 3).all()  # the defaults and two drawn settings
     rho = frame.set_index("fidelity")["Spearman rho vs final"]
     assert rho["final budget (reference)"] == 1.0
+
+
+def test_precision_bench_lists_every_model_and_the_auto_choice(study_data, tmp_path, monkeypatch):
+    from experiments import inference
+    from models import MODELS
+
+    monkeypatch.setenv("BENCH_IMAGES", "64")
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: True)
+    text = run_bench(tmp_path / "out", sections=["precision"]).read_text()
+    section = text.partition("## Training precision")[2].partition("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "img/s" not in line]
+    assert {row.split("|")[1].strip() for row in rows} == set(MODELS)
+    auto = {row.split("|")[1].strip(): row.split("|")[5].strip() for row in rows}
+    assert auto["efficientnet"] == "fp32" and auto["vgg"] == "bf16"

@@ -237,3 +237,17 @@ def test_a_task2_run_scores_its_best_epoch_on_the_selection_split(study_data):
     predictions = load_checkpoint(outcome.run_id).predict(data.val_set.images)
     accuracy = float((predictions == data.val_set.labels).float().mean())
     assert accuracy == pytest.approx(run.data.metrics["best_val_acc"])
+
+
+def test_auto_precision_is_bf16_only_for_models_it_speeds_up(monkeypatch):
+    import torch
+
+    from experiments import inference
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: True)
+    assert inference.training_precision("auto", cpu, "vgg") == "bf16"
+    assert inference.training_precision("auto", cpu, "efficientnet") == "fp32"  # CPU_BF16 = False
+    assert inference.training_precision("bf16", cpu, "efficientnet") == "bf16"  # asked for: kept
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: False)
+    assert inference.training_precision("auto", cpu, "vgg") == "fp32"

@@ -19,9 +19,16 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
+# `make reproduce` runs one lane per entry side by side, each all STEPS for its models ('+'-joined)
+# on its share of the cores: a model's chain (step2 warm-starts from step1) stays in one lane, and
+# the lanes are balanced by cost (vgg and efficientnet train slowest). LANES=all: one lane.
+LANES ?= vgg+hybrid efficientnet+resnet
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+LANE_LIST := $(if $(filter all,$(LANES)),$(subst $() ,+,$(strip $(or $(MODELS),vgg resnet efficientnet hybrid))),$(LANES))
+LANE_THREADS := $(shell echo $$(( $(NPROC) / $(words $(LANE_LIST)) > 0 ? $(NPROC) / $(words $(LANE_LIST)) : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: lane-% promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -111,10 +118,14 @@ ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:50
 dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
 	$(PY) -m experiments dashboard
 
-reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' searches, the report
+reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' studies (LANES side by side), the report
 	$(MAKE) --no-print-directory data analysis
-	$(MAKE) --no-print-directory $(STEPS)
+	$(MAKE) --no-print-directory -j$(words $(LANE_LIST)) --output-sync=line $(addprefix lane-,$(LANE_LIST))
 	$(MAKE) --no-print-directory report
+
+lane-%: $(STAMP) ## every step of `make reproduce` for the '+'-joined models, on this lane's threads
+	@echo "lane $*: $(STEPS) on $(LANE_THREADS) thread(s)"
+	OMP_NUM_THREADS=$(LANE_THREADS) $(MAKE) --no-print-directory $(STEPS) MODELS="$(subst +, ,$*)"
 
 beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
 	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift

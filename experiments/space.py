@@ -105,7 +105,7 @@ class Budget:
     Epoch counts left at None follow from image budgets, so every study spends
     about the same compute whatever the size of its training set: a trial sees
     `trial_images` images (2..20 epochs), the final retrain `final_images`
-    (3..`final_max_epochs` epochs, the whole cosine schedule, the epoch with the
+    (`final_min_epochs`..`final_max_epochs` epochs, the whole cosine schedule, the epoch with the
     best validation loss restored: no early stopping cuts a final short).
     `overrides` are the user's `--set` values: fixed for every run of the study.
     """
@@ -114,10 +114,11 @@ class Budget:
     epochs: int | None = None  # per trial; None: from trial_images
     train_subset: int = 4000  # training images per trial (0: all)
     val_subset: int = 3000  # validation images scored per trial epoch (0: all)
-    trial_images: int = 12_000
+    trial_images: int = 6_000  # half of 12,000: the same rank correlation in reports/bench.md
     final_epochs: int | None = None  # the best trial retrained; None: from final_images
-    final_images: int = 120_000
-    final_max_epochs: int = 40
+    final_images: int = 80_000
+    final_max_epochs: int = 30
+    final_min_epochs: int = 2
     # None: a final trains its whole schedule (fixed-length cosine) and keeps its best
     # validation epoch; an integer brings back early stopping with that patience
     final_patience: int | None = None
@@ -150,7 +151,7 @@ class Budget:
         if self.final_epochs:
             return self.final_epochs
         epochs = math.ceil(self.final_images / train_images)
-        return int(min(self.final_max_epochs, max(3, epochs)))
+        return int(min(self.final_max_epochs, max(self.final_min_epochs, epochs)))
 
     def trial_role(self, params: dict[str, Any], train_images: int, number: int) -> dict[str, Any]:
         """What the trial's fidelity fixes: its subset, its epochs and its seed."""

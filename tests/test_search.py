@@ -138,11 +138,12 @@ def test_unknown_model_is_refused_by_the_search_space():
 
 def test_budget_epochs_follow_the_image_budgets():
     budget = Budget()
-    assert budget.trial_epochs(28_800) == 3  # 4,000-image subset, 12,000 images
-    assert budget.trial_epochs(2_400) == 5  # TRAIN3: the whole split is smaller than the subset
-    assert budget.retrain_epochs(28_800) == 5 and budget.retrain_epochs(57_600) == 3
-    assert budget.retrain_epochs(2_400) == 40  # capped at final_max_epochs
-    assert budget.final_role({}, 2_400)["patience"] == 40  # no early stopping: the whole schedule
+    assert budget.trial_epochs(28_800) == 2  # 4,000-image subset, 6,000 images: at least 2
+    assert Budget(trial_images=12_000).trial_epochs(28_800) == 3
+    assert Budget(trial_images=12_000).trial_epochs(2_400) == 5  # TRAIN3: whole split < subset
+    assert budget.retrain_epochs(28_800) == 3 and budget.retrain_epochs(57_600) == 2
+    assert budget.retrain_epochs(2_400) == 30  # capped at final_max_epochs
+    assert budget.final_role({}, 2_400)["patience"] == 30  # no early stopping: the whole schedule
     assert Budget(epochs=7, final_epochs=2).trial_epochs(100) == 7
     assert Budget(epochs=7, final_epochs=2).retrain_epochs(100) == 2
 

@@ -22,13 +22,15 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-st
 # `make reproduce` runs one lane per entry side by side, each all STEPS for its models ('+'-joined)
 # on its share of the cores: a model's chain (step2 warm-starts from step1) stays in one lane, and
 # the lanes are balanced by cost (vgg and efficientnet train slowest). LANES=all: one lane.
+# The lanes' lines interleave as they come (each names its study); make's --output-sync would
+# hold a lane's output back until the lane ends.
 LANES ?= vgg+hybrid efficientnet+resnet
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 LANE_LIST := $(if $(filter all,$(LANES)),$(subst $() ,+,$(strip $(or $(MODELS),vgg resnet efficientnet hybrid))),$(LANES))
 LANE_THREADS := $(shell echo $$(( $(NPROC) / $(words $(LANE_LIST)) > 0 ? $(NPROC) / $(words $(LANE_LIST)) : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: lane-% promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -107,6 +109,9 @@ predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> wi
 fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/bench.md
 	$(PY) -m experiments bench --only fidelity
 
+levers: $(STAMP) ## slow: Task 2 levers (EMA, elastic) on one recipe, judged on SELECT2, into reports/levers.md
+	$(PY) -m experiments bench --only levers
+
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
 
@@ -120,7 +125,7 @@ dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.
 
 reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' studies (LANES side by side), the report
 	$(MAKE) --no-print-directory data analysis
-	$(MAKE) --no-print-directory -j$(words $(LANE_LIST)) --output-sync=line $(addprefix lane-,$(LANE_LIST))
+	$(MAKE) --no-print-directory -j$(words $(LANE_LIST)) $(addprefix lane-,$(LANE_LIST))
 	$(MAKE) --no-print-directory report
 
 lane-%: $(STAMP) ## every step of `make reproduce` for the '+'-joined models, on this lane's threads

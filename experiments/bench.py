@@ -321,14 +321,107 @@ def bench_reproduce() -> float:
 FIDELITY_STUDIES = (("task2-step3", "resnet"), ("task1-step1", "hybrid"))
 FIDELITIES = {
     # name: Budget changes; "final" is the reference every other fidelity is ranked against
-    "current (4,000-image subset, 12,000 images)": {},
-    "2x images (24,000) on the same subset": {"trial_images": 24_000},
+    "current (4,000-image subset, 6,000 images)": {},
+    "the previous default (12,000 images)": {"trial_images": 12_000},
+    "4x images (24,000) on the same subset": {"trial_images": 24_000},
     "3x larger subset (12,000 images, 24,000 seen)": {
         "train_subset": 12_000,
         "trial_images": 24_000,
     },
-    "half the images (6,000)": {"trial_images": 6_000},
 }
+
+# Task 2 levers (issue: champions): one hand-set recipe, each lever added to it, trained on
+# task2-step3's data (TEST's white half minus SELECT2), judged on SELECT2; TEST2 measured after.
+LEVER_STEP = "task2-step3"
+LEVER_RECIPE = {
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 5e-4,
+    "batch_size": 64,
+    "label_smoothing": 0.05,
+    "normalization": "per_image",
+    "augmentation": "affine",
+    "epochs": 30,
+    "patience": 30,  # the whole cosine schedule; the best SELECT2-loss epoch is kept
+}
+LEVER_MODELS = {"resnet": {"width": 24, "blocks": 2}, "hybrid": {"width": 24}}
+LEVERS = {
+    "recipe (affine)": {},
+    "+ EMA 0.99": {"ema_decay": 0.99},
+    "affine + elastic": {"augmentation": "affine_elastic"},
+    "affine + elastic + EMA 0.99": {"augmentation": "affine_elastic", "ema_decay": 0.99},
+}
+
+
+def bench_levers(seeds: int = 2):
+    """Per (model, lever): SELECT2 accuracy (the selection split, read to choose) and TEST2
+    accuracy (measured only), each the mean over `seeds` seeds; no MLflow."""
+    import pandas as pd
+
+    from experiments.evaluation import score
+    from experiments.runner import load_step_data
+    from experiments.settings import resolve
+    from experiments.steps import get_step
+    from experiments.train import fit
+
+    data = load_step_data(get_step(LEVER_STEP))
+    test2 = data.eval_sets["TEST2"]
+    rows = []
+    for model, knobs in LEVER_MODELS.items():
+        for lever, changes in LEVERS.items():
+            select2, measured, seconds = [], [], 0.0
+            for seed in range(seeds):
+                cfg = resolve(model, searched={**LEVER_RECIPE, **knobs, **changes, "seed": seed})
+                start = time.perf_counter()
+                result = fit(cfg, data.train_set, label=f"lever {model} {lever} {seed}",
+                             val_set=data.val_set)  # fmt: skip
+                seconds += time.perf_counter() - start
+                select2.append(result.best_val_acc)
+                evaluation = score(result.model, result.preprocessing, test2, result.device)
+                measured.append(evaluation.metrics["TEST2_acc"])
+            rows.append(
+                {
+                    "model": model,
+                    "lever": lever,
+                    "SELECT2 (mean)": sum(select2) / seeds,
+                    "TEST2 (mean, measured after)": sum(measured) / seeds,
+                    "SELECT2 per seed": " / ".join(f"{v:.4f}" for v in select2),
+                    "TEST2 per seed": " / ".join(f"{v:.4f}" for v in measured),
+                    "CPU seconds": seconds,
+                }
+            )
+            print(f"  {model} {lever}: SELECT2 {rows[-1]['SELECT2 (mean)']:.4f} "
+                  f"TEST2 {rows[-1]['TEST2 (mean, measured after)']:.4f}", flush=True)  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_levers(out: str | None = None) -> Path:
+    """reports/levers.md from `bench_levers` (`LEVER_SEEDS`, default 2)."""
+    seeds = int(os.environ.get("LEVER_SEEDS", "2"))
+    frame = bench_levers(seeds)
+    best = frame.loc[frame.groupby("model")["SELECT2 (mean)"].idxmax()]
+    text = "\n".join(
+        [
+            "# Task 2 levers: each added to one hand-set recipe, judged on SELECT2",
+            "",
+            f"Machine: {_machine()}. Written by `python -m experiments bench --only levers`.",
+            f"Data: {LEVER_STEP} (TEST's white half minus SELECT2), validated on SELECT2; the "
+            "kept epoch is the best SELECT2 loss. TEST2 is measured after and chooses nothing.",
+            f"Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}; {seeds} seeds each.",
+            "",
+            frame.to_markdown(index=False, floatfmt=".4f"),
+            "",
+            "Chosen on SELECT2 (mean over seeds): "
+            + "; ".join(f"{r.model}: {r.lever}" for r in best.itertuples()),
+            "",
+        ]
+    )
+    folder = config.reports_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "levers.md"
+    path.write_text(text)
+    print(f"wrote {path}")
+    return path
 
 
 def bench_fidelity(configs: int = 6, seed: int = 0):
@@ -450,6 +543,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
     sections = sections or ["data", "train", "precision", "logging"]
     if sections == ["fidelity"]:
         return write_fidelity(out)
+    if sections == ["levers"]:
+        return write_levers(out)
     targets: list[tuple[str, str, bool]] = []
     lines = [
         "# Benchmarks",

@@ -63,6 +63,9 @@ class TrainConfig:
     augmentation: str = "affine"
     crop_scale: float = 0.85
     affine_strength: float = 0.7
+    # weight averaging: validate, keep and ship an exponential moving average of the weights
+    # (torch.optim.swa_utils), updated after every step with this decay; 0 = off
+    ema_decay: float = 0.0
     init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
     freeze: str = "none"  # transfer: none | early (first half of the body) | body (all but head)
     device: str = "auto"
@@ -83,6 +86,7 @@ class TrainConfig:
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("crop_scale", self.crop_scale, low=0.05, high=1.0)
         _check_range("affine_strength", self.affine_strength, low=0.0, high=3.0)
+        _check_range("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected an integer >= 1")

@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 
-from experiments.preprocess import AUGMENTATIONS, NORMALIZATIONS, POLARITIES
+from experiments.preprocess import NORMALIZATIONS, POLARITIES, SEARCHED_AUGMENTATIONS
 from experiments.settings import FREEZE, OPTIMIZERS, SCHEDULES
 from models import search_space
 
@@ -80,7 +80,7 @@ def suggest(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
         "normalization": trial.suggest_categorical("normalization", list(NORMALIZATIONS)),
         "polarity": trial.suggest_categorical("polarity", list(POLARITIES)),
     }
-    _augmentation(trial, params, list(AUGMENTATIONS))
+    _augmentation(trial, params, list(SEARCHED_AUGMENTATIONS))
     params.update(suggest_model(trial, model_name))
     return params
 
@@ -94,7 +94,7 @@ def suggest_fine_tune(trial: optuna.Trial, model_name: str) -> dict[str, Any]:
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.1),
     }
     # a random crop cuts strokes off glyphs the pretrained model already knows whole
-    _augmentation(trial, params, [a for a in AUGMENTATIONS if a != "crop"])
+    _augmentation(trial, params, [a for a in SEARCHED_AUGMENTATIONS if a != "crop"])
     return params
 
 

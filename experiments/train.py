@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from data_tools import Dataset
@@ -144,8 +145,10 @@ def train_one_epoch(
     generator: torch.Generator,
     progress: tqdm | None = None,
     precision: str | None = None,
+    averaged: AveragedModel | None = None,
 ) -> tuple[float, float]:
-    """One pass over the training images in random order; returns (mean loss, accuracy)."""
+    """One pass over the training images in random order; returns (mean loss, accuracy).
+    `averaged` (weight averaging) is updated after every optimizer step."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     total_loss = torch.zeros((), device=images.device)
@@ -161,6 +164,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.detach() * len(batch)
@@ -246,6 +251,12 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
+    averaged = None  # with ema_decay: the averaged weights are validated, kept and returned
+    if cfg.ema_decay > 0:
+        averaged = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+        )
+    scored = averaged.module if averaged is not None else model
 
     history: list[dict[str, float]] = []
     best = {"loss": math.inf, "acc": 0.0, "epoch": -1, "state": None}
@@ -269,8 +280,9 @@ def fit(
             generator,
             progress,
             precision,
+            averaged,
         )
-        val_loss, val_acc = evaluate(model, x_val, y_val, val_loss_fn)
+        val_loss, val_acc = evaluate(scored, x_val, y_val, val_loss_fn)
         if progress is not None:
             progress.close()
         row = {
@@ -296,7 +308,7 @@ def fit(
                 "loss": val_loss,
                 "acc": val_acc,
                 "epoch": epoch,
-                "state": copy.deepcopy(model.state_dict()),
+                "state": copy.deepcopy(scored.state_dict()),
             }
         for sink in on_epoch:
             sink(row)  # may raise optuna.TrialPruned

@@ -46,3 +46,18 @@ def test_precision_bench_lists_every_model_and_the_auto_choice(study_data, tmp_p
     assert {row.split("|")[1].strip() for row in rows} == set(MODELS)
     auto = {row.split("|")[1].strip(): row.split("|")[5].strip() for row in rows}
     assert auto["efficientnet"] == "fp32" and auto["vgg"] == "bf16"
+
+
+def test_lever_bench_chooses_on_select2_and_reports_test2_after(study_data, tmp_path, monkeypatch):
+    import experiments.bench as bench
+
+    monkeypatch.setattr(bench, "LEVER_MODELS", {"hybrid": {"width": 8}})
+    monkeypatch.setattr(bench, "LEVER_RECIPE", {**bench.LEVER_RECIPE, "epochs": 2, "patience": 2})
+    monkeypatch.setattr(bench, "LEVERS", {k: bench.LEVERS[k] for k in list(bench.LEVERS)[:2]})
+    monkeypatch.setenv("LEVER_SEEDS", "1")
+    text = bench.write_levers(tmp_path / "out").read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| hybrid")]
+    assert [r[2].strip() for r in rows] == list(bench.LEVERS)[:2]
+    select2 = {r[2].strip(): float(r[3]) for r in rows}
+    chosen = max(select2, key=select2.get)
+    assert f"hybrid: {chosen}" in text.partition("Chosen on SELECT2")[2]

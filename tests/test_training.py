@@ -251,3 +251,35 @@ def test_auto_precision_is_bf16_only_for_models_it_speeds_up(monkeypatch):
     assert inference.training_precision("bf16", cpu, "efficientnet") == "bf16"  # asked for: kept
     monkeypatch.setattr(inference, "cpu_has_bf16", lambda: False)
     assert inference.training_precision("auto", cpu, "vgg") == "fp32"
+
+
+def test_weight_averaging_ships_the_validated_average_not_the_last_weights(study_data):
+    data = load_step_data(get_step("task2-step3"))
+    plain = fit(TrainConfig(model="hybrid", **FAST), data.train_set, val_set=data.val_set)
+    averaged = fit(
+        TrainConfig(model="hybrid", ema_decay=0.9, **FAST), data.train_set, val_set=data.val_set
+    )
+    # the same seed trains the same raw weights: only what is validated and kept differs
+    assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in averaged.history]
+    assert [r["val_loss"] for r in plain.history] != [r["val_loss"] for r in averaged.history]
+    kept = averaged.model.state_dict()
+    assert any(not torch.equal(kept[k], v) for k, v in plain.model.state_dict().items())
+    # what is returned is what was validated at the kept epoch
+    again = score(averaged.model, averaged.preprocessing, data.val_set, averaged.device)
+    assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(averaged.best_val_acc)
+
+
+def test_elastic_augmentation_moves_strokes_and_keeps_the_shape():
+    from experiments.preprocess import Preprocessing
+    from experiments.space import SEARCHED_AUGMENTATIONS
+
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 6:22, 13:15] = 1.0  # a vertical stroke
+    outputs = {}
+    for name in ("affine", "affine_elastic"):
+        torch.manual_seed(0)  # the same affine draws: elastic comes after the affine
+        outputs[name] = Preprocessing("keep", "none", name, 0.85, 1.0).augmenter()(images)
+    out = outputs["affine_elastic"]
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    assert (out - outputs["affine"]).abs().sum() > 1.0
+    assert "affine_elastic" not in SEARCHED_AUGMENTATIONS  # a lever, not searched

@@ -19,15 +19,23 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
-# `make reproduce` runs one lane per entry side by side, each all STEPS for its models ('+'-joined)
-# on its share of the cores: a model's chain (step2 warm-starts from step1) stays in one lane, and
-# the lanes are balanced by cost (vgg and efficientnet train slowest). LANES=all: one lane.
+# `make reproduce` runs one lane per entry side by side, each all STEPS for its models ('+'-joined),
+# one after another (a shell loop: make's job slots never start two of a lane's steps at once), on its share of the cores: a model's chain (step2
+# warm-starts from step1) stays in one lane, and the lanes are balanced by cost (vgg and
+# efficientnet train slowest). MODELS=... keeps only those models; LANES=all: one lane.
 # The lanes' lines interleave as they come (each names its study); make's --output-sync would
 # hold a lane's output back until the lane ends.
+ALL_MODELS := vgg resnet efficientnet hybrid# the registry (python -m models list; a test checks)
 LANES ?= vgg+hybrid efficientnet+resnet
 NPROC := $(shell nproc 2>/dev/null || echo 1)
-LANE_LIST := $(if $(filter all,$(LANES)),$(subst $() ,+,$(strip $(or $(MODELS),vgg resnet efficientnet hybrid))),$(LANES))
-LANE_THREADS := $(shell echo $$(( $(NPROC) / $(words $(LANE_LIST)) > 0 ? $(NPROC) / $(words $(LANE_LIST)) : 1 )))
+SELECTED := $(or $(MODELS),$(ALL_MODELS))
+SPACE := $() $()
+LANE_LIST := $(if $(filter all,$(LANES)),$(subst $(SPACE),+,$(strip $(SELECTED))),$(strip \
+	$(foreach lane,$(LANES),$(subst $(SPACE),+,$(strip $(filter $(SELECTED),$(subst +, ,$(lane))))))))
+# threads per lane: the cores shared among reproduce's lanes; a lane run by hand gets them all
+LANE_COUNT := $(words $(LANE_LIST))
+REPRODUCE_THREADS := $(shell n=$(LANE_COUNT); n=$$(( n > 0 ? n : 1 )); t=$$(( $(NPROC) / n )); echo $$(( t > 0 ? t : 1 )))
+LANE_THREADS ?= $(NPROC)
 
 .DEFAULT_GOAL := help
 .PHONY: levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
@@ -124,13 +132,17 @@ dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.
 	$(PY) -m experiments dashboard
 
 reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' studies (LANES side by side), the report
+	$(if $(LANE_LIST),,$(error MODELS=$(MODELS): none of them is in LANES=$(LANES)))
 	$(MAKE) --no-print-directory data analysis
-	$(MAKE) --no-print-directory -j$(words $(LANE_LIST)) $(addprefix lane-,$(LANE_LIST))
+	$(MAKE) --no-print-directory -j$(LANE_COUNT) $(addprefix lane-,$(LANE_LIST)) \
+	  LANE_THREADS=$(REPRODUCE_THREADS)
 	$(MAKE) --no-print-directory report
 
 lane-%: $(STAMP) ## every step of `make reproduce` for the '+'-joined models, on this lane's threads
 	@echo "lane $*: $(STEPS) on $(LANE_THREADS) thread(s)"
-	OMP_NUM_THREADS=$(LANE_THREADS) $(MAKE) --no-print-directory $(STEPS) MODELS="$(subst +, ,$*)"
+	for step in $(STEPS); do \
+	  OMP_NUM_THREADS=$(LANE_THREADS) $(MAKE) --no-print-directory $$step MODELS="$(subst +, ,$*)" || exit 1; \
+	done
 
 beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
 	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift

@@ -245,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials", type=int, help="finished trials the study should hold (default 5)"
     )
     search.add_argument(
-        "--epochs", type=int, help="epochs per trial (default: 12,000 images' worth, 2..20)"
+        "--epochs",
+        type=int,
+        help="epochs per trial (default: Budget.trial_images' worth, 2..20; experiments/space.py)",
     )
     search.add_argument(
         "--train-subset", type=int, help="training images per trial, 0 = all (default 4000)"
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--final-epochs",
         type=int,
-        help="epochs of the best trial's retrain (default: 120,000 images' worth, 3..30)",
+        help="epochs of the best trial's retrain (default: Budget.final_images' worth, capped)",
     )
     search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
     search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")

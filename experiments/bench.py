@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -387,7 +388,7 @@ def bench_levers(seeds: int = 2):
                     "TEST2 (mean, measured after)": sum(measured) / seeds,
                     "SELECT2 per seed": " / ".join(f"{v:.4f}" for v in select2),
                     "TEST2 per seed": " / ".join(f"{v:.4f}" for v in measured),
-                    "CPU seconds": seconds,
+                    "wall seconds": seconds,
                 }
             )
             print(f"  {model} {lever}: SELECT2 {rows[-1]['SELECT2 (mean)']:.4f} "
@@ -395,24 +396,51 @@ def bench_levers(seeds: int = 2):
     return pd.DataFrame(rows)
 
 
+LEVER_MARGIN_IMAGES = (
+    2  # a lever is kept when its SELECT2 mean beats the recipe by this many images
+)
+
+
+def kept_levers(frame, select2_images: int) -> dict[str, str | None]:
+    """Per model, the lever the rule keeps (None: the recipe alone), read from SELECT2 only:
+    the best SELECT2 mean, if it beats the recipe's by at least `LEVER_MARGIN_IMAGES` images
+    (fixed before scoring; one image of 600 is 0.0017, below what SELECT2 can tell apart)."""
+    recipe = next(iter(LEVERS))
+    kept: dict[str, str | None] = {}
+    for model, rows in frame.groupby("model", sort=False):
+        scores = rows.set_index("lever")["SELECT2 (mean)"]
+        best = scores.drop(recipe).idxmax()
+        margin = (scores[best] - scores[recipe]) * select2_images
+        kept[model] = best if margin >= LEVER_MARGIN_IMAGES - 1e-6 else None
+    return kept
+
+
 def write_levers(out: str | None = None) -> Path:
     """reports/levers.md from `bench_levers` (`LEVER_SEEDS`, default 2)."""
+    from experiments.runner import load_step_data
+    from experiments.steps import get_step
+
     seeds = int(os.environ.get("LEVER_SEEDS", "2"))
     frame = bench_levers(seeds)
-    best = frame.loc[frame.groupby("model")["SELECT2 (mean)"].idxmax()]
+    select2 = len(load_step_data(get_step(LEVER_STEP)).val_set)
+    kept = kept_levers(frame, select2)
     text = "\n".join(
         [
             "# Task 2 levers: each added to one hand-set recipe, judged on SELECT2",
             "",
             f"Machine: {_machine()}. Written by `python -m experiments bench --only levers`.",
-            f"Data: {LEVER_STEP} (TEST's white half minus SELECT2), validated on SELECT2; the "
-            "kept epoch is the best SELECT2 loss. TEST2 is measured after and chooses nothing.",
+            f"Data: {LEVER_STEP} (TEST's white half minus SELECT2), validated on SELECT2 "
+            f"({select2} images); the kept epoch is the best SELECT2 loss. TEST2 is measured "
+            "after and chooses nothing.",
             f"Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}; {seeds} seeds each.",
             "",
             frame.to_markdown(index=False, floatfmt=".4f"),
             "",
-            "Chosen on SELECT2 (mean over seeds): "
-            + "; ".join(f"{r.model}: {r.lever}" for r in best.itertuples()),
+            f"Rule, fixed before scoring: a lever is kept when its SELECT2 mean beats the "
+            f"recipe's by at least {LEVER_MARGIN_IMAGES} images. Kept: "
+            + "; ".join(
+                f"{model}: {lever or 'none (the recipe alone)'}" for model, lever in kept.items()
+            ),  # fmt: skip
             "",
         ]
     )
@@ -426,7 +454,7 @@ def write_levers(out: str | None = None) -> Path:
 
 def bench_fidelity(configs: int = 6, seed: int = 0):
     """Rank correlation between each trial fidelity's validation accuracy and the same settings'
-    validation accuracy at the final budget, with the CPU seconds each fidelity costs.
+    validation accuracy at the final budget, with the wall seconds each fidelity costs.
 
     For each study: the defaults plus `configs` settings drawn at random from the search space;
     each trained at every fidelity of `FIDELITIES` and at the final budget (no MLflow).
@@ -476,11 +504,9 @@ def bench_fidelity(configs: int = 6, seed: int = 0):
                     "study": f"{step_name}/{model}",
                     "fidelity": name,
                     "settings": len(candidates),
-                    "CPU seconds": seconds[name],
+                    "wall seconds": seconds[name],
                     "Spearman rho vs final": rho,
-                    "rho per CPU-minute": rho / (seconds[name] / 60)
-                    if name in FIDELITIES
-                    else None,
+                    "rho per minute": rho / (seconds[name] / 60) if name in FIDELITIES else None,
                 }
             )
     return pd.DataFrame(rows)
@@ -539,8 +565,11 @@ def _machine() -> str:
     )
 
 
+DEFAULT_SECTIONS = ("data", "train", "precision", "logging")
+
+
 def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path:
-    sections = sections or ["data", "train", "precision", "logging"]
+    sections = sections or list(DEFAULT_SECTIONS)
     if sections == ["fidelity"]:
         return write_fidelity(out)
     if sections == ["levers"]:
@@ -681,15 +710,37 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
     fidelity = config.reports_dir(out) / "fidelity.md"
     if fidelity.exists():  # measured by `bench --only fidelity` (slow), kept across runs
         lines += [fidelity.read_text(), ""]
-    lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
+    rows = []
     print("targets:")
     for target, measured, met in targets:
         verdict = "met" if met else "GAP"
-        lines.append(f"| {target} | {measured} | {verdict} |")
+        rows.append(f"| {target} | {measured} | {verdict} |")
         print(f"  {verdict:<4} {target:<45} {measured}")
-    lines.append("")
     path = config.reports_dir(out) / "bench.md"
+    text = "\n".join(lines)
+    if set(sections) != set(DEFAULT_SECTIONS) and path.exists():
+        # a partial run (--only) replaces its own sections and targets, keeps the others
+        text, rows = _keep_other_sections(path.read_text(), text, rows)
+    text += "\n".join(["## Targets", "", "| target | measured | |", "|---|---|---|", *rows, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text(text)
     print(f"wrote {path}")
     return path
+
+
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """A bench.md's title block and its `## ` sections by heading line, in order."""
+    head, *parts = re.split(r"(?m)^(?=## )", text)
+    return head, {part.splitlines()[0]: part for part in parts}
+
+
+def _keep_other_sections(old: str, new: str, rows: list[str]) -> tuple[str, list[str]]:
+    """The old file with the new run's sections in their place (new ones appended), without its
+    Targets section; and the targets: the new rows, then the old rows the run did not measure."""
+    _, old_parts = _sections(old)
+    head, new_parts = _sections(new)
+    old_rows = old_parts.pop("## Targets", "").splitlines()[4:]
+    merged = {**{k: new_parts.get(k, v) for k, v in old_parts.items()}, **new_parts}
+    measured = {row.split("|")[1].strip() for row in rows}
+    kept = [r for r in old_rows if r.startswith("| ") and r.split("|")[1].strip() not in measured]
+    return head + "".join(merged.values()), rows + kept

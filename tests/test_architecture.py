@@ -76,3 +76,13 @@ def test_every_declared_step_is_a_make_target():
         )
         assert dry.returncode == 0, dry.stderr
         assert f"--step {step}" in dry.stdout or step == "task2-transfer"
+
+
+def test_make_reproduce_lanes_cover_every_registered_model_once():
+    from models import MODELS
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    all_models = re.search(r"^ALL_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
+    lanes = re.search(r"^LANES \?= ([^#\n]*)", makefile, re.M).group(1).split()
+    in_lanes = [model for lane in lanes for model in lane.split("+")]
+    assert sorted(all_models) == sorted(MODELS) == sorted(in_lanes)

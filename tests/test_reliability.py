@@ -200,7 +200,7 @@ def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
 
     digests = [f"{round_:016x}" for round_ in range(12)]
     for digest in digests:
-        barrier = threading.Barrier(2)
+        barrier = threading.Barrier(2, timeout=30)
         threads = [threading.Thread(target=log, args=(r, digest, barrier)) for r in run_ids]
         for thread in threads:
             thread.start()

@@ -65,6 +65,12 @@ def test_lever_bench_runs_every_lever_and_writes_the_rule(study_data, tmp_path, 
     assert [r[2].strip() for r in rows] == list(bench.LEVERS)[:2]
     assert all(0.0 <= float(r[3]) <= 1.0 and 0.0 <= float(r[4]) <= 1.0 for r in rows)
     assert "Kept: hybrid: " in text
+    # one member per lever here (one model, one seed): the ensemble row is that run
+    ensembles = [r.split("|") for r in text.splitlines() if r.startswith(f"| {bench.ENSEMBLE_ROW}")]
+    assert [r[2].strip() for r in ensembles] == list(bench.LEVERS)[:2]
+    for single, ensemble in zip(rows, ensembles, strict=True):
+        assert float(ensemble[3]) == pytest.approx(float(single[3]), abs=1e-4)  # SELECT2
+        assert float(ensemble[4]) == pytest.approx(float(single[4]), abs=1e-4)  # TEST2
 
 
 def test_levers_are_kept_on_select2_only_and_by_a_margin():

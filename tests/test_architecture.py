@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from conftest import runs_in
 from torch import nn
@@ -86,3 +89,46 @@ def test_make_reproduce_lanes_cover_every_registered_model_once():
     lanes = re.search(r"^LANES \?= ([^#\n]*)", makefile, re.M).group(1).split()
     in_lanes = [model for lane in lanes for model in lane.split("+")]
     assert sorted(all_models) == sorted(MODELS) == sorted(in_lanes)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_reproduce_runs_each_lane_in_order_and_keeps_only_models(tmp_path):
+    """`make reproduce` with a stand-in interpreter that logs each call: every lane runs its
+    steps one after another (never two of a lane's steps at once), and MODELS filters lanes."""
+    trace = tmp_path / "trace"
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        f'#!/bin/sh\necho "start $*" >> {trace}\n'
+        # the efficientnet+resnet lane is the slow one: the other ends first, freeing its job slot
+        'case "$*" in *efficientnet*) sleep 0.6;; *) sleep 0.1;; esac\n'
+        f'echo "end $*" >> {trace}\n'
+    )
+    fake.chmod(0o755)
+    stamp = tmp_path / "stamp"
+    stamp.touch()
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*extra: str) -> list[str]:
+        trace.unlink(missing_ok=True)
+        command = ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
+        subprocess.run([*command, *extra], check=True, capture_output=True, timeout=120)
+        return trace.read_text().splitlines()
+
+    lines = run()
+    searches = [line for line in lines if " search " in line]
+    running: dict[str, str] = {}
+    for line in searches:
+        kind, lane = line.split()[0], " ".join(re.findall(r"--model (\S+)", line))
+        if kind == "start":
+            assert lane not in running, f"{line} while {running[lane]}"
+            running[lane] = line
+        else:
+            running.pop(lane)
+    assert {" ".join(re.findall(r"--model (\S+)", s)) for s in searches} == {
+        "vgg hybrid",
+        "efficientnet resnet",
+    }
+    only = [
+        line for line in run("MODELS=resnet") if line.startswith("start") and " search " in line
+    ]
+    assert only and all(re.findall(r"--model (\S+)", line) == ["resnet"] for line in only)

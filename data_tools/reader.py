@@ -550,6 +550,9 @@ def decode(paths: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:
         groups.setdefault(_header_of(paths[index], blobs[index]), []).append(index)
 
     for header, indices in groups.items():
+        # a file whose header bytes differ from the first's but parse the same joins its group
+        # at the end: sort, so the fast path below (all files, in order) never swaps images
+        indices.sort()
         if len(indices) == len(blobs):
             data = b"".join(blobs)
         else:

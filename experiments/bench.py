@@ -361,8 +361,7 @@ def bench_levers(seeds: int = 2):
     import pandas as pd
     import torch
 
-    from experiments.evaluation import score
-    from experiments.inference import probabilities
+    from experiments.inference import ensemble_accuracy, probabilities
     from experiments.runner import load_step_data
     from experiments.settings import resolve
     from experiments.steps import get_step
@@ -382,14 +381,9 @@ def bench_levers(seeds: int = 2):
                              val_set=data.val_set)  # fmt: skip
                 seconds += time.perf_counter() - start
                 select2.append(result.best_val_acc)
-                evaluation = score(result.model, result.preprocessing, test2, result.device)
-                measured.append(evaluation.metrics["TEST2_acc"])
-                members[lever].append(
-                    (
-                        probabilities(result, data.val_set.images),
-                        probabilities(result, test2.images),
-                    )
-                )
+                on_test2 = probabilities(result, test2.images)  # predicted once: run, ensemble
+                measured.append(ensemble_accuracy([on_test2], test2.labels))
+                members[lever].append((probabilities(result, data.val_set.images), on_test2))
             rows.append(
                 {
                     "model": model,
@@ -404,8 +398,8 @@ def bench_levers(seeds: int = 2):
             print(f"  {model} {lever}: SELECT2 {rows[-1]['SELECT2 (mean)']:.4f} "
                   f"TEST2 {rows[-1]['TEST2 (mean, measured after)']:.4f}", flush=True)  # fmt: skip
     for lever, runs in members.items():  # the fixed ensemble recipe: all of a lever's runs
-        select2 = _accuracy(torch.stack([p for p, _ in runs]).mean(0), data.val_set.labels)
-        measured = _accuracy(torch.stack([p for _, p in runs]).mean(0), test2.labels)
+        select2 = ensemble_accuracy([p for p, _ in runs], data.val_set.labels)
+        measured = ensemble_accuracy([p for _, p in runs], test2.labels)
         rows.append(
             {
                 "model": ENSEMBLE_ROW,
@@ -417,12 +411,9 @@ def bench_levers(seeds: int = 2):
                 "wall seconds": 0.0,
             }
         )
-    return pd.DataFrame(rows)
-
-
-def _accuracy(probs, labels) -> float:
-    """Accuracy of averaged probabilities against labels (tensors)."""
-    return float((probs.argmax(1) == labels).float().mean())
+    frame = pd.DataFrame(rows)
+    frame.attrs["select2_images"] = len(data.val_set)
+    return frame
 
 
 # a lever is kept when its SELECT2 mean beats the recipe's by at least this many images
@@ -446,12 +437,9 @@ def kept_levers(frame, select2_images: int) -> dict[str, str | None]:
 
 def write_levers(out: str | None = None) -> Path:
     """reports/levers.md from `bench_levers` (`LEVER_SEEDS`, default 2)."""
-    from experiments.runner import load_step_data
-    from experiments.steps import get_step
-
     seeds = int(os.environ.get("LEVER_SEEDS", "2"))
     frame = bench_levers(seeds)
-    select2 = len(load_step_data(get_step(LEVER_STEP)).val_set)
+    select2 = frame.attrs["select2_images"]
     kept = kept_levers(frame, select2)
     text = "\n".join(
         [

@@ -100,5 +100,10 @@ class ProbabilityCache:
 
     def accuracy(self, run_ids: list[str], tta: bool, labels: torch.Tensor) -> float:
         """Accuracy of the members' averaged probabilities (one member: the model itself)."""
-        mean = torch.stack([self(run_id, tta) for run_id in run_ids]).mean(0)
-        return float((mean.argmax(1) == labels).double().mean())
+        return ensemble_accuracy([self(run_id, tta) for run_id in run_ids], labels)
+
+
+def ensemble_accuracy(members: list[torch.Tensor], labels: torch.Tensor) -> float:
+    """Accuracy of the softmax average of `members` (probabilities on the same images)."""
+    mean = torch.stack(members).mean(0)
+    return float((mean.argmax(1) == labels).double().mean())

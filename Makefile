@@ -18,27 +18,34 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
-STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2  # task2-step2 warm-starts from task2-step3
-# `make reproduce` runs one lane per entry side by side, each all STEPS for its models ('+'-joined),
-# one after another (a shell loop: make's job slots never start two of a lane's steps at once), on its share of the cores: a model's chain (step2
-# warm-starts from step1) stays in one lane, and the lanes are balanced by cost (vgg and
-# efficientnet train slowest). MODELS=... keeps only those models; LANES=all: one lane.
-# The lanes' lines interleave as they come (each names its study); make's --output-sync would
-# hold a lane's output back until the lane ends.
+STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
+# `make reproduce` runs one job per (step, model) study, JOBS at a time (default: one per core,
+# at most 8), each on STUDY_THREADS threads. A job waits for the study it builds on (AFTER_<step>:
+# task1-step2 warm-starts from task1-step1, task2-step2 from task2-step3, the reuse step
+# task2-step1 reads task1-step1; a test checks these against experiments/steps.py). make starts
+# whatever is runnable in STUDY_ORDER (the slowest models' chains first), so a free core never
+# waits while a study could run. MODELS=... keeps only those models; JOBS=1: one at a time.
+# The jobs' lines interleave as they come (each names its study).
 ALL_MODELS := vgg resnet efficientnet hybrid# the registry (python -m models list; a test checks)
-LANES ?= vgg+hybrid efficientnet+resnet
+STUDY_ORDER ?= resnet vgg efficientnet hybrid# slowest first (training time per study, reports/bench.md)
+AFTER_task1-step2 := task1-step1
+AFTER_task2-step1 := task1-step1
+AFTER_task2-step2 := task2-step3
 NPROC := $(shell nproc 2>/dev/null || echo 1)
-SELECTED := $(or $(MODELS),$(ALL_MODELS))
-SPACE := $() $()
-LANE_LIST := $(if $(filter all,$(LANES)),$(subst $(SPACE),+,$(strip $(SELECTED))),$(strip \
-	$(foreach lane,$(LANES),$(subst $(SPACE),+,$(strip $(filter $(SELECTED),$(subst +, ,$(lane))))))))
-# threads per lane: the cores shared among reproduce's lanes; a lane run by hand gets them all
-LANE_COUNT := $(words $(LANE_LIST))
-REPRODUCE_THREADS := $(shell n=$(LANE_COUNT); n=$$(( n > 0 ? n : 1 )); t=$$(( $(NPROC) / n )); echo $$(( t > 0 ? t : 1 )))
-LANE_THREADS ?= $(NPROC)
+SELECTED := $(filter $(or $(MODELS),$(ALL_MODELS)),$(STUDY_ORDER))
+JOBS ?= $(shell n=$(NPROC); echo $$(( n > 8 ? 8 : (n > 0 ? n : 1) )))
+PARALLEL_THREADS := $(shell t=$$(( $(NPROC) / $(JOBS) )); echo $$(( t > 0 ? t : 1 )))
+STUDY_THREADS ?= $(NPROC)# a study run by hand (make study.task1-step1.vgg) gets every core
+# the goals in priority order: each model's chain ends (they pull in their sources), then the rest
+STUDY_GOALS := $(foreach s,task1-step2 task2-step2 task2-step1,$(foreach m,$(SELECTED),study.$(s).$(m)))
+define study_rule
+study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
+	OMP_NUM_THREADS=$$(STUDY_THREADS) $$(PY) -m experiments search --step $(1) --model $(2) $$(SEARCH_FLAGS)
+endef
+$(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
 
 .DEFAULT_GOAL := help
-.PHONY: levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -131,18 +138,15 @@ ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:50
 dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
 	$(PY) -m experiments dashboard
 
-reproduce: $(STAMP) ## the whole study: data, analysis, all five steps' studies (LANES side by side), the report
-	$(if $(LANE_LIST),,$(error MODELS=$(MODELS): none of them is in LANES=$(LANES)))
-	$(MAKE) --no-print-directory data analysis
-	$(MAKE) --no-print-directory -j$(LANE_COUNT) $(addprefix lane-,$(LANE_LIST)) \
-	  LANE_THREADS=$(REPRODUCE_THREADS)
+reproduce: $(STAMP) ## the whole study: data, then every (step, model) study and the analysis as parallel jobs, then the report
+	$(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))
+	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) analysis STUDY_THREADS=$(PARALLEL_THREADS)
 	$(MAKE) --no-print-directory report
 
-lane-%: $(STAMP) ## every step of `make reproduce` for the '+'-joined models, on this lane's threads
-	@echo "lane $*: $(STEPS) on $(LANE_THREADS) thread(s)"
-	for step in $(STEPS); do \
-	  OMP_NUM_THREADS=$(LANE_THREADS) $(MAKE) --no-print-directory $$step MODELS="$(subst +, ,$*)" || exit 1; \
-	done
+studies: $(STAMP) ## every (step, model) study of reproduce, JOBS at a time, sources first (MODELS=... filters)
+	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
+	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) STUDY_THREADS=$(PARALLEL_THREADS)
 
 beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
 	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift

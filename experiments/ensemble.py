@@ -106,9 +106,12 @@ def ensemble_specs(k: int) -> list[tuple[str, tuple[str, ...], int | None]]:
     return specs
 
 
-def run_ensembles(k: int, tta_options: tuple[bool, ...], dataset: Dataset) -> list[EnsembleResult]:
-    """Every ensemble of `ensemble_specs(k)` with and without TTA, scored on `dataset`."""
-    cache = ProbabilityCache(dataset.images, load_checkpoint)
+def run_ensembles(
+    k: int, tta_options: tuple[bool, ...], dataset: Dataset, cache: ProbabilityCache | None = None
+) -> list[EnsembleResult]:
+    """Every ensemble of `ensemble_specs(k)` with and without TTA, scored on `dataset`
+    (`cache`: probabilities on `dataset` already predicted, shared with the caller)."""
+    cache = cache or ProbabilityCache(dataset.images, load_checkpoint)
     results = []
     for name, steps, size in ensemble_specs(k):
         if size is None:

@@ -97,10 +97,11 @@ class Champion:
         return [r["run_id"] for r in self.runs]
 
 
-def choose(task: int) -> Champion:
-    """The champion of `task` by its rule (validation only; ties: the smaller candidate)."""
+def choose(task: int, candidates: list[Champion] | None = None) -> Champion:
+    """The champion of `task` by its rule (validation only; ties: the smaller candidate).
+    `candidates`: Task 2's field when the caller has already scored it."""
     if task == 2:
-        return best_of(task2_candidates())
+        return best_of(task2_candidates() if candidates is None else candidates)
     step = CHAMPION_STEP[task]
     frame = results.study_models(step)
     if frame.empty:
@@ -135,17 +136,32 @@ def accuracy_on(champion: Champion, split: str) -> float:
     return cache.accuracy(champion.run_ids, champion.tta, dataset.labels)
 
 
-def candidates_table(split: str = "TEST2") -> pd.DataFrame:
+def candidates_table(
+    split: str = "TEST2",
+    candidates: list[Champion] | None = None,
+    cache: ProbabilityCache | None = None,
+    tta: bool = True,
+) -> pd.DataFrame:
     """Every Task 2 candidate with its SELECT2 (selection) accuracy and, measured after the
-    rule has chosen, its accuracy on `split`; the champion first, then by selection."""
-    candidates = task2_candidates()
+    rule has chosen, its accuracy on `split`; the champion first, then by selection.
+
+    `candidates` / `cache`: the field and `split`'s probabilities when the caller already has
+    them. `tta=False` measures the TTA rows on `split` only for the champion (their four
+    shifted views are most of the cost); the others' cell is left empty."""
+    candidates = task2_candidates() if candidates is None else candidates
     if not candidates:
         return pd.DataFrame()
     champion = best_of(candidates)
-    dataset = load_split(split, config.data_dir(), config.cache_dir())
-    cache = ProbabilityCache(dataset.images, load_checkpoint)
+    if cache is None:
+        dataset = load_split(split, config.data_dir(), config.cache_dir())
+        cache = ProbabilityCache(dataset.images, load_checkpoint)
+        labels = dataset.labels
+    else:
+        labels = load_split(split, config.data_dir(), config.cache_dir()).labels
     rows = []
     for candidate in candidates:
+        is_champion = candidate.label == champion.label
+        measured = not candidate.tta or tta or is_champion
         rows.append(
             {
                 "candidate": candidate.label,
@@ -153,10 +169,12 @@ def candidates_table(split: str = "TEST2") -> pd.DataFrame:
                 "tta": candidate.tta,
                 "parameters": candidate.parameters,
                 "selection_acc (SELECT2)": candidate.selection_acc,
-                f"{split}_acc (measured after)": cache.accuracy(
-                    candidate.run_ids, candidate.tta, dataset.labels
+                f"{split}_acc (measured after)": (
+                    cache.accuracy(candidate.run_ids, candidate.tta, labels)
+                    if measured
+                    else float("nan")
                 ),
-                "champion": candidate.label == champion.label,
+                "champion": is_champion,
             }
         )
     frame = pd.DataFrame(rows)

@@ -23,6 +23,8 @@ import pandas as pd  # noqa: E402
 
 from data_tools import load_split  # noqa: E402
 from experiments import config, ensemble, findings, registry, results, tracking  # noqa: E402
+from experiments.checkpoint import load_checkpoint  # noqa: E402
+from experiments.inference import ProbabilityCache  # noqa: E402
 from experiments.steps import STEPS, training_step  # noqa: E402
 from models import MODELS, title  # noqa: E402
 
@@ -230,13 +232,16 @@ def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-def champions_markdown() -> list[str]:
-    """The two champions first: their rule (validation only), selection and evaluation numbers."""
+def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = True) -> list[str]:
+    """The two champions first: their rule (validation only), selection and evaluation numbers.
+    `test2_cache`: TEST2 probabilities shared with the ensembles; `tta=False` leaves the TEST2
+    cell of the TTA candidates other than the champion empty (`make report TTA=1` fills it)."""
     lines = ["## Champions (chosen on validation only; evaluation measured after)", ""]
-    table = registry.candidates_table("TEST2")  # the Task 2 field, TEST2 predicted once
+    field = registry.task2_candidates()  # SELECT2 predicted once for the table and the rule
+    table = registry.candidates_table("TEST2", field, test2_cache, tta)
     for task, evaluated in ((1, "TEST"), (2, "TEST2")):
         try:
-            champion = registry.choose(task)
+            champion = registry.choose(task, field if task == 2 else None)
         except RuntimeError as exc:
             lines.append(f"- Task {task}: no champion yet ({exc}).")
             continue
@@ -261,11 +266,24 @@ def champions_markdown() -> list[str]:
             "",
             "Study answers validated on SELECT2 and the fixed-recipe ensembles, with and "
             "without TTA. Only the selection column chooses; a higher TEST2 number elsewhere "
-            "would be hindsight.",
+            "would be hindsight."
+            + (
+                ""
+                if tta
+                else " TEST2 of the TTA rows other than the champion: `make report TTA=1`."
+            ),
             "",
-            table.to_markdown(index=False, floatfmt=".4f"),
+            _with_dashes(table).to_markdown(index=False, floatfmt=".4f"),
         ]
     return ["", *lines, ""]
+
+
+def _with_dashes(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with each unmeasured (NaN) number written as a dash."""
+    shown = table.copy()
+    for column in shown.columns[shown.isna().any()]:
+        shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{v:.4f}")
+    return shown
 
 
 def task1_detector_lines(champion, measured: dict[str, float]) -> list[str]:
@@ -332,9 +350,11 @@ def build_report(
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensembles = []
+    test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
+    test2_cache = ProbabilityCache(test2.images, load_checkpoint)  # each run predicted once
     if ensemble_k > 0:
-        test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
-        ensembles = ensemble.run_ensembles(ensemble_k, (False, True) if tta else (False,), test2)
+        tta_options = (False, True) if tta else (False,)
+        ensembles = ensemble.run_ensembles(ensemble_k, tta_options, test2, test2_cache)
     frame = ensemble.to_frame(ensembles)
     shift = shift_metrics()
     figure = out_dir / "figures" / "label_efficiency.png"
@@ -343,7 +363,7 @@ def build_report(
     text = "\n".join(
         [
             title_line,
-            *champions_markdown(),
+            *champions_markdown(test2_cache, tta),
             body.rstrip("\n"),
             *ensembles_markdown(frame),
             *findings.task2_section(cells, frame),

@@ -104,8 +104,8 @@ class Budget:
 
     Epoch counts left at None follow from image budgets, so every study spends
     about the same compute whatever the size of its training set: a trial sees
-    `trial_images` images (2..20 epochs), the final retrain `final_images`
-    (`final_min_epochs`..`final_max_epochs` epochs, the whole cosine schedule, the epoch with the
+    `trial_images` images (2..20 epochs), the final retrain about `final_images`
+    (the nearest whole number of epochs, `final_min_epochs`..`final_max_epochs`, the whole cosine schedule, the epoch with the
     best validation loss restored: no early stopping cuts a final short).
     `overrides` are the user's `--set` values: fixed for every run of the study.
     """
@@ -118,7 +118,7 @@ class Budget:
     final_epochs: int | None = None  # the best trial retrained; None: from final_images
     final_images: int = 80_000
     final_max_epochs: int = 30
-    final_min_epochs: int = 2
+    final_min_epochs: int = 1
     # None: a final trains its whole schedule (fixed-length cosine) and keeps its best
     # validation epoch; an integer brings back early stopping with that patience
     final_patience: int | None = None
@@ -150,7 +150,7 @@ class Budget:
     def retrain_epochs(self, train_images: int) -> int:
         if self.final_epochs:
             return self.final_epochs
-        epochs = math.ceil(self.final_images / train_images)
+        epochs = math.floor(self.final_images / train_images + 0.5)  # the nearest whole epoch
         return int(min(self.final_max_epochs, max(self.final_min_epochs, epochs)))
 
     def trial_role(self, params: dict[str, Any], train_images: int, number: int) -> dict[str, Any]:

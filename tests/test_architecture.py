@@ -81,26 +81,39 @@ def test_every_declared_step_is_a_make_target():
         assert f"--step {step}" in dry.stdout or step == "task2-transfer"
 
 
-def test_make_reproduce_lanes_cover_every_registered_model_once():
+def test_make_reproduce_covers_every_registered_model_and_its_sources():
+    """ALL_MODELS is the registry, STUDY_ORDER names each model once, and the Makefile's
+    AFTER_<step> (which study a job waits for) is what experiments/steps.py declares: the
+    warm-start source, or the study a reuse step reads."""
+    from experiments.steps import STEPS
     from models import MODELS
 
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     all_models = re.search(r"^ALL_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
-    lanes = re.search(r"^LANES \?= ([^#\n]*)", makefile, re.M).group(1).split()
-    in_lanes = [model for lane in lanes for model in lane.split("+")]
-    assert sorted(all_models) == sorted(MODELS) == sorted(in_lanes)
+    order = re.search(r"^STUDY_ORDER \?= ([^#\n]*)", makefile, re.M).group(1).split()
+    assert sorted(all_models) == sorted(MODELS) == sorted(order)
+    reproduced = re.search(r"^STEPS := ([^#\n]*)", makefile, re.M).group(1).split()
+    after = dict(re.findall(r"^AFTER_(\S+) := (\S+)", makefile, re.M))
+    declared = {
+        name: step.warm_start or step.source
+        for name, step in STEPS.items()
+        if name in reproduced and (step.warm_start or step.source)
+    }
+    assert after == declared
+    assert all(source in reproduced for source in after.values())
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_make_reproduce_runs_each_lane_in_order_and_keeps_only_models(tmp_path):
-    """`make reproduce` with a stand-in interpreter that logs each call: every lane runs its
-    steps one after another (never two of a lane's steps at once), and MODELS filters lanes."""
+def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(tmp_path):
+    """`make reproduce` with a stand-in interpreter that logs each call: every (step, model)
+    study runs once, after the study it builds on has ended, never more than JOBS at once,
+    all before the report; MODELS filters the studies."""
     trace = tmp_path / "trace"
     fake = tmp_path / "fakepy"
     fake.write_text(
         f'#!/bin/sh\necho "start $*" >> {trace}\n'
-        # the efficientnet+resnet lane is the slow one: the other ends first, freeing its job slot
-        'case "$*" in *efficientnet*) sleep 0.6;; *) sleep 0.1;; esac\n'
+        # the sources are slow: a dependant started early would show
+        'case "$*" in *task1-step1*|*task2-step3*) sleep 0.4;; *) sleep 0.1;; esac\n'
         f'echo "end $*" >> {trace}\n'
     )
     fake.chmod(0o755)
@@ -111,24 +124,47 @@ def test_make_reproduce_runs_each_lane_in_order_and_keeps_only_models(tmp_path):
     def run(*extra: str) -> list[str]:
         trace.unlink(missing_ok=True)
         command = ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
-        subprocess.run([*command, *extra], check=True, capture_output=True, timeout=120)
+        subprocess.run([*command, "JOBS=3", *extra], check=True, capture_output=True, timeout=120)
         return trace.read_text().splitlines()
 
+    def study(line: str) -> tuple[str, str] | None:
+        found = re.search(r"search --step (\S+) --model (\S+)", line)
+        return found.groups() if found else None
+
     lines = run()
-    searches = [line for line in lines if " search " in line]
-    running: dict[str, str] = {}
-    for line in searches:
-        kind, lane = line.split()[0], " ".join(re.findall(r"--model (\S+)", line))
-        if kind == "start":
-            assert lane not in running, f"{line} while {running[lane]}"
-            running[lane] = line
-        else:
-            running.pop(lane)
-    assert {" ".join(re.findall(r"--model (\S+)", s)) for s in searches} == {
-        "vgg hybrid",
-        "efficientnet resnet",
+    sources = {
+        "task1-step2": "task1-step1",
+        "task2-step1": "task1-step1",
+        "task2-step2": "task2-step3",
     }
-    only = [
-        line for line in run("MODELS=resnet") if line.startswith("start") and " search " in line
-    ]
-    assert only and all(re.findall(r"--model (\S+)", line) == ["resnet"] for line in only)
+    ended: set[tuple[str, str]] = set()
+    running: set[tuple[str, str]] = set()
+    started: list[tuple[str, str]] = []
+    for line in lines:
+        key = study(line)
+        if key is None:
+            if "experiments report" in line:
+                assert not running and len(ended) == 20, (
+                    "the report started before the studies ended"
+                )
+            continue
+        step, model = key
+        if line.startswith("start"):
+            if step in sources:
+                assert (sources[step], model) in ended, f"{step}/{model} before its source"
+            running.add(key)
+            started.append(key)
+            assert len(running) <= 3, f"more than JOBS=3 studies at once: {running}"
+        else:
+            running.remove(key)
+            ended.add(key)
+    assert sorted(started) == sorted(
+        {
+            (s, m)
+            for s in ("task1-step1", "task1-step2", "task2-step1", "task2-step3", "task2-step2")
+            for m in ("vgg", "resnet", "efficientnet", "hybrid")
+        }
+    )
+    only = [study(line) for line in run("MODELS=resnet") if line.startswith("start")]
+    models = {key[1] for key in only if key}
+    assert models == {"resnet"}

@@ -123,6 +123,12 @@ def test_task2_candidates_follow_the_fixed_recipe_and_an_ensemble_registers(stud
     assert len(table) == len(candidates) and table["champion"].tolist() == [True] + [False] * 5
     assert table.loc[0, "candidate"] == best.label
     assert table.loc[0, "TEST2_acc (measured after)"] == accuracy_on(best, "TEST2")
+    # the report's lean table: TTA rows other than the champion are not measured on TEST2
+    lean = registry.candidates_table("TEST2", tta=False)
+    column = "TEST2_acc (measured after)"
+    skipped = lean["tta"] & ~lean["champion"]
+    assert skipped.any() and lean.loc[skipped, column].isna().all()
+    assert lean.loc[~skipped, column].tolist() == table.loc[~skipped, column].tolist()
     chosen = candidates[f"{ensemble} (TTA)"]
     assert chosen.parameters == sum(candidates[name].parameters for name in singles)
     monkeypatch.setattr(registry, "choose", lambda task: chosen)

@@ -141,7 +141,10 @@ def test_budget_epochs_follow_the_image_budgets():
     assert budget.trial_epochs(28_800) == 2  # 4,000-image subset, 6,000 images: at least 2
     assert Budget(trial_images=12_000).trial_epochs(28_800) == 3
     assert Budget(trial_images=12_000).trial_epochs(2_400) == 5  # TRAIN3: whole split < subset
-    assert budget.retrain_epochs(28_800) == 3 and budget.retrain_epochs(57_600) == 2
+    # the nearest whole epoch: TRAIN's 28,800 training images 2.8 -> 3, TRAIN2's 57,600 1.4 -> 1
+    assert budget.retrain_epochs(28_800) == 3 and budget.retrain_epochs(57_600) == 1
+    assert budget.retrain_epochs(5_400) == 15  # TEST minus SELECT2: 14.8 -> 15
+    assert Budget(final_images=1_000, final_min_epochs=2).retrain_epochs(57_600) == 2
     assert budget.retrain_epochs(2_400) == 30  # capped at final_max_epochs
     assert budget.final_role({}, 2_400)["patience"] == 30  # no early stopping: the whole schedule
     assert Budget(epochs=7, final_epochs=2).trial_epochs(100) == 7

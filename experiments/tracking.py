@@ -29,14 +29,33 @@ from experiments.steps import PRETRAIN, STEPS
 DATA_ANALYSIS_EXPERIMENT = "data-analysis"
 
 
+_OPENED: set[str] = set()  # the SQLite stores this process has opened (created if new)
+
+
 def init() -> str:
-    """Point MLflow at the project's store; create the store folder. Returns the URI."""
+    """Point MLflow at the project's store; create the store folder, and open (for a new
+    local SQLite store: create) the database under a file lock. Returns the URI."""
     uri = config.tracking_uri()
     if uri.startswith("sqlite:"):
         config.mlruns_dir().mkdir(parents=True, exist_ok=True)
         config.artifacts_dir().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _OPENED:
+        _open_sqlite_store(uri)
     return uri
+
+
+def _open_sqlite_store(uri: str) -> None:
+    """MLflow creates a new SQLite store's tables without a lock: two processes opening one
+    at once (`make reproduce`'s first parallel jobs) collide, and one fails with "table
+    alembic_version already exists". The first opener here creates it while the others wait."""
+    from filelock import FileLock
+
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        MlflowClient(uri)  # builds the store: creates and migrates the tables if needed
+    _OPENED.add(uri)
 
 
 def store_exists() -> bool:

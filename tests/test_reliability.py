@@ -210,3 +210,24 @@ def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
     for run_id in run_ids:
         logged = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
         assert logged == set(digests)
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """`make reproduce` starts its first jobs together on a fresh clone: each opens the new
+    SQLite store. MLflow creates the tables without a lock, so without the file lock in
+    `tracking.init` some of them fail ("table alembic_version already exists", or a
+    migration that matched no row); 4 of 4 such rounds failed here before the lock."""
+
+    code = "from experiments import tracking; tracking.init(); tracking.experiment_id('x')"
+    for attempt in range(2):
+        env = {**os.environ, "MLRUNS_DIR": str(tmp_path / f"store{attempt}")}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+        failed = [
+            e.strip().splitlines()[-1] for p, e in zip(procs, errors, strict=True) if p.returncode
+        ]
+        assert not failed, failed

@@ -346,16 +346,34 @@ LEVER_RECIPE = {
     "patience": 30,  # the whole cosine schedule; the best SELECT2-loss epoch is kept
 }
 LEVER_MODELS = {"resnet": {"width": 24, "blocks": 2}, "hybrid": {"width": 24}}
-LEVERS = {
-    "recipe (affine)": {},
-    "+ EMA 0.99": {"ema_decay": 0.99},
-    "affine + elastic": {"augmentation": "affine_elastic"},
-    "affine + elastic + EMA 0.99": {"augmentation": "affine_elastic", "ema_decay": 0.99},
+RECIPE_ROW = "recipe (affine)"
+# the rounds of levers, each measured against the recipe in one run (`LEVER_ROUND`)
+LEVER_ROUNDS: dict[str, tuple[str, dict[str, dict]]] = {
+    "1": (
+        "EMA and elastic augmentation",
+        {
+            RECIPE_ROW: {},
+            "+ EMA 0.99": {"ema_decay": 0.99},
+            "affine + elastic": {"augmentation": "affine_elastic"},
+            "affine + elastic + EMA 0.99": {"augmentation": "affine_elastic", "ema_decay": 0.99},
+        },
+    ),
+    "2": (
+        "mixup, cutmix, SWA, wider models",
+        {
+            RECIPE_ROW: {},
+            "+ mixup 0.2": {"mixup_alpha": 0.2},
+            "+ cutmix 1.0": {"cutmix_alpha": 1.0},
+            "+ SWA from 75 %": {"swa_start": 0.75},
+            "width 32": {"width": 32},
+        },
+    ),
 }
+LEVERS = {name: changes for _, levers in LEVER_ROUNDS.values() for name, changes in levers.items()}
 
 
-def bench_levers(seeds: int = 2):
-    """Per (model, lever): SELECT2 accuracy (the selection split, read to choose) and TEST2
+def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
+    """Per (model, lever) of `levers` (default: every round's): SELECT2 accuracy (the selection split, read to choose) and TEST2
     accuracy (measured only), each the mean over `seeds` seeds; then per lever the softmax
     average of all its runs (every model and seed) on both sets; no MLflow."""
     import pandas as pd
@@ -367,12 +385,13 @@ def bench_levers(seeds: int = 2):
     from experiments.steps import get_step
     from experiments.train import fit
 
+    levers = LEVERS if levers is None else levers
     data = load_step_data(get_step(LEVER_STEP))
     test2 = data.eval_sets["TEST2"]
     rows = []
-    members: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {lever: [] for lever in LEVERS}
+    members: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {lever: [] for lever in levers}
     for model, knobs in LEVER_MODELS.items():
-        for lever, changes in LEVERS.items():
+        for lever, changes in levers.items():
             select2, measured, seconds = [], [], 0.0
             for seed in range(seeds):
                 cfg = resolve(model, searched={**LEVER_RECIPE, **knobs, **changes, "seed": seed})
@@ -425,7 +444,7 @@ def kept_levers(frame, select2_images: int) -> dict[str, str | None]:
     """Per model, the lever the rule keeps (None: the recipe alone), read from SELECT2 only:
     the best SELECT2 mean, if it beats the recipe's by at least `LEVER_MARGIN_IMAGES` images
     (fixed before scoring; one image of 600 is 0.0017, below what SELECT2 can tell apart)."""
-    recipe = next(iter(LEVERS))
+    recipe = RECIPE_ROW
     kept: dict[str, str | None] = {}
     for model, rows in frame.groupby("model", sort=False):
         scores = rows.set_index("lever")["SELECT2 (mean)"]
@@ -436,35 +455,55 @@ def kept_levers(frame, select2_images: int) -> dict[str, str | None]:
 
 
 def write_levers(out: str | None = None) -> Path:
-    """reports/levers.md from `bench_levers` (`LEVER_SEEDS`, default 2)."""
+    """The `LEVER_ROUND` round (default the newest) of `LEVER_ROUNDS`, `LEVER_SEEDS` seeds
+    (default 2), as its own section of reports/levers.md; the other rounds' sections stay."""
     seeds = int(os.environ.get("LEVER_SEEDS", "2"))
-    frame = bench_levers(seeds)
+    number = os.environ.get("LEVER_ROUND", list(LEVER_ROUNDS)[-1])
+    if number not in LEVER_ROUNDS:
+        raise ValueError(f"LEVER_ROUND={number}: expected one of {', '.join(LEVER_ROUNDS)}")
+    title, levers = LEVER_ROUNDS[number]
+    frame = bench_levers(seeds, levers)
     select2 = frame.attrs["select2_images"]
     kept = kept_levers(frame, select2)
-    text = "\n".join(
+    head = "\n".join(
         [
             "# Task 2 levers: each added to one hand-set recipe, judged on SELECT2",
             "",
-            f"Machine: {_machine()}. Written by `python -m experiments bench --only levers`.",
+            "Written by `python -m experiments bench --only levers` (`make levers LEVER_ROUND=N`).",
             f"Data: {LEVER_STEP} (TEST's white half minus SELECT2), validated on SELECT2 "
             f"({select2} images); the kept epoch is the best SELECT2 loss. TEST2 is measured "
             "after and chooses nothing.",
-            f"Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}; {seeds} seeds each.",
+            f"Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}. Each round reruns the recipe "
+            "beside its levers.",
+            "",
+            f"Rule, fixed before scoring: a lever is kept when its SELECT2 mean beats the "
+            f"recipe's by at least {LEVER_MARGIN_IMAGES} images.",
+            "",
+        ]
+    )
+    section = "\n".join(
+        [
+            f"## Round {number}: {title}",
+            "",
+            f"Machine: {_machine()}; {seeds} seeds each.",
             "",
             frame.to_markdown(index=False, floatfmt=".4f"),
             "",
-            f"Rule, fixed before scoring: a lever is kept when its SELECT2 mean beats the "
-            f"recipe's by at least {LEVER_MARGIN_IMAGES} images. Kept: "
+            "Kept: "
             + "; ".join(
                 f"{model}: {lever or 'none (the recipe alone)'}" for model, lever in kept.items()
-            ),  # fmt: skip
+            ),
+            "",
             "",
         ]
     )
     folder = config.reports_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "levers.md"
-    path.write_text(text)
+    sections = _sections(path.read_text())[1] if path.exists() else {}
+    sections[section.splitlines()[0]] = section  # this round replaces its own section
+    ordered = sorted(sections.items(), key=lambda item: item[0])
+    path.write_text(head + "\n" + "".join(text for _, text in ordered))
     print(f"wrote {path}")
     return path
 

@@ -66,6 +66,14 @@ class TrainConfig:
     # weight averaging: validate, keep and ship an exponential moving average of the weights
     # (torch.optim.swa_utils), updated after every step with this decay; 0 = off
     ema_decay: float = 0.0
+    # stochastic weight averaging: from this fraction of the epochs on, the learning rate is
+    # held at a tenth of `lr` (SWALR) and the weights are averaged uniformly at each epoch's
+    # end; the average is validated, kept and shipped (0 = off; not with ema_decay)
+    swa_start: float = 0.0
+    # mixing training batches (torchvision.transforms.v2): MixUp / CutMix with these Beta
+    # alphas (0 = off; both on: one of the two per batch, at random); soft targets
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     init_from: str = ""  # transfer: start from this checkpoint (file or MLflow run id)
     freeze: str = "none"  # transfer: none | early (first half of the body) | body (all but head)
     device: str = "auto"
@@ -87,6 +95,13 @@ class TrainConfig:
         _check_range("crop_scale", self.crop_scale, low=0.05, high=1.0)
         _check_range("affine_strength", self.affine_strength, low=0.0, high=3.0)
         _check_range("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        _check_range("swa_start", self.swa_start, low=0.0, high=1.0, high_open=True)
+        _check_range("mixup_alpha", self.mixup_alpha, low=0.0, high=10.0)
+        _check_range("cutmix_alpha", self.cutmix_alpha, low=0.0, high=10.0)
+        if self.swa_start > 0 and self.ema_decay > 0:
+            raise ValueError(
+                f"swa_start={self.swa_start} and ema_decay={self.ema_decay}: choose one weight average"
+            )
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected an integer >= 1")

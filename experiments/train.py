@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from data_tools import Dataset
+from data_tools import NUM_CLASSES, Dataset
 from experiments.checkpoint import load_checkpoint
 from experiments.inference import autocast, predict_logits, training_precision
 from experiments.preprocess import Preprocessing
@@ -146,9 +146,12 @@ def train_one_epoch(
     progress: tqdm | None = None,
     precision: str | None = None,
     averaged: AveragedModel | None = None,
+    mixer: Callable | None = None,
 ) -> tuple[float, float]:
     """One pass over the training images in random order; returns (mean loss, accuracy).
-    `averaged` (weight averaging) is updated after every optimizer step."""
+    `averaged` (weight averaging) is updated after every optimizer step; `mixer` (MixUp /
+    CutMix) turns each augmented batch and its labels into mixed images and soft targets;
+    the accuracy counts the argmax against the batch's own labels."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).to(images.device)
     total_loss = torch.zeros((), device=images.device)
@@ -158,9 +161,12 @@ def train_one_epoch(
         x, y = images[batch], labels[batch]
         if augment is not None:
             x = augment(x)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
         with autocast(images.device, precision):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -177,6 +183,31 @@ def train_one_epoch(
     if not math.isfinite(mean_loss):
         raise Diverged(f"training loss is {mean_loss}; try a lower learning rate")
     return mean_loss, float(correct) / n
+
+
+SWA_LR_FACTOR = 0.1  # SWA holds the learning rate at this fraction of `lr`
+
+
+def batch_mixer(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> Callable | None:
+    """MixUp and / or CutMix of training batches (torchvision.transforms.v2; one of the two
+    per batch when both are on), or None when both alphas are 0."""
+    from torchvision.transforms import v2
+
+    mixers = []
+    if cfg.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def swa_first_epoch(cfg: TrainConfig) -> int | None:
+    """The first epoch whose weights enter the SWA average (None: SWA off)."""
+    if cfg.swa_start <= 0:
+        return None
+    return min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
 
 
 def evaluate(
@@ -257,6 +288,10 @@ def fit(
             model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
         )
     scored = averaged.module if averaged is not None else model
+    # SWA: from swa_from on, a constant low learning rate and a uniform average of each epoch's
+    # weights (BatchNorm statistics averaged too: use_buffers), validated from then on
+    swa_from, swa_scheduler = swa_first_epoch(cfg), None
+    mixer = batch_mixer(cfg)
 
     history: list[dict[str, float]] = []
     best = {"loss": math.inf, "acc": 0.0, "epoch": -1, "state": None}
@@ -267,21 +302,30 @@ def fit(
             progress = tqdm(
                 total=len(y_train), desc=f"{label} epoch {epoch}", unit="img", leave=False
             )
+        in_swa = swa_from is not None and epoch >= swa_from
+        if in_swa and swa_scheduler is None:
+            swa_scheduler = SWALR(optimizer, swa_lr=cfg.lr * SWA_LR_FACTOR, anneal_epochs=1)
+            averaged = AveragedModel(model, use_buffers=True)
+            scored = averaged.module
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(
             model,
             x_train,
             y_train,
             optimizer,
-            scheduler,
+            None if in_swa else scheduler,
             loss_fn,
             cfg.batch_size,
             augment,
             generator,
             progress,
             precision,
-            averaged,
+            None if in_swa else averaged,
+            mixer,
         )
+        if in_swa:
+            averaged.update_parameters(model)
+            swa_scheduler.step()
         val_loss, val_acc = evaluate(scored, x_val, y_val, val_loss_fn)
         if progress is not None:
             progress.close()

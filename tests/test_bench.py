@@ -58,19 +58,35 @@ def test_lever_bench_runs_every_lever_and_writes_the_rule(study_data, tmp_path, 
 
     monkeypatch.setattr(bench, "LEVER_MODELS", {"hybrid": {"width": 8}})
     monkeypatch.setattr(bench, "LEVER_RECIPE", {**bench.LEVER_RECIPE, "epochs": 2, "patience": 2})
-    monkeypatch.setattr(bench, "LEVERS", {k: bench.LEVERS[k] for k in list(bench.LEVERS)[:2]})
+    first, second = (list(levers.items())[:2] for _, levers in bench.LEVER_ROUNDS.values())
+    rounds = {"1": ("first", dict(first)), "2": ("second", dict(second))}
+    monkeypatch.setattr(bench, "LEVER_ROUNDS", rounds)
     monkeypatch.setenv("LEVER_SEEDS", "1")
-    text = bench.write_levers(tmp_path / "out").read_text()
-    rows = [line.split("|") for line in text.splitlines() if line.startswith("| hybrid")]
-    assert [r[2].strip() for r in rows] == list(bench.LEVERS)[:2]
+    out = tmp_path / "out"
+    text = bench.write_levers(out).read_text()  # the newest round by default
+    assert "## Round 2: second" in text and "## Round 1" not in text
+    monkeypatch.setenv("LEVER_ROUND", "1")
+    bench.write_levers(out)
+    monkeypatch.setenv("LEVER_ROUND", "2")
+    text = bench.write_levers(out).read_text()  # a rerun replaces its own section only
+    assert text.count("## Round 2: second") == 1 and text.count("## Round 1: first") == 1
+    assert text.index("## Round 1") < text.index("## Round 2")
+    section = text.partition("## Round 2: second")[2]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| hybrid")]
+    assert [r[2].strip() for r in rows] == [name for name, _ in second]
     assert all(0.0 <= float(r[3]) <= 1.0 and 0.0 <= float(r[4]) <= 1.0 for r in rows)
-    assert "Kept: hybrid: " in text
+    assert "Kept: hybrid: " in section
     # one member per lever here (one model, one seed): the ensemble row is that run
-    ensembles = [r.split("|") for r in text.splitlines() if r.startswith(f"| {bench.ENSEMBLE_ROW}")]
-    assert [r[2].strip() for r in ensembles] == list(bench.LEVERS)[:2]
+    ensembles = [
+        r.split("|") for r in section.splitlines() if r.startswith(f"| {bench.ENSEMBLE_ROW}")
+    ]
+    assert [r[2].strip() for r in ensembles] == [name for name, _ in second]
     for single, ensemble in zip(rows, ensembles, strict=True):
         assert float(ensemble[3]) == pytest.approx(float(single[3]), abs=1e-4)  # SELECT2
         assert float(ensemble[4]) == pytest.approx(float(single[4]), abs=1e-4)  # TEST2
+    monkeypatch.setenv("LEVER_ROUND", "9")
+    with pytest.raises(ValueError, match="LEVER_ROUND=9"):
+        bench.write_levers(out)
 
 
 def test_levers_are_kept_on_select2_only_and_by_a_margin():

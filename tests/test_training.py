@@ -269,6 +269,52 @@ def test_weight_averaging_ships_the_validated_average_not_the_last_weights(study
     assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(averaged.best_val_acc)
 
 
+def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
+    data = load_step_data(get_step("task2-step3"))
+    settings = {**FAST, "epochs": 4, "schedule": "none"}
+    plain = fit(TrainConfig(model="hybrid", **settings), data.train_set, val_set=data.val_set)
+    swa = fit(
+        TrainConfig(model="hybrid", swa_start=0.5, **settings),
+        data.train_set,
+        val_set=data.val_set,
+    )
+    # epochs 0-2 train and validate exactly like the plain run (the average of epoch 2's
+    # weights alone is those weights); epoch 3 trains at a tenth of lr (SWALR, one anneal
+    # epoch), and what is validated is the average of epochs 2 and 3
+    for name in ("train_loss", "val_loss"):
+        assert [r[name] for r in swa.history[:3]] == [r[name] for r in plain.history[:3]]
+    assert swa.history[3]["lr"] == pytest.approx(settings["lr"] * 0.1)
+    assert swa.history[3]["train_loss"] != plain.history[3]["train_loss"]
+    assert swa.history[3]["val_loss"] != plain.history[3]["val_loss"]
+    # what is returned is what was validated at the kept epoch
+    again = score(swa.model, swa.preprocessing, data.val_set, swa.device)
+    assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(swa.best_val_acc)
+    with pytest.raises(ValueError, match="choose one weight average"):
+        TrainConfig(model="hybrid", swa_start=0.5, ema_decay=0.9)
+
+
+def test_mixup_and_cutmix_mix_training_batches_only(study_data):
+    from experiments.train import batch_mixer
+
+    assert batch_mixer(TrainConfig()) is None
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 6
+    for knob in ("mixup_alpha", "cutmix_alpha"):
+        mixed, targets = batch_mixer(TrainConfig(**{knob: 1.0}))(images, labels)
+        assert mixed.shape == images.shape and not torch.equal(mixed, images)
+        assert targets.shape == (8, 6) and torch.allclose(targets.sum(1), torch.ones(8))
+        assert (targets.max(1).values < 1).any()  # soft targets: two labels per image
+    data = load_step_data(get_step("task2-step3"))
+    plain = fit(TrainConfig(model="hybrid", **FAST), data.train_set, val_set=data.val_set)
+    mixed = fit(
+        TrainConfig(model="hybrid", mixup_alpha=0.4, cutmix_alpha=1.0, **FAST),
+        data.train_set,
+        val_set=data.val_set,
+    )
+    assert plain.history[0]["train_loss"] != mixed.history[0]["train_loss"]
+    again = score(mixed.model, mixed.preprocessing, data.val_set, mixed.device)
+    assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(mixed.best_val_acc)
+
+
 def test_elastic_augmentation_moves_strokes_and_keeps_the_shape():
     from experiments.preprocess import Preprocessing
     from experiments.space import SEARCHED_AUGMENTATIONS

@@ -42,10 +42,11 @@ define study_rule
 study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
 	OMP_NUM_THREADS=$$(STUDY_THREADS) $$(PY) -m experiments search --step $(1) --model $(2) $$(SEARCH_FLAGS)
 endef
-$(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
+$(foreach s,$(STEPS) task2-recipe,$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
+RECIPE_MODELS := resnet hybrid# the models task2-recipe has knobs for (experiments/steps.py RECIPE_MODELS)
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS) task2-recipe,$(foreach m,$(ALL_MODELS),study.$(s).$(m))) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -112,8 +113,10 @@ report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Ta
 promote: $(STAMP) ## register each task's champion in the MLflow Model Registry (glyph-task1/2 @champion)
 	$(PY) -m experiments promote
 
-task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2), then the champion registered
-	$(MAKE) --no-print-directory task2-step3 task2-step2
+task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
+	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
+	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
+	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
 	$(PY) -m experiments promote --task 2
 
 IN ?=
@@ -124,8 +127,9 @@ predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> wi
 fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/bench.md
 	$(PY) -m experiments bench --only fidelity
 
-levers: $(STAMP) ## slow: Task 2 levers (EMA, elastic) on one recipe, judged on SELECT2, into reports/levers.md
-	$(PY) -m experiments bench --only levers
+LEVER_ROUND ?= 2
+levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md
+	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments bench --only levers
 
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench

@@ -34,6 +34,7 @@ from data_tools.cache import load_cached
 from data_tools.datasets import NUM_CLASSES, RAW_SPLITS
 from data_tools.reader import list_files, read_dataset
 from experiments import config
+from experiments.steps import RECIPE, RECIPE_MODELS
 
 
 def _timed(fn: Callable[[], object], repeats: int = 1) -> float:
@@ -334,18 +335,8 @@ FIDELITIES = {
 # Task 2 levers (issue: champions): one hand-set recipe, each lever added to it, trained on
 # task2-step3's data (TEST's white half minus SELECT2), judged on SELECT2; TEST2 measured after.
 LEVER_STEP = "task2-step3"
-LEVER_RECIPE = {
-    "optimizer": "adamw",
-    "lr": 2e-3,
-    "weight_decay": 5e-4,
-    "batch_size": 64,
-    "label_smoothing": 0.05,
-    "normalization": "per_image",
-    "augmentation": "affine",
-    "epochs": 30,
-    "patience": 30,  # the whole cosine schedule; the best SELECT2-loss epoch is kept
-}
-LEVER_MODELS = {"resnet": {"width": 24, "blocks": 2}, "hybrid": {"width": 24}}
+LEVER_RECIPE = dict(RECIPE)  # the task2-recipe step's settings (experiments/steps.py)
+LEVER_MODELS = {model: dict(knobs) for model, knobs in RECIPE_MODELS}
 RECIPE_ROW = "recipe (affine)"
 # the rounds of levers, each measured against the recipe in one run (`LEVER_ROUND`)
 LEVER_ROUNDS: dict[str, tuple[str, dict[str, dict]]] = {
@@ -473,7 +464,7 @@ def write_levers(out: str | None = None) -> Path:
             f"Data: {LEVER_STEP} (TEST's white half minus SELECT2), validated on SELECT2 "
             f"({select2} images); the kept epoch is the best SELECT2 loss. TEST2 is measured "
             "after and chooses nothing.",
-            f"Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}. Each round reruns the recipe "
+            "Each round reruns the recipe (the task2-recipe step's settings when it ran) "
             "beside its levers.",
             "",
             f"Rule, fixed before scoring: a lever is kept when its SELECT2 mean beats the "
@@ -485,7 +476,8 @@ def write_levers(out: str | None = None) -> Path:
         [
             f"## Round {number}: {title}",
             "",
-            f"Machine: {_machine()}; {seeds} seeds each.",
+            f"Machine: {_machine()}. Recipe: {LEVER_RECIPE}; models: {LEVER_MODELS}; "
+            f"{seeds} seeds each.",
             "",
             frame.to_markdown(index=False, floatfmt=".4f"),
             "",

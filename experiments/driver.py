@@ -124,7 +124,7 @@ def check_settings(step: Step, model: str, budget: Budget) -> TrainConfig:
     that contradicts the step, or an `init_from` that is not a checkpoint of this model
     stops the command before any data, run or study is made."""
     base = {"init_from": PRETRAINED} if step.kind == "fine_tune" else {}
-    cfg = run_config(step, model, budget, base, {}, step.role_settings)
+    cfg = run_config(step, model, budget, base, {}, step.settings_for(model))
     if cfg.init_from and cfg.init_from != PRETRAINED:
         source = load_checkpoint(cfg.init_from).checkpoint["model"]
         if source != model:
@@ -199,9 +199,15 @@ def make_objective(data: StepData, model: str, parent: str, budget: Budget, base
 
 
 def train_final(
-    data: StepData, cfg: TrainConfig, name: str, trial: int, parent: str | None = None, **tags: str
+    data: StepData,
+    cfg: TrainConfig,
+    name: str,
+    trial: int | None,
+    parent: str | None = None,
+    **tags: str,
 ) -> RunOutcome:
-    """The `final` run of a study: train, log tags that the report finds it by, log the model once."""
+    """The `final` run of a study: train, log tags that the report finds it by, log the model
+    once. `trial`: the retrained trial's number (None: a recipe, no trial)."""
     outcome = train_and_log(
         data,
         cfg,
@@ -211,7 +217,7 @@ def train_final(
             "study": name,
             "role": "final",
             "best": "true",
-            "retrain_of_trial": str(trial),
+            **({"retrain_of_trial": str(trial)} if trial is not None else {}),
             **_transfer_tags(cfg),
             **tags,
         },
@@ -240,6 +246,8 @@ def run_step(
     data = data or load_step_data(step)
     if step.kind == "retrain":
         return retrain_best(step, model, budget, storage_url, data)
+    if step.kind == "recipe":
+        return train_recipe(step, model, budget, data)
     return search_step(step, model, budget, storage_url, data, final, workers)
 
 
@@ -570,13 +578,35 @@ def retrain_best(
     )
 
 
+def train_recipe(step: Step, model: str, budget: Budget, data: StepData) -> StudyResult:
+    """A `recipe` step: no search; the step's settings for `model` trained once on the whole
+    split as the step's `final` (tag `recipe=true`), found again by its settings and data."""
+    tracking.init()
+    name = study.study_name(step.name, model)
+    end_orphans(step, name)
+    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.settings_for(model)}
+    cfg = run_config(step, model, budget, {}, {}, role)
+    key = run_key(cfg, data)
+    found = results.runs(step.name, model=model, role="final", study=name, retrain_key=key)
+    if not found.empty:
+        run_id, metrics = found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
+        print(f"[{name}] recipe already trained: run {run_id}", flush=True)
+    else:
+        flat = cfg.flat()  # model knobs included
+        shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))
+        print(f"[{name}] training the recipe: {shown}", flush=True)
+        outcome = train_final(data, cfg, name, None, recipe="true", retrain_key=key)
+        run_id, metrics = outcome.run_id, outcome.metrics
+    return StudyResult(name, "", -1, {}, metrics.get("best_val_acc", float("nan")), run_id, metrics)
+
+
 def train_once(
     step_name: str, model: str, user: dict[str, Any], data_dir: str | None = None
 ) -> tuple[Step, RunOutcome]:
     """The `train` command: one run of `step_name` with its defaults, settings and the user's."""
     step = training_step(step_name)
     budget = Budget(overrides=user)
-    role = step.role_settings if step.kind == "retrain" else {}
+    role = step.settings_for(model) if step.kind in ("retrain", "recipe") else {}
     check_settings(step, model, budget)
     data = load_step_data(step, data_dir)
     base = base_settings(step, model, budget, create=True)

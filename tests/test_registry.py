@@ -212,3 +212,35 @@ def test_the_champion_answers_over_rest(studies, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_the_recipe_step_trains_its_settings_once_and_joins_the_task2_field(
+    study_data, monkeypatch
+):
+    import dataclasses
+
+    from data_tools import SELECTION
+    from experiments import steps
+
+    recipe = steps.STEPS["task2-recipe"]
+    short = {**dict(recipe.settings), "epochs": 2, "patience": 2}
+    monkeypatch.setitem(
+        steps.STEPS,
+        "task2-recipe",
+        dataclasses.replace(
+            recipe, settings=tuple(short.items()), model_settings=(("hybrid", (("width", 8),)),)
+        ),
+    )
+    first = run_step("task2-recipe", "hybrid", Budget(**TINY))
+    again = run_step("task2-recipe", "hybrid", Budget(**TINY))  # found, not trained again
+    assert again.final_run_id == first.final_run_id
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("task2-recipe").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["recipe"] == "true" and run.data.tags["role"] == "final"
+    assert "retrain_of_trial" not in run.data.tags
+    params = run.data.params
+    assert (params["optimizer"], params["width"], params["epochs"]) == ("adamw", "8", "2")
+    assert params["split.val_set"] == SELECTION  # validated on SELECT2 like every Task 2 step
+    assert "task2-recipe/hybrid" in {c.label for c in task2_candidates()}

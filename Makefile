@@ -20,7 +20,7 @@ MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
 # `make reproduce` runs one job per (step, model) study, JOBS at a time (default: one per core,
-# at most 8), each on STUDY_THREADS threads. A job waits for the study it builds on (AFTER_<step>:
+# at most 8), each on nproc / JOBS threads (a study run by hand: STUDY_THREADS, all cores). A job waits for the study it builds on (AFTER_<step>:
 # task1-step2 warm-starts from task1-step1, task2-step2 from task2-step3, the reuse step
 # task2-step1 reads task1-step1; a test checks these against experiments/steps.py). make starts
 # whatever is runnable in STUDY_ORDER (the slowest models' chains first), so a free core never
@@ -42,11 +42,14 @@ define study_rule
 study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
 	OMP_NUM_THREADS=$$(STUDY_THREADS) $$(PY) -m experiments search --step $(1) --model $(2) $$(SEARCH_FLAGS)
 endef
-$(foreach s,$(STEPS) task2-recipe,$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
-RECIPE_MODELS := resnet hybrid# the models task2-recipe has knobs for (experiments/steps.py RECIPE_MODELS)
+RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/steps.py)
+$(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
+$(foreach m,$(RECIPE_MODELS),$(eval $(call study_rule,task2-recipe,$(m))))
+CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))\
+	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS) task2-recipe,$(foreach m,$(ALL_MODELS),study.$(s).$(m))) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -114,6 +117,7 @@ promote: $(STAMP) ## register each task's champion in the MLflow Model Registry 
 	$(PY) -m experiments promote
 
 task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
+	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
 	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
 	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
@@ -143,12 +147,13 @@ dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.
 	$(PY) -m experiments dashboard
 
 reproduce: $(STAMP) ## the whole study: data, then every (step, model) study and the analysis as parallel jobs, then the report
-	$(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))
+	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) analysis STUDY_THREADS=$(PARALLEL_THREADS)
 	$(MAKE) --no-print-directory report
 
 studies: $(STAMP) ## every (step, model) study of reproduce, JOBS at a time, sources first (MODELS=... filters)
+	$(CHECK_MODELS)
 	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
 	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) STUDY_THREADS=$(PARALLEL_THREADS)
 

@@ -492,12 +492,18 @@ def write_levers(out: str | None = None) -> Path:
     folder = config.reports_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "levers.md"
-    sections = _sections(path.read_text())[1] if path.exists() else {}
-    sections[section.splitlines()[0]] = section  # this round replaces its own section
-    ordered = sorted(sections.items(), key=lambda item: item[0])
-    path.write_text(head + "\n" + "".join(text for _, text in ordered))
+    old = _sections(path.read_text())[1].values() if path.exists() else []
+    rounds = {_round_number(text): text for text in old if _round_number(text) is not None}
+    rounds[int(number)] = section  # this round replaces its own section, whatever its title
+    path.write_text(head + "\n" + "".join(rounds[n] for n in sorted(rounds)))
     print(f"wrote {path}")
     return path
+
+
+def _round_number(section: str) -> int | None:
+    """N of a levers.md section headed `## Round N: ...` (None: another section)."""
+    found = re.match(r"## Round (\d+)\b", section)
+    return int(found.group(1)) if found else None
 
 
 def bench_fidelity(configs: int = 6, seed: int = 0):

@@ -247,7 +247,7 @@ def run_step(
     if step.kind == "retrain":
         return retrain_best(step, model, budget, storage_url, data)
     if step.kind == "recipe":
-        return train_recipe(step, model, budget, data)
+        return train_recipe(step, model, budget, data, storage_url)
     return search_step(step, model, budget, storage_url, data, final, workers)
 
 
@@ -578,12 +578,15 @@ def retrain_best(
     )
 
 
-def train_recipe(step: Step, model: str, budget: Budget, data: StepData) -> StudyResult:
+def train_recipe(
+    step: Step, model: str, budget: Budget, data: StepData, storage_url: str | None = None
+) -> StudyResult:
     """A `recipe` step: no search; the step's settings for `model` trained once on the whole
     split as the step's `final` (tag `recipe=true`), found again by its settings and data."""
     tracking.init()
     name = study.study_name(step.name, model)
-    end_orphans(step, name)
+    if not study.is_rdb(storage_url):  # with a shared RDB, another machine may be training it
+        end_orphans(step, name)
     role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.settings_for(model)}
     cfg = run_config(step, model, budget, {}, {}, role)
     key = run_key(cfg, data)

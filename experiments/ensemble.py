@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_tools import Dataset
+from data_tools import SELECTION, Dataset
 from experiments import results
 from experiments.checkpoint import load_checkpoint
 from experiments.evaluation import metrics_of
@@ -33,14 +33,8 @@ from experiments.inference import (  # noqa: F401 (re-exported: the report's TTA
 from experiments.steps import STEPS
 
 # Task 2 steps whose training reads labelled TEST images: the "all" group's members
-TASK2_LABELLED = (
-    "task2-step2",
-    "task2-step3",
-    "task2-step3-long",
-    "task2-mixed",
-    "task2-transfer",
-    "task2-transfer-white",
-)
+# every Task 2 step that trains on labelled second-script images (each validates on SELECT2)
+TASK2_LABELLED = tuple(name for name, step in STEPS.items() if step.val_set == SELECTION)
 
 
 @dataclass

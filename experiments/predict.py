@@ -50,9 +50,9 @@ class _CheckpointModel:
 
 def load_model(source: str):
     """The model behind `source` (its MLflow model, else a run's checkpoint); one-line errors."""
+    uri = model_uri(source)  # a malformed source fails before any store is opened or made
     tracking.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = model_uri(source)
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises several types for a missing model, run or alias

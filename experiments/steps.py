@@ -82,8 +82,14 @@ class Step:
         return dict(self.settings)
 
     def settings_for(self, model: str) -> dict[str, Any]:
-        """The step's own settings for `model`: `settings`, then the model's `model_settings`."""
-        return {**dict(self.settings), **dict(dict(self.model_settings).get(model, ()))}
+        """The step's own settings for `model`: `settings`, then the model's `model_settings`.
+        A recipe is declared per model: one without a recipe is an error."""
+        knobs = dict(self.model_settings)
+        if self.kind == "recipe" and model not in knobs:
+            raise ValueError(
+                f"{self.name} has no recipe for {model}; it has one for: {', '.join(knobs)}"
+            )
+        return {**dict(self.settings), **dict(knobs.get(model, ()))}
 
     @property
     def primary_eval(self) -> str:

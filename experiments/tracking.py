@@ -48,13 +48,22 @@ def init() -> str:
 def _open_sqlite_store(uri: str) -> None:
     """MLflow creates a new SQLite store's tables without a lock: two processes opening one
     at once (`make reproduce`'s first parallel jobs) collide, and one fails with "table
-    alembic_version already exists". The first opener here creates it while the others wait."""
+    alembic_version already exists". The first opener here creates it while the others wait.
+    A store whose folder cannot hold the lock file (read-only) is opened without it."""
     from filelock import FileLock
 
-    database = Path(uri[len("sqlite:///") :])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{database}.lock"):
-        MlflowClient(uri)  # builds the store: creates and migrates the tables if needed
+    database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if database.name == ":memory:" or not database.name:
+        _OPENED.add(uri)
+        return
+    try:
+        lock = FileLock(f"{database}.lock")
+        with lock:
+            MlflowClient(uri)  # builds the store: creates and migrates the tables if needed
+    except PermissionError:
+        if not database.exists():
+            raise
+        MlflowClient(uri)
     _OPENED.add(uri)
 
 

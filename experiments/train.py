@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, get_swa_avg_fn
 from tqdm.auto import tqdm
 
 from data_tools import NUM_CLASSES, Dataset
@@ -204,10 +204,13 @@ def batch_mixer(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> Callable | 
 
 
 def swa_first_epoch(cfg: TrainConfig) -> int | None:
-    """The first epoch whose weights enter the SWA average (None: SWA off)."""
-    if cfg.swa_start <= 0:
+    """The first epoch whose weights enter the SWA average: at least epoch 1, so that the
+    schedule has run for an epoch (None: SWA off, or a run of one epoch). As in every run,
+    validation loss picks the kept epoch, an averaged one or not, and `patience` may end
+    a run before its SWA epochs."""
+    if cfg.swa_start <= 0 or cfg.epochs < 2:
         return None
-    return min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
+    return min(cfg.epochs - 1, max(1, int(cfg.swa_start * cfg.epochs)))
 
 
 def evaluate(
@@ -305,7 +308,9 @@ def fit(
         in_swa = swa_from is not None and epoch >= swa_from
         if in_swa and swa_scheduler is None:
             swa_scheduler = SWALR(optimizer, swa_lr=cfg.lr * SWA_LR_FACTOR, anneal_epochs=1)
-            averaged = AveragedModel(model, use_buffers=True)
+            # the per-tensor average: the batched one fails on CUDA for integer buffers
+            # (BatchNorm's num_batches_tracked: "Integer division with addcdiv")
+            averaged = AveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=True)
             scored = averaged.module
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(

@@ -244,3 +244,5 @@ def test_the_recipe_step_trains_its_settings_once_and_joins_the_task2_field(
     assert (params["optimizer"], params["width"], params["epochs"]) == ("adamw", "8", "2")
     assert params["split.val_set"] == SELECTION  # validated on SELECT2 like every Task 2 step
     assert "task2-recipe/hybrid" in {c.label for c in task2_candidates()}
+    with pytest.raises(ValueError, match="task2-recipe has no recipe for vgg"):
+        run_step("task2-recipe", "vgg", Budget(**TINY))

@@ -291,6 +291,13 @@ def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
     assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(swa.best_val_acc)
     with pytest.raises(ValueError, match="choose one weight average"):
         TrainConfig(model="hybrid", swa_start=0.5, ema_decay=0.9)
+    from experiments.train import swa_first_epoch
+
+    # the schedule runs at least one epoch first; a one-epoch run has no SWA
+    assert swa_first_epoch(TrainConfig(swa_start=0.75, epochs=30)) == 22
+    assert swa_first_epoch(TrainConfig(swa_start=0.1, epochs=2)) == 1
+    assert swa_first_epoch(TrainConfig(swa_start=0.5, epochs=1)) is None
+    assert swa_first_epoch(TrainConfig(epochs=30)) is None
 
 
 def test_mixup_and_cutmix_mix_training_batches_only(study_data):

@@ -756,8 +756,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "- Kept: EfficientNet stays fp32 under `auto` (`CPU_BF16 = False`): bf16 autocast trains it",
         "  about 1.8x slower on this CPU (depthwise convolutions; see the precision table).",
         "- Kept: two 1-thread processes instead of one 2-thread process (~10 % more images/s in",
-        "  total for vgg and resnet, measured once by hand): `make reproduce` runs its studies in two",
-        "  lanes (`LANES`); a fresh-clone `time make reproduce` took 35 min 55 s with them.",
+        "  total for vgg and resnet, measured once by hand): `make reproduce` runs one make job per",
+        "  study, two at a time (two fixed lanes before: 35 min 55 s on a fresh clone; one job per",
+        "  study, with TRAIN2's finals at 1 epoch and a lighter report: 29 min 56 s).",
         "- Not tried yet: `torch.compile` on CPU, a cheaper default VGG for the search.",
         "",
     ]

@@ -281,7 +281,7 @@ def spawn_workers(
     `entry` is the command that starts one worker (the driver's), given its options here.
     """
     workers = min(workers, remaining)
-    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # a lane's share
+    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # a parallel job's share
     threads = max(1, cores // workers)
     quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # never override the parent

@@ -118,6 +118,7 @@ promote: $(STAMP) ## register each task's champion in the MLflow Model Registry 
 
 task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
 	$(CHECK_MODELS)
+	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
 	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
 	  $(foreach m,$(SELECTED),study.task2-step2.$(m))

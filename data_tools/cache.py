@@ -26,6 +26,7 @@ every check has passed, so a failed load leaves no cache behind.
 from __future__ import annotations
 
 import array
+import errno
 import hashlib
 import os
 import re
@@ -136,7 +137,14 @@ def _write_entry(entry: Path, raw: RawDataset, digest: str) -> None:
         np.save(tmp / "files.npy", files, allow_pickle=False)
         (tmp / "content_sha256").write_text(digest)
         (tmp / "checksum").write_text(entry_checksum(digest, files))
-        os.replace(tmp, entry)
+        try:
+            os.replace(tmp, entry)
+        except OSError as exc:
+            # another process wrote this entry meanwhile: the same name is the same folder
+            # state, so its files are these; keep them (parallel jobs filling a new cache)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not entry.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,7 +225,7 @@ def _replace_entry(cache_dir: Path, root: Path, entry: Path, raw: RawDataset, di
     """Remove this folder's stale entries (listed, not globbed: names may hold `*`), then write."""
     prefix = f"{_cache_prefix(root)}-"
     for name in os.listdir(cache_dir) if cache_dir.is_dir() else []:
-        if name.startswith(prefix):
+        if name.startswith(prefix) and name != entry.name:  # this name: another process's, new
             _remove(cache_dir / name)
     _write_entry(entry, raw, digest)
 

@@ -192,6 +192,47 @@ def test_cache_warm_hit_and_rebuild_on_same_name_new_content(tmp_path):
     assert len(list(cache.iterdir())) == 1, "the stale entry is removed"
 
 
+def test_a_cache_entry_written_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Parallel jobs on a fresh clone fill the same new cache entry: the one that renames its
+    folder second found the first one's in place ("Directory not empty") and failed. It now
+    keeps the entry (same name: same folder state) and its own data."""
+    import data_tools.cache as cache_module
+
+    root = write_dataset(tmp_path / "DS", per_class=3)
+    cache = tmp_path / "cache"
+    expected, digest = load_cached(root, cache)
+    (entry,) = cache.iterdir()
+    real_verify = cache_module._verify_entry
+
+    def missed_then_written(*args, **kwargs):  # this process misses; the other one wins
+        raise cache_module._BadEntry("not there yet")
+
+    monkeypatch.setattr(cache_module, "_verify_entry", missed_then_written)
+    monkeypatch.setattr(cache_module, "_remove", lambda path: None)  # nothing removed meanwhile
+    raw, again = load_cached(root, cache)
+    assert again == digest and np.array_equal(raw.images, expected.images)
+    assert [p.name for p in cache.iterdir()] == [entry.name], "no temporary folder left"
+    monkeypatch.setattr(cache_module, "_verify_entry", real_verify)
+    assert load_cached(root, cache)[1] == digest  # the kept entry verifies
+
+
+def test_processes_filling_a_new_cache_at_once_all_succeed(tmp_path):
+    root = write_dataset(tmp_path / "DS", per_class=20)
+    code = f"from data_tools.cache import load_cached; load_cached({str(root)!r}, CACHE)"
+    for attempt in range(3):
+        cache = str(tmp_path / f"cache{attempt}")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code.replace("CACHE", repr(cache))], stderr=subprocess.PIPE
+            )
+            for _ in range(3)
+        ]
+        errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+        failed = [e for p, e in zip(procs, errors, strict=True) if p.returncode]
+        assert not failed, failed
+        assert len(os.listdir(cache)) == 1
+
+
 def test_damaged_cache_is_rebuilt(tmp_path):
     root = write_dataset(tmp_path / "DS", per_class=2)
     cache = tmp_path / "cache"

@@ -80,8 +80,9 @@ def _search(args: argparse.Namespace) -> None:
             if k.endswith("_acc") and k != "best_val_acc"
         }
         shown = ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+        chosen = "no search" if result.best_trial < 0 else f"best trial {result.best_trial}"
         print(
-            f"[{result.study_name}] best trial {result.best_trial} val acc {result.best_val_acc:.4f}; "
+            f"[{result.study_name}] {chosen} val acc {result.best_val_acc:.4f}; "
             f"final run {result.final_run_id}: {shown}",
             flush=True,
         )

@@ -557,25 +557,36 @@ def retrain_best(
         end_orphans(step, name)
     role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
     cfg = run_config(step, model, budget, {}, best.params, role)
+    run_id, metrics = final_once(
+        step, model, name, cfg, data, f"retraining {source_name} trial {best.number}",
+        best.number, params_from=source_name,
+    )  # fmt: skip
+    return StudyResult(name, "", best.number, best.params, best.value, run_id, metrics)
+
+
+def final_once(
+    step: Step,
+    model: str,
+    name: str,
+    cfg: TrainConfig,
+    data: StepData,
+    what: str,
+    trial: int | None,
+    **tags: str,
+) -> tuple[str, dict[str, float]]:
+    """A retrain's or a recipe's `final`, made once: found again by its resolved settings and
+    data (`retrain_key`, and `tags`), else trained. Returns (run id, metrics)."""
     key = run_key(cfg, data)  # other settings (a --set, a seed) or data: another run
-    found = results.runs(
-        step.name, model=model, role="final", study=name, params_from=source_name, retrain_key=key
-    )
+    found = results.runs(step.name, model=model, role="final", study=name, retrain_key=key, **tags)
     if not found.empty:
         run = found.iloc[0]
-        print(f"[{name}] already retrained: run {run['run_id']}", flush=True)
-        return StudyResult(
-            name, "", best.number, best.params, best.value, run["run_id"], results.metrics_of(run)
-        )
-    print(
-        f"[{name}] retraining {source_name} trial {best.number}: "
-        + ", ".join(f"{k}={getattr(cfg, k)}" for k in step.role_settings),  # as resolved
-        flush=True,
-    )
-    outcome = train_final(data, cfg, name, best.number, params_from=source_name, retrain_key=key)
-    return StudyResult(
-        name, "", best.number, best.params, best.value, outcome.run_id, outcome.metrics
-    )
+        print(f"[{name}] already trained: run {run['run_id']}", flush=True)
+        return run["run_id"], results.metrics_of(run)
+    flat = cfg.flat()  # model knobs included
+    shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))  # as resolved
+    print(f"[{name}] {what}: {shown}", flush=True)
+    outcome = train_final(data, cfg, name, trial, retrain_key=key, **tags)
+    return outcome.run_id, outcome.metrics
 
 
 def train_recipe(
@@ -589,17 +600,9 @@ def train_recipe(
         end_orphans(step, name)
     role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.settings_for(model)}
     cfg = run_config(step, model, budget, {}, {}, role)
-    key = run_key(cfg, data)
-    found = results.runs(step.name, model=model, role="final", study=name, retrain_key=key)
-    if not found.empty:
-        run_id, metrics = found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
-        print(f"[{name}] recipe already trained: run {run_id}", flush=True)
-    else:
-        flat = cfg.flat()  # model knobs included
-        shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))
-        print(f"[{name}] training the recipe: {shown}", flush=True)
-        outcome = train_final(data, cfg, name, None, recipe="true", retrain_key=key)
-        run_id, metrics = outcome.run_id, outcome.metrics
+    run_id, metrics = final_once(
+        step, model, name, cfg, data, "training the recipe", None, recipe="true"
+    )
     return StudyResult(name, "", -1, {}, metrics.get("best_val_acc", float("nan")), run_id, metrics)
 
 

@@ -101,6 +101,10 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources():
     }
     assert after == declared
     assert all(source in reproduced for source in after.values())
+    from experiments.steps import RECIPE_MODELS
+
+    recipe = re.search(r"^RECIPE_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
+    assert recipe == [model for model, _ in RECIPE_MODELS]  # make's recipe jobs: the declared
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

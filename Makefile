@@ -14,8 +14,9 @@ WORKERS ?=
 ENSEMBLE ?= 3
 TTA ?=
 REPORT_FLAGS = --ensemble $(ENSEMBLE) $(if $(TTA),--tta)
+PROFILE ?=# the default budget: cpu, gpu, or empty (auto: gpu where CUDA is available)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	$(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2

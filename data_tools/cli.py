@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 USER_ERRORS = (ValueError, RuntimeError, OSError)  # DatasetError is a ValueError
@@ -56,6 +57,8 @@ def run(
     try:
         args.func(args)
     except USER_ERRORS as exc:
+        if os.environ.get("GLYPH_TRACEBACK") == "1":  # where it came from, for a bug report
+            print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
         print(f"error: {one_line(redact(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

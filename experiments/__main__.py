@@ -12,6 +12,7 @@ import os
 import sys
 
 from data_tools.cli import run
+from experiments.space import PROFILES
 from experiments.steps import STEPS
 from models import MODELS
 
@@ -59,6 +60,7 @@ def _search(args: argparse.Namespace) -> None:
     from experiments.steps import training_step
 
     budget = default_budget(
+        args.profile,
         trials=args.trials,
         epochs=args.epochs,
         timeout=args.timeout,
@@ -257,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--final-epochs",
         type=int,
         help="epochs of the best trial's retrain (default: Budget.final_images' worth, capped)",
+    )
+    search.add_argument(
+        "--profile",
+        choices=["auto", *PROFILES],
+        default="auto",
+        help="the default budget: cpu (make reproduce in 30 min on 2 cores), gpu (about 5x the "
+        "images per study); auto: gpu where CUDA is available (default auto)",
     )
     search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
     search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")

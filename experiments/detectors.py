@@ -52,7 +52,7 @@ class Mahalanobis:
         means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
         centred = features - means[labels]
         covariance = centred.T @ centred / len(features)
-        eye = torch.eye(covariance.shape[0])
+        eye = torch.eye(covariance.shape[0], device=covariance.device, dtype=covariance.dtype)
         precision = torch.linalg.pinv(covariance + 1e-4 * eye.mul(covariance.diagonal().mean()))
         return cls(means, precision)
 

@@ -2,8 +2,8 @@
 
 The training loop, the evaluation, checkpoints, ensembles and the shift tools all
 predict through `predict_logits`, so they share the batch size, eval mode and
-mixed-precision rule: on CPU, prediction is fp32 (so a checkpoint reproduces its
-logged accuracy on any CPU); training may use bf16 autocast where the CPU has it
+mixed-precision rule: prediction is fp32 on every device (so a checkpoint reproduces its
+logged accuracy on any CPU); training may use bf16 autocast where the device has it
 (`training_precision`).
 """
 
@@ -38,10 +38,10 @@ def training_precision(precision: str, device: torch.device, model: str | None =
 
 
 def autocast(device: torch.device, precision: str | None = None):
-    """bf16 autocast where `precision` (a training run's resolved one) asks for it; for
-    prediction (`precision=None`) on CUDA only, so CPU predictions are fp32 everywhere."""
-    enabled = precision == "bf16" if precision is not None else device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast where `precision` (a training run's resolved one) asks for it. Prediction
+    (`precision=None`) is fp32 on every device, so a run's logged accuracy (scored on the
+    training device) is what its checkpoint gives when the report reloads it on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 102
     for start in range(0, len(images), batch_size):
         with autocast(images.device):
             outputs.append(model(images[start : start + batch_size]).float())
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+    return torch.cat(outputs) if outputs else torch.empty(0, 0, device=images.device)
 
 
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
@@ -67,7 +67,9 @@ def shifted_views(images: torch.Tensor, tta: bool) -> list[torch.Tensor]:
         if (dx, dy) == (0, 0):
             views.append(images)
             continue
-        translation = torch.tensor([[float(dx), float(dy)]]).expand(len(images), 2)
+        translation = torch.tensor(
+            [[float(dx), float(dy)]], device=images.device, dtype=images.dtype
+        ).expand(len(images), 2)
         views.append(KT.translate(images, translation, padding_mode="border", align_corners=True))
     return views
 

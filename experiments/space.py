@@ -110,6 +110,7 @@ class Budget:
     `overrides` are the user's `--set` values: fixed for every run of the study.
     """
 
+    profile: str = "cpu"  # which PROFILES entry the defaults came from (logged as a tag)
     trials: int = 5
     epochs: int | None = None  # per trial; None: from trial_images
     train_subset: int = 4000  # training images per trial (0: all)
@@ -129,6 +130,8 @@ class Budget:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"--profile {self.profile}: expected one of {', '.join(PROFILES)}")
         if self.trials < 1:
             raise ValueError(f"--trials {self.trials}: expected an integer >= 1")
         for name in ("epochs", "final_epochs"):
@@ -177,6 +180,36 @@ class Budget:
         return {f"budget.{k}": str(v) for k, v in vars(self).items() if k != "overrides"}
 
 
-def default_budget(**changes: Any) -> Budget:
-    """The default budget with the given (non-None) changes, validated."""
-    return Budget(**{k: v for k, v in changes.items() if v is not None})
+# Named defaults. `cpu` is the dataclass above, sized for `make reproduce` in 30 minutes on a
+# 2-core CPU. `gpu` spends about 5x the images per study (twice the trials, each 6x longer,
+# on 3x larger subsets; finals of ~300k images, 10 epochs of TRAIN), sized for one CUDA GPU shared by `make reproduce`'s
+# parallel jobs; README "On a GPU" gives its measured wall time.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "gpu": {
+        "trials": 10,
+        "train_subset": 12_000,
+        "val_subset": 0,
+        "trial_images": 36_000,
+        "final_images": 300_000,
+        "final_max_epochs": 40,
+    },
+}
+
+
+def resolve_profile(profile: str | None = "auto") -> str:
+    """`auto` (or None): `gpu` where CUDA is available (the device `auto` resolves to), else `cpu`."""
+    if profile in (None, "auto"):
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if profile not in PROFILES:
+        raise ValueError(f"--profile {profile}: expected auto or one of {', '.join(PROFILES)}")
+    return profile
+
+
+def default_budget(profile: str | None = "auto", **changes: Any) -> Budget:
+    """The profile's budget (`auto`: by the machine) with the given (non-None) changes, validated."""
+    name = resolve_profile(profile)
+    given = {k: v for k, v in changes.items() if v is not None}
+    return Budget(profile=name, **{**PROFILES[name], **given})

@@ -114,6 +114,16 @@ def test_bad_settings_are_refused_before_anything_exists(study_data, tmp_path, c
     _nothing_made(tmp_path)
 
 
+def test_glyph_traceback_adds_where_the_error_came_from(study_data, tmp_path, capsys, monkeypatch):
+    argv = ["train", "--step", "task2-step3", "--model", "vgg", "--set", "lr=-1"]
+    monkeypatch.setenv("GLYPH_TRACEBACK", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().splitlines()[-1].startswith("error: ")
+    monkeypatch.delenv("GLYPH_TRACEBACK")
+    assert "Traceback" not in _one_line_error(capsys, main(argv))
+
+
 def test_init_from_a_file_that_is_not_a_checkpoint(study_data, tmp_path, capsys):
     bogus = tmp_path / "weights.pt"
     bogus.write_bytes(b"not a checkpoint\n")

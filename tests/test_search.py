@@ -151,6 +151,27 @@ def test_budget_epochs_follow_the_image_budgets():
     assert Budget(epochs=7, final_epochs=2).retrain_epochs(100) == 2
 
 
+def test_budget_profiles_pick_the_defaults_by_machine_and_yield_to_given_values(monkeypatch):
+    import torch
+
+    from experiments.space import PROFILES, default_budget
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_budget() == Budget()  # auto on a machine without CUDA: the CPU defaults
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = default_budget()
+    assert gpu.profile == "gpu" and gpu.tags()["budget.profile"] == "gpu"
+    assert gpu.trials > Budget().trials and gpu.final_images > Budget().final_images
+    assert gpu.retrain_epochs(28_800) == 10  # TRAIN: 300,000 images
+    assert default_budget("cpu") == Budget()  # named: whatever the machine
+    assert default_budget("gpu", trials=2, train_subset=0).trials == 2  # given values win
+    assert default_budget("gpu", trials=None).trials == PROFILES["gpu"]["trials"]
+    with pytest.raises(ValueError, match="--profile tpu"):
+        default_budget("tpu")
+    with pytest.raises(ValueError, match="--profile tpu"):
+        Budget(profile="tpu")
+
+
 def test_cli_search_with_default_budget_runs(study_data, capsys):
     from experiments.__main__ import main
 

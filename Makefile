@@ -20,15 +20,19 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
-# `make reproduce` runs one job per (step, model) study, JOBS at a time (default: one per core,
-# at most 8), each on nproc / JOBS threads (a study run by hand: STUDY_THREADS, all cores). A job waits for the study it builds on (AFTER_<step>:
-# task1-step2 warm-starts from task1-step1, task2-step2 from task2-step3, the reuse step
-# task2-step1 reads task1-step1; a test checks these against experiments/steps.py). make starts
-# whatever is runnable in STUDY_ORDER (the slowest models' chains first), so a free core never
-# waits while a study could run. MODELS=... keeps only those models; JOBS=1: one at a time.
-# The jobs' lines interleave as they come (each names its study).
+# `make reproduce` runs one job per chain: a model's studies of one task, each after the study it
+# builds on (task1: task1-step1, then task1-step2 warm-started from it and the reuse step
+# task2-step1 that reads it; task2: task2-step3, then task2-step2 warm-started from it; a test
+# checks the chains against experiments/steps.py). JOBS chains at a time (default: one per core,
+# at most 8), each on nproc / JOBS threads, in STUDY_ORDER (the slowest models first): a free
+# core takes the next chain, so the longest chains start first and the last ones end close
+# together. MODELS=... keeps only those models; JOBS=1: one at a time. Each study is also a
+# target of its own (study.<step>.<model>, after its source: AFTER_<step>), run on every core
+# (STUDY_THREADS). The jobs' lines interleave as they come (each names its study).
 ALL_MODELS := vgg resnet efficientnet hybrid# the registry (python -m models list; a test checks)
 STUDY_ORDER ?= resnet vgg efficientnet hybrid# slowest first (training time per study, reports/bench.md)
+CHAIN_task1 := task1-step1 task1-step2 task2-step1
+CHAIN_task2 := task2-step3 task2-step2
 AFTER_task1-step2 := task1-step1
 AFTER_task2-step1 := task1-step1
 AFTER_task2-step2 := task2-step3
@@ -37,20 +41,26 @@ SELECTED := $(filter $(or $(MODELS),$(ALL_MODELS)),$(STUDY_ORDER))
 JOBS ?= $(shell n=$(NPROC); echo $$(( n > 8 ? 8 : (n > 0 ? n : 1) )))
 PARALLEL_THREADS := $(shell t=$$(( $(NPROC) / $(JOBS) )); echo $$(( t > 0 ? t : 1 )))
 STUDY_THREADS ?= $(NPROC)# a study run by hand (make study.task1-step1.vgg) gets every core
-# the goals in priority order: each model's chain ends (they pull in their sources), then the rest
-STUDY_GOALS := $(foreach s,task1-step2 task2-step2 task2-step1,$(foreach m,$(SELECTED),study.$(s).$(m)))
+STUDY_GOALS := $(foreach m,$(SELECTED),chain.task1.$(m) chain.task2.$(m))
+search_command = OMP_NUM_THREADS=$(STUDY_THREADS) $(PY) -m experiments search --step $(1) --model $(2) $(SEARCH_FLAGS)
 define study_rule
 study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
-	OMP_NUM_THREADS=$$(STUDY_THREADS) $$(PY) -m experiments search --step $(1) --model $(2) $$(SEARCH_FLAGS)
+	$$(call search_command,$(1),$(2))
+endef
+define chain_rule
+chain.$(1).$(2): $$(STAMP)
+	$(foreach s,$(CHAIN_$(1)),$$(call search_command,$(s),$(2))
+	)
 endef
 RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/steps.py)
 $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
 $(foreach m,$(RECIPE_MODELS),$(eval $(call study_rule,task2-recipe,$(m))))
+$(foreach c,task1 task2,$(foreach m,$(ALL_MODELS),$(eval $(call chain_rule,$(c),$(m)))))
 CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))\
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,task1 task2,$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets

@@ -84,7 +84,8 @@ def test_every_declared_step_is_a_make_target():
 def test_make_reproduce_covers_every_registered_model_and_its_sources():
     """ALL_MODELS is the registry, STUDY_ORDER names each model once, and the Makefile's
     AFTER_<step> (which study a job waits for) is what experiments/steps.py declares: the
-    warm-start source, or the study a reuse step reads."""
+    warm-start source, or the study a reuse step reads; each CHAIN_ (one job of make
+    reproduce) runs a source before the steps that build on it."""
     from experiments.steps import STEPS
     from models import MODELS
 
@@ -101,6 +102,15 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources():
     }
     assert after == declared
     assert all(source in reproduced for source in after.values())
+    # make reproduce's jobs: each chain runs its steps in order, so a source comes first
+    chains = dict(re.findall(r"^CHAIN_(\S+) := ([^#\n]*)", makefile, re.M))
+    steps_in_chains = [s for chain in chains.values() for s in chain.split()]
+    assert sorted(steps_in_chains) == sorted(reproduced)  # every step once
+    for chain in chains.values():
+        order = chain.split()
+        for step, source in declared.items():
+            if step in order:
+                assert source in order[: order.index(step)], f"{step} before {source}"
     from experiments.steps import RECIPE_MODELS
 
     recipe = re.search(r"^RECIPE_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()

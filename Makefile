@@ -31,6 +31,7 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
 # (STUDY_THREADS). The jobs' lines interleave as they come (each names its study).
 ALL_MODELS := vgg resnet efficientnet hybrid# the registry (python -m models list; a test checks)
 STUDY_ORDER ?= resnet vgg efficientnet hybrid# slowest first (training time per study, reports/bench.md)
+CHAINS := task1 task2# each CHAIN_<name>: steps run in order in one job (a test checks them)
 CHAIN_task1 := task1-step1 task1-step2 task2-step1
 CHAIN_task2 := task2-step3 task2-step2
 AFTER_task1-step2 := task1-step1
@@ -39,9 +40,11 @@ AFTER_task2-step2 := task2-step3
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 SELECTED := $(filter $(or $(MODELS),$(ALL_MODELS)),$(STUDY_ORDER))
 JOBS ?= $(shell n=$(NPROC); echo $$(( n > 8 ? 8 : (n > 0 ? n : 1) )))
-PARALLEL_THREADS := $(shell t=$$(( $(NPROC) / $(JOBS) )); echo $$(( t > 0 ? t : 1 )))
+STUDY_GOALS := $(foreach m,$(SELECTED),$(foreach c,$(CHAINS),chain.$(c).$(m)))
+# the cores are shared by the jobs that can run at once: no more than there are chains
+PARALLEL_THREADS := $(shell j=$(JOBS); g=$(words $(STUDY_GOALS)); j=$$(( j < g ? j : g )); \
+	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); echo $$(( t > 0 ? t : 1 )))
 STUDY_THREADS ?= $(NPROC)# a study run by hand (make study.task1-step1.vgg) gets every core
-STUDY_GOALS := $(foreach m,$(SELECTED),chain.task1.$(m) chain.task2.$(m))
 search_command = OMP_NUM_THREADS=$(STUDY_THREADS) $(PY) -m experiments search --step $(1) --model $(2) $(SEARCH_FLAGS)
 define study_rule
 study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
@@ -55,12 +58,12 @@ endef
 RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/steps.py)
 $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
 $(foreach m,$(RECIPE_MODELS),$(eval $(call study_rule,task2-recipe,$(m))))
-$(foreach c,task1 task2,$(foreach m,$(ALL_MODELS),$(eval $(call chain_rule,$(c),$(m)))))
+$(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),$(eval $(call chain_rule,$(c),$(m)))))
 CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))\
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,task1 task2,$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -158,13 +161,13 @@ ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:50
 dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
 	$(PY) -m experiments dashboard
 
-reproduce: $(STAMP) ## the whole study: data, then every (step, model) study and the analysis as parallel jobs, then the report
+reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
 	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) analysis STUDY_THREADS=$(PARALLEL_THREADS)
 	$(MAKE) --no-print-directory report
 
-studies: $(STAMP) ## every (step, model) study of reproduce, JOBS at a time, sources first (MODELS=... filters)
+studies: $(STAMP) ## every study of reproduce as its chains, JOBS chains at a time, sources first (MODELS=... filters)
 	$(CHECK_MODELS)
 	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
 	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) STUDY_THREADS=$(PARALLEL_THREADS)

@@ -58,7 +58,8 @@ def run(
         args.func(args)
     except USER_ERRORS as exc:
         if os.environ.get("GLYPH_TRACEBACK") == "1":  # where it came from, for a bug report
-            print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
+            lines = redact(traceback.format_exc()).rstrip().splitlines()
+            print("\n".join(one_line(line) for line in lines), file=sys.stderr)
         print(f"error: {one_line(redact(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

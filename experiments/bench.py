@@ -737,7 +737,10 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         ]
     import torch
 
-    if not torch.cuda.is_available():
+    gpu = config.reports_dir(out) / "gpu.md"
+    if gpu.exists():  # measured on a lent GPU (README "On a GPU"), kept across runs
+        lines += [gpu.read_text().rstrip("\n"), ""]
+    elif not torch.cuda.is_available():
         lines += [
             "## GPU",
             "",
@@ -757,8 +760,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "  about 1.8x slower on this CPU (depthwise convolutions; see the precision table).",
         "- Kept: two 1-thread processes instead of one 2-thread process (~10 % more images/s in",
         "  total for vgg and resnet, measured once by hand): `make reproduce` runs one make job per",
-        "  study, two at a time (two fixed lanes before: 35 min 55 s on a fresh clone; one job per",
-        "  study, with TRAIN2's finals at 1 epoch and a lighter report: 29 min 56 s).",
+        "  chain (a model's studies of one task), two at a time (two fixed lanes: 35 min 55 s on a",
+        "  fresh clone; one job per study, TRAIN2's finals at 1 epoch and a lighter report: 29 min",
+        "  56 s and 30 min 38 s; README 'Results' has the chains' run).",
         "- Not tried yet: `torch.compile` on CPU, a cheaper default VGG for the search.",
         "",
     ]

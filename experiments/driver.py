@@ -301,6 +301,7 @@ def search_step(
     handle, parent = prepare_study(step, model, budget, storage_url)
     try:
         check_data(handle, data)
+        check_profile(handle, budget)
         base = study_base(handle, step, model, budget, parent)  # before any worker starts
         enqueue_starts(handle, step, model, budget, storage_url, parent, base)
         finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
@@ -332,6 +333,20 @@ def check_data(handle: optuna.Study, data: StepData) -> None:
         raise ValueError(
             f"study {handle.study_name}: its trials were scored on other data ({known}, now "
             f"{data.data_key}); use another store (MLRUNS_DIR) or delete the study"
+        )
+
+
+def check_profile(handle: optuna.Study, budget: Budget) -> None:
+    """A study's trials are comparable only at one budget profile (their subsets and epochs):
+    a study started at one profile is never continued at another (`auto` differs by machine)."""
+    recorded = handle.user_attrs.get("budget_profile")
+    if recorded is None and not handle.trials:
+        handle.set_user_attr("budget_profile", budget.profile)
+    elif recorded is not None and recorded != budget.profile:
+        raise ValueError(
+            f"study {handle.study_name}: its trials ran at the {recorded} budget profile, now "
+            f"{budget.profile}; use --profile {recorded} (PROFILE={recorded}) or another store "
+            "(MLRUNS_DIR)"
         )
 
 

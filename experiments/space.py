@@ -180,10 +180,11 @@ class Budget:
         return {f"budget.{k}": str(v) for k, v in vars(self).items() if k != "overrides"}
 
 
-# Named defaults. `cpu` is the dataclass above, sized for `make reproduce` in 30 minutes on a
-# 2-core CPU. `gpu` spends about 5x the images per study (twice the trials, each 6x longer,
-# on 3x larger subsets; finals of ~300k images, 10 epochs of TRAIN), sized for one CUDA GPU shared by `make reproduce`'s
-# parallel jobs; README "On a GPU" gives its measured wall time.
+# Named defaults. `cpu` is the dataclass above, sized for `make reproduce` on a 2-core CPU
+# (README "Results" gives its measured wall time). `gpu` spends about 5x the images per study
+# (twice the trials, each 6x longer, on 3x larger subsets, scored on the whole validation
+# split; finals of ~300k images, 10 epochs of TRAIN); README "On a GPU" says what one lent
+# H200 measured of it.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {},
     "gpu": {
@@ -197,9 +198,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_profile(profile: str | None = "auto") -> str:
-    """`auto` (or None): `gpu` where CUDA is available (the device `auto` resolves to), else `cpu`."""
+def resolve_profile(profile: str | None = "auto", device: str | None = None) -> str:
+    """`auto` (or None): `gpu` where the run's device is CUDA (`device` unset or `auto` on a
+    machine with CUDA, or `cuda`), else `cpu`; a named profile is taken as given."""
     if profile in (None, "auto"):
+        if device not in (None, "auto", "cuda"):
+            return "cpu"
         import torch
 
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -210,6 +214,6 @@ def resolve_profile(profile: str | None = "auto") -> str:
 
 def default_budget(profile: str | None = "auto", **changes: Any) -> Budget:
     """The profile's budget (`auto`: by the machine) with the given (non-None) changes, validated."""
-    name = resolve_profile(profile)
     given = {k: v for k, v in changes.items() if v is not None}
+    name = resolve_profile(profile, (given.get("overrides") or {}).get("device"))
     return Budget(profile=name, **{**PROFILES[name], **given})

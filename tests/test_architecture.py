@@ -104,6 +104,8 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources():
     assert all(source in reproduced for source in after.values())
     # make reproduce's jobs: each chain runs its steps in order, so a source comes first
     chains = dict(re.findall(r"^CHAIN_(\S+) := ([^#\n]*)", makefile, re.M))
+    names = re.search(r"^CHAINS := ([^#\n]*)", makefile, re.M).group(1).split()
+    assert sorted(names) == sorted(chains)  # every chain is run, and only declared ones
     steps_in_chains = [s for chain in chains.values() for s in chain.split()]
     assert sorted(steps_in_chains) == sorted(reproduced)  # every step once
     for chain in chains.values():
@@ -182,3 +184,26 @@ def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(t
     only = [study(line) for line in run("MODELS=resnet") if line.startswith("start")]
     models = {key[1] for key in only if key}
     assert models == {"resnet"}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_a_failed_study_stops_its_chain_and_make_reproduce(tmp_path):
+    """A study that fails: its dependants never start, make reproduce fails, no report."""
+    trace = tmp_path / "trace"
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        f'#!/bin/sh\necho "start $*" >> {trace}\n'
+        'case "$*" in *"task1-step1 --model resnet"*) exit 1;; esac\n'
+        f'echo "end $*" >> {trace}\n'
+    )
+    fake.chmod(0o755)
+    stamp = tmp_path / "stamp"
+    stamp.touch()
+    root = Path(__file__).resolve().parents[1]
+    command = ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
+    done = subprocess.run([*command, "JOBS=2"], capture_output=True, timeout=120)
+    assert done.returncode != 0
+    lines = trace.read_text().splitlines()
+    assert not any("--model resnet" in line and "task1-step2" in line for line in lines)
+    assert not any("--model resnet" in line and "task2-step1" in line for line in lines)
+    assert not any("experiments report" in line for line in lines)

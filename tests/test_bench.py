@@ -15,6 +15,18 @@ def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch
     assert "| cold read <= 4 s" in text and "| warm load <= 0.3 s" in text
 
 
+def test_bench_keeps_the_gpu_measurement_when_run_without_cuda(study_data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("BENCH_DROP_CACHES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert "No CUDA device in this run" in run_bench(out, sections=["data"]).read_text()
+    (out / "gpu.md").write_text("## GPU\n\nmeasured on a lent H200: wall time 1 s\n")
+    text = run_bench(out, sections=["data"]).read_text()  # replaces the section of the last run
+    assert "measured on a lent H200" in text and "No CUDA device" not in text
+
+
 def test_flop_count_grows_with_width_and_is_linear_in_batch():
     narrow, wide = step_flops("vgg", 8, width=8), step_flops("vgg", 8, width=16)
     # conv FLOPs scale with in x out channels: doubling the width roughly quadruples them

@@ -209,6 +209,35 @@ def test_a_study_is_never_resumed_on_other_data(study_data, tmp_path, monkeypatc
     assert len(trials) == 1  # nothing trained on the other data
 
 
+def test_a_study_is_never_continued_at_another_budget_profile(study_data, capsys):
+    from experiments.__main__ import main
+
+    argv = ["search", "--step", "task2-step3", "--model", "vgg", "--trials", "1", "--epochs", "1",
+            "--final-epochs", "1", "--train-subset", "0"]  # fmt: skip
+    assert main([*argv, "--profile", "cpu"]) == 0
+    parent = runs_in("task2-step3", "tags.role = 'study'")
+    assert [r.data.tags["budget.profile"] for r in parent] == ["cpu"]
+    capsys.readouterr()
+    # what `auto` would pick on a machine with CUDA: the study's trials ran at another budget
+    assert main([*argv[:-4], "--trials", "2", *argv[-4:], "--profile", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran at the cpu budget profile, now gpu" in err[0]
+    assert len(runs_in("task2-step3", "tags.role = 'trial'")) == 1  # nothing trained at gpu
+
+
+def test_the_profile_follows_the_run_device(monkeypatch):
+    import torch
+
+    from experiments.__main__ import PROFILE_CHOICES
+    from experiments.space import PROFILES, default_budget
+
+    assert list(PROFILES) == PROFILE_CHOICES[1:] and PROFILE_CHOICES[0] == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_budget(overrides={"device": "cpu"}).profile == "cpu"  # --set device=cpu
+    assert default_budget(overrides={"device": "cuda"}).profile == "gpu"
+    assert default_budget("gpu", overrides={"device": "cpu"}).profile == "gpu"  # named: as given
+
+
 def test_when_the_defaults_trial_wins_the_final_is_the_baseline_trained_once(study_data):
     from experiments.report import collect
 

@@ -336,3 +336,21 @@ def test_elastic_augmentation_moves_strokes_and_keeps_the_shape():
     assert out.shape == images.shape and torch.isfinite(out).all()
     assert (out - outputs["affine"]).abs().sum() > 1.0
     assert "affine_elastic" not in SEARCHED_AUGMENTATIONS  # a lever, not searched
+
+
+def test_prediction_is_fp32_on_every_device_and_training_follows_its_precision(monkeypatch):
+    """Logged accuracies (scored on the training device) must be what the report's CPU reload
+    gives: no autocast in prediction, on CUDA too; training autocasts only when asked."""
+    import torch
+
+    from experiments import inference
+
+    seen = []
+    monkeypatch.setattr(
+        torch, "autocast", lambda device_type, **kw: seen.append((device_type, kw["enabled"]))
+    )
+    for device in ("cpu", "cuda"):
+        inference.autocast(torch.device(device))
+        inference.autocast(torch.device(device), "fp32")
+        inference.autocast(torch.device(device), "bf16")
+    assert seen == [(d, e) for d in ("cpu", "cuda") for e in (False, False, True)]

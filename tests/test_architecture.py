@@ -119,27 +119,33 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources():
     assert recipe == [model for model, _ in RECIPE_MODELS]  # make's recipe jobs: the declared
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(tmp_path):
-    """`make reproduce` with a stand-in interpreter that logs each call: every (step, model)
-    study runs once, after the study it builds on has ended, never more than JOBS at once,
-    all before the report; MODELS filters the studies."""
+def _fake_reproduce(tmp_path: Path, behaviour: str) -> tuple[Path, list[str]]:
+    """A stand-in interpreter that logs "start ARGS" / "end ARGS" into a trace file and runs
+    the shell `behaviour` in between; and the `make reproduce` command that uses it."""
     trace = tmp_path / "trace"
     fake = tmp_path / "fakepy"
     fake.write_text(
-        f'#!/bin/sh\necho "start $*" >> {trace}\n'
-        # the sources are slow: a dependant started early would show
-        'case "$*" in *task1-step1*|*task2-step3*) sleep 0.4;; *) sleep 0.1;; esac\n'
-        f'echo "end $*" >> {trace}\n'
+        f'#!/bin/sh\necho "start $*" >> {trace}\n{behaviour}\necho "end $*" >> {trace}\n'
     )
     fake.chmod(0o755)
     stamp = tmp_path / "stamp"
     stamp.touch()
     root = Path(__file__).resolve().parents[1]
+    return trace, ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(tmp_path):
+    """`make reproduce` with a stand-in interpreter that logs each call: every (step, model)
+    study runs once, after the study it builds on has ended, never more than JOBS at once,
+    all before the report; MODELS filters the studies."""
+    # the sources are slow: a dependant started early would show
+    trace, command = _fake_reproduce(
+        tmp_path, 'case "$*" in *task1-step1*|*task2-step3*) sleep 0.4;; *) sleep 0.1;; esac'
+    )
 
     def run(*extra: str) -> list[str]:
         trace.unlink(missing_ok=True)
-        command = ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
         subprocess.run([*command, "JOBS=3", *extra], check=True, capture_output=True, timeout=120)
         return trace.read_text().splitlines()
 
@@ -189,18 +195,9 @@ def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(t
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_a_failed_study_stops_its_chain_and_make_reproduce(tmp_path):
     """A study that fails: its dependants never start, make reproduce fails, no report."""
-    trace = tmp_path / "trace"
-    fake = tmp_path / "fakepy"
-    fake.write_text(
-        f'#!/bin/sh\necho "start $*" >> {trace}\n'
-        'case "$*" in *"task1-step1 --model resnet"*) exit 1;; esac\n'
-        f'echo "end $*" >> {trace}\n'
+    trace, command = _fake_reproduce(
+        tmp_path, 'case "$*" in *"task1-step1 --model resnet"*) exit 1;; esac'
     )
-    fake.chmod(0o755)
-    stamp = tmp_path / "stamp"
-    stamp.touch()
-    root = Path(__file__).resolve().parents[1]
-    command = ["make", "-s", "-C", str(root), "reproduce", f"PY={fake}", f"STAMP={stamp}"]
     done = subprocess.run([*command, "JOBS=2"], capture_output=True, timeout=120)
     assert done.returncode != 0
     lines = trace.read_text().splitlines()

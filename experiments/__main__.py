@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         action="append",
-        choices=["data", "train", "precision", "logging", "fidelity", "levers"],
-        help="run only these sections (slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
+        choices=["data", "train", "precision", "logging", "compile", "fidelity", "levers"],
+        help="run only these sections (compile: torch.compile vs eager, compile time included; slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
     )
     bench.set_defaults(func=_bench)
     return parser

@@ -19,6 +19,7 @@ and the cold read are also timed with the page cache dropped first.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -228,6 +229,65 @@ def bench_precision(root: Path, images: int) -> list[str]:
         print(f"  {name:<13} fp32 {rates['fp32']:7.0f} img/s  bf16 {rates['bf16']:7.0f} img/s  "
               f"{ratio:4.2f}x  auto -> {auto}", flush=True)  # fmt: skip
     return rows
+
+
+def compile_break_even(eager_rate: float, compiled_rate: float, compile_s: float) -> float:
+    """Training images after which `torch.compile` pays for its compile time (inf: never)."""
+    saved_per_image = 1 / eager_rate - 1 / compiled_rate
+    return compile_s / saved_per_image if saved_per_image > 0 else math.inf
+
+
+def bench_compile(root: Path, images: int, final_images: int) -> tuple[list[str], bool]:
+    """Markdown rows: per model, eager vs `torch.compile` training images/s (default config,
+    the precision `auto` picks, one epoch over `images` after a warm-up), the compile time
+    (the first batches' extra time over eager), the images after which compiling pays, and
+    what a default final of `final_images` images costs each way, compile included. Returns
+    the rows and whether compiling won for every model."""
+    import torch
+
+    from data_tools import load_split
+    from experiments.inference import training_precision
+    from experiments.settings import TrainConfig
+    from experiments.train import make_optimizer, train_one_epoch
+    from models import MODELS, create_model
+
+    train_set = load_split("TRAIN", root, config.cache_dir())
+    rows, wins = [], []
+    for name in MODELS:
+        precision = training_precision("auto", torch.device("cpu"), name)
+        cfg = TrainConfig(model=name)
+        prep = cfg.preprocessing().fit(train_set.images[:images])
+        x, y = prep.transform(train_set.images[:images]), train_set.labels[:images]
+        warm = 4 * cfg.batch_size
+        timing: dict[str, tuple[float, float]] = {}
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = create_model(name).to(memory_format=torch.channels_last)
+            optimizer = make_optimizer(cfg, model.parameters())
+            step = torch.compile(model) if mode == "compiled" else model
+            args = (optimizer, None, torch.nn.CrossEntropyLoss(), cfg.batch_size)
+            generator = torch.Generator().manual_seed(0)
+            start = time.perf_counter()
+            train_one_epoch(step, x[:warm], y[:warm], *args, prep.augmenter(), generator,
+                            precision=precision)  # fmt: skip
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            train_one_epoch(step, x, y, *args, prep.augmenter(), generator, precision=precision)
+            timing[mode] = (first, len(y) / (time.perf_counter() - start))
+        (eager_first, eager), (compiled_first, compiled) = timing["eager"], timing["compiled"]
+        compile_s = max(0.0, compiled_first - warm / compiled - (eager_first - warm / eager))
+        even = compile_break_even(eager, compiled, compile_s)
+        eager_final = final_images / eager
+        compiled_final = compile_s + final_images / compiled
+        wins.append(compiled_final < eager_final)
+        shown = "never" if math.isinf(even) else f"{even:,.0f}"
+        rows.append(
+            f"| {name} | {precision} | {eager:,.0f} | {compiled:,.0f} | {compiled / eager:.2f}x "
+            f"| {compile_s:.0f} s | {shown} | {eager_final:.0f} s | {compiled_final:.0f} s |"
+        )
+        print(f"  {name:<13} eager {eager:6.0f} img/s  compiled {compiled:6.0f} img/s  compile "
+              f"{compile_s:5.1f} s  final {eager_final:.0f} vs {compiled_final:.0f} s", flush=True)  # fmt: skip
+    return rows, all(wins)
 
 
 def bench_training(
@@ -701,6 +761,39 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             *rows,
             "",
         ]
+    if "compile" in sections:
+        import torch
+
+        images = int(os.environ.get("BENCH_IMAGES", "2560"))
+        final = 86_400  # a default TRAIN final: 3 epochs of 28,800 images (Budget, cpu profile)
+        print(f"torch.compile vs eager, {images} images ...", flush=True)
+        rows, won = bench_compile(config.data_dir(), images, final)
+        lines += [
+            "## torch.compile vs eager (TRAIN images, CPU)",
+            "",
+            f"Default config, channels-last, batch 128, the precision `auto` picks, "
+            f"{torch.get_num_threads()} thread(s), {images} images after a 512-image warm-up "
+            "(torch.compile's default mode, inductor). Compile time: the warm-up's extra time "
+            "over eager. Every run builds a new model (trials differ in width and depth), so "
+            f"each pays its compile; the last two columns are a default TRAIN final ({final:,} "
+            "images) each way, compile included, training only (its validation passes would "
+            "compile the eval graph too).",
+            "",
+            "| model | precision | eager img/s | compiled img/s | speed-up | compile | pays after "
+            "(images) | final, eager | final, compiled |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Verdict: "
+            + (
+                "compiling wins for every model, compile included."
+                if won
+                else "not kept: compiling does not win for every model once its compile time "
+                "is counted, so runs stay eager."
+            ),
+            "",
+        ]
+        targets.append(("torch.compile kept only if it wins", "wins" if won else "not kept", True))
     if "logging" in sections:
         print("MLflow logging share of a small real trial ...", flush=True)
         logging_seconds, total = bench_logging(config.data_dir())
@@ -763,7 +856,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "  chain (a model's studies of one task), two at a time (two fixed lanes: 35 min 55 s on a",
         "  fresh clone; one job per study, TRAIN2's finals at 1 epoch and a lighter report: 29 min",
         "  56 s and 30 min 38 s; README 'Results' has the chains' run).",
-        "- Not tried yet: `torch.compile` on CPU, a cheaper default VGG for the search.",
+        "- Not kept: `torch.compile` (inductor, default mode) on CPU: 0.88-0.99x eager's",
+        "  images/s before its 9-45 s compile per model (`bench --only compile`, its section).",
+        "- Not tried yet: a cheaper default VGG for the search.",
         "",
     ]
     fidelity = config.reports_dir(out) / "fidelity.md"

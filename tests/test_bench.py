@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.bench import run_bench, step_flops
+from experiments.bench import compile_break_even, run_bench, step_flops
 
 
 def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch):
@@ -123,3 +123,12 @@ def test_levers_are_kept_on_select2_only_and_by_a_margin():
     # one image better is below the margin: the recipe alone
     close = frame({recipe: 0.990, a: 0.990 + 1 / 600, b: 0.990}, {recipe: 0.9, a: 0.9, b: 0.99})
     assert bench.kept_levers(close, 600) == {"m": None}
+
+
+def test_compile_pays_only_when_it_is_faster_per_image():
+    import math
+
+    # 100 vs 200 images/s saves 5 ms an image: a 10 s compile pays after 2,000 images
+    assert compile_break_even(100.0, 200.0, 10.0) == pytest.approx(2_000)
+    assert math.isinf(compile_break_even(200.0, 190.0, 10.0))  # slower compiled: never
+    assert math.isinf(compile_break_even(200.0, 200.0, 0.0))

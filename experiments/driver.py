@@ -339,10 +339,11 @@ def check_data(handle: optuna.Study, data: StepData) -> None:
 def check_profile(handle: optuna.Study, budget: Budget) -> None:
     """A study's trials are comparable only at one budget profile (their subsets and epochs):
     a study started at one profile is never continued at another (`auto` differs by machine)."""
-    recorded = handle.user_attrs.get("budget_profile")
-    if recorded is None and not handle.trials:
+    # a study from before profiles ran at the one budget there was then: cpu's
+    recorded = handle.user_attrs.get("budget_profile", "cpu" if handle.trials else None)
+    if recorded is None:
         handle.set_user_attr("budget_profile", budget.profile)
-    elif recorded is not None and recorded != budget.profile:
+    elif recorded != budget.profile:
         raise ValueError(
             f"study {handle.study_name}: its trials ran at the {recorded} budget profile, now "
             f"{budget.profile}; use --profile {recorded} (PROFILE={recorded}) or another store "

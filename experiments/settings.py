@@ -155,6 +155,17 @@ def _check_range(
         raise ValueError(f"{name}={value!r}: expected a finite number in {span}")
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu when `auto`; an explicit name is taken as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def _check_device(name: str) -> None:
     kind = name.split(":")[0]
     _check_choice("device", kind, DEVICES)

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 
 from experiments.preprocess import NORMALIZATIONS, POLARITIES, SEARCHED_AUGMENTATIONS
-from experiments.settings import FREEZE, OPTIMIZERS, SCHEDULES
+from experiments.settings import FREEZE, OPTIMIZERS, SCHEDULES, resolve_device
 from models import search_space
 
 BATCH_SIZES = (64, 128, 256)
@@ -199,14 +199,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def resolve_profile(profile: str | None = "auto", device: str | None = None) -> str:
-    """`auto` (or None): `gpu` where the run's device is CUDA (`device` unset or `auto` on a
-    machine with CUDA, or `cuda`), else `cpu`; a named profile is taken as given."""
+    """`auto` (or None): `gpu` where the run's device (`resolve_device`) is CUDA, else `cpu`;
+    a named profile is taken as given."""
     if profile in (None, "auto"):
-        if device not in (None, "auto", "cuda"):
-            return "cpu"
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
+        return "gpu" if resolve_device(device or "auto").type == "cuda" else "cpu"
     if profile not in PROFILES:
         raise ValueError(f"--profile {profile}: expected auto or one of {', '.join(PROFILES)}")
     return profile

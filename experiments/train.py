@@ -30,7 +30,7 @@ from data_tools import NUM_CLASSES, Dataset
 from experiments.checkpoint import load_checkpoint
 from experiments.inference import autocast, predict_logits, training_precision
 from experiments.preprocess import Preprocessing
-from experiments.settings import TrainConfig
+from experiments.settings import TrainConfig, resolve_device
 from models import create_model
 
 
@@ -39,17 +39,6 @@ class Diverged(RuntimeError):
 
     def __init__(self, detail: str):
         super().__init__(f"diverged: {detail}")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """cuda > mps > cpu when `auto`; an explicit name is taken as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:

@@ -277,3 +277,22 @@ def test_a_retrain_step_refuses_a_source_study_scored_on_other_data(
     with pytest.raises(ValueError, match="scored on other data"):
         run_step("task2-step3-long", "vgg", Budget(trials=1, epochs=1, train_subset=0))
     assert runs_in("task2-step3-long") == []
+
+
+def test_a_study_from_before_profiles_counts_as_cpu():
+    from types import SimpleNamespace
+
+    from experiments.driver import check_profile
+
+    recorded: dict[str, str] = {}
+    old = SimpleNamespace(
+        study_name="s", user_attrs={}, trials=[object()], set_user_attr=recorded.__setitem__
+    )
+    check_profile(old, Budget())  # its trials ran at the only budget there was: cpu
+    with pytest.raises(ValueError, match="ran at the cpu budget profile, now gpu"):
+        check_profile(old, Budget(profile="gpu"))
+    new = SimpleNamespace(
+        study_name="s", user_attrs={}, trials=[], set_user_attr=recorded.__setitem__
+    )
+    check_profile(new, Budget(profile="gpu"))
+    assert recorded == {"budget_profile": "gpu"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.bench import compile_break_even, run_bench, step_flops
+from experiments.bench import compile_break_even, conv_peak, run_bench, step_flops
 
 
 def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch):
@@ -32,6 +32,22 @@ def test_flop_count_grows_with_width_and_is_linear_in_batch():
     # conv FLOPs scale with in x out channels: doubling the width roughly quadruples them
     assert 3.0 * narrow < wide < 4.5 * narrow
     assert step_flops("vgg", 16, width=8) == pytest.approx(2 * narrow)
+
+
+def test_utilisation_is_measured_against_the_best_dense_kernel(study_data, monkeypatch):
+    import experiments.bench as bench
+    from models import MODELS
+
+    monkeypatch.setattr(bench, "reference_throughput", lambda name, files, images: 100.0)
+    monkeypatch.setattr(bench, "project_throughput", lambda name, train_set, images: (200.0, 8))
+    monkeypatch.setattr(bench, "matmul_peak", lambda: 1e9)
+    monkeypatch.setattr(bench, "conv_peak", lambda: 4e9)  # the convolution is the limit here
+    rows, peaks, results = bench.bench_training(bench.config.data_dir(), 16)
+    assert max(peaks.values()) == 4e9 and len(peaks) == 2 and len(rows) == len(MODELS)
+    for name, (speedup, mfu) in results.items():
+        assert speedup == 2.0
+        assert mfu == pytest.approx(bench.step_flops(name, 8) / 8 * 200.0 / 4e9)
+    assert 0 < conv_peak(channels=8, side=6, batch=4, repeats=1) < float("inf")  # the real one
 
 
 def test_fidelity_bench_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):

@@ -722,15 +722,21 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
     lines = [
         "# Benchmarks",
         "",
-        f"Machine: {_machine()}. Written by `python -m experiments bench`.",
+        f"Written by `python -m experiments bench`; its last run: {_machine()}. Each section "
+        "names the machine it was measured on (the CPU varies between machines of this kind: "
+        "with or without AVX-512 and native bf16); a run replaces only the sections it measures.",
         "",
     ]
+    # each section names its machine: sections measured by another run stay in the file
+    measured_on = f"Measured on {_machine()}, {time.strftime('%Y-%m-%d')}."
     if "data" in sections:
         root = config.data_dir()
         print(f"data: reading {root} three ways ...", flush=True)
         rows = bench_data(root)
         lines += [
             "## Data loading (TRAIN + TEST + TEST2)",
+            "",
+            measured_on,
             "",
             "Targets: cold read <= 4 s, warm load <= 0.3 s.",
             "",
@@ -764,6 +770,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         lines += [
             "## Training throughput and model-FLOP utilisation (TRAIN images, CPU)",
             "",
+            measured_on,
+            "",
             f"Dense kernels measured in this run: {measured}. MFU is against the best of them "
             f"({best}). Reference pipeline: "
             "per-sample `np.load` Dataset, DataLoader batch 64, NCHW. This project: in-memory "
@@ -784,6 +792,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         lines += [
             "## Training precision: fp32 vs bf16 autocast (TRAIN images, CPU)",
             "",
+            measured_on,
+            "",
             f"Default config, channels-last, batch 128, {torch.get_num_threads()} thread(s), {images} "
             "images, each precision measured twice alternately (best of two). `auto` trains "
             "in bf16 only where the CPU has it natively and the model does not declare it "
@@ -803,6 +813,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         rows, won = bench_compile(config.data_dir(), images, final)
         lines += [
             "## torch.compile vs eager (TRAIN images, CPU)",
+            "",
+            measured_on,
             "",
             f"Default config, channels-last, batch 128, the precision `auto` picks, "
             f"{torch.get_num_threads()} thread(s), {images} images after a 512-image warm-up "
@@ -836,6 +848,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         print(f"  MLflow calls {logging_seconds:.2f} s of {total:.2f} s ({share:.1%})")
         lines += [
             "## MLflow logging share of a trial",
+            "",
+            measured_on,
             "",
             "A resnet trial on TRAIN3 (3 epochs, 2,000 training images, 1,000 validation images), "
             "logged to a fresh SQLite store; time inside MLflow calls (runs, params, per-epoch "
@@ -878,13 +892,14 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "## What was tried",
         "",
         "- Kept: in-memory tensors and batched kornia augmentation (no per-sample Python on the hot",
-        "  path); channels-last models (1.3-1.6x faster convolutions on this CPU, measured once by hand",
+        "  path); channels-last models (1.3-1.6x faster convolutions on the AVX512_BF16 EPYC, measured once by hand",
         "  with the default models); one host sync per epoch instead of per batch.",
         "- Kept: bf16 autocast for training where the CPU has AVX512_BF16/AMX (`precision=auto`):",
         "  measured on an AMD EPYC with AVX512_BF16, VGG on TRAIN 34 -> 22 s/epoch and ResNet on TRAIN3",
         "  1.2 -> 0.93 s/epoch, validation accuracy unchanged (0.9892 / 0.9892, 0.9517 / 0.9533).",
         "- Kept: EfficientNet stays fp32 under `auto` (`CPU_BF16 = False`): bf16 autocast trains it",
-        "  about 1.8x slower on this CPU (depthwise convolutions; see the precision table).",
+        "  about 1.8x slower on the AVX512_BF16 EPYC (depthwise convolutions); on a CPU without",
+        "  native bf16, autocast is 7-14x slower for every model and `auto` trains in fp32.",
         "- Kept: two 1-thread processes instead of one 2-thread process (~10 % more images/s in",
         "  total for vgg and resnet, measured once by hand): `make reproduce` runs one make job per",
         "  chain (a model's studies of one task), two at a time (two fixed lanes: 35 min 55 s on a",
@@ -907,8 +922,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         print(f"  {verdict:<4} {target:<45} {measured}")
     path = config.reports_dir(out) / "bench.md"
     text = "\n".join(lines)
-    if set(sections) != set(DEFAULT_SECTIONS) and path.exists():
-        # a partial run (--only) replaces its own sections and targets, keeps the others
+    if path.exists():
+        # a run replaces the sections and targets it measured and keeps the others (a partial
+        # run's, `--only compile` for one, and the rest when only one section was rerun)
         text, rows = _keep_other_sections(path.read_text(), text, rows)
     text += "\n".join(["## Targets", "", "| target | measured | |", "|---|---|---|", *rows, ""])
     path.parent.mkdir(parents=True, exist_ok=True)

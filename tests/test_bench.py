@@ -13,6 +13,12 @@ def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch
     text = path.read_text()
     assert "plain np.load loop" in text and "warm load, dataset cache hit" in text
     assert "| cold read <= 4 s" in text and "| warm load <= 0.3 s" in text
+    assert "Measured on " in text.partition("## Data loading")[2].partition("\n## ")[0]
+    # a section another run measured (on another machine, say) survives this run's rewrite
+    other = "## torch.compile vs eager (TRAIN images, CPU)\n\nMeasured on another CPU.\n\n"
+    path.write_text(text.replace("## Targets", other + "## Targets"))
+    again = run_bench(tmp_path / "out", sections=["data"]).read_text()
+    assert "Measured on another CPU." in again and again.count("## Data loading") == 1
 
 
 def test_bench_keeps_the_gpu_measurement_when_run_without_cuda(study_data, tmp_path, monkeypatch):

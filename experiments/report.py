@@ -365,6 +365,7 @@ def build_report(
             title_line,
             *champions_markdown(test2_cache, tta),
             body.rstrip("\n"),
+            *findings.search_conditions(cells, len(MODELS)),
             *ensembles_markdown(frame),
             *findings.task2_section(cells, frame),
             *findings.task1_section(shift, "figures/label_efficiency.png" if has_figure else None),

@@ -8,6 +8,7 @@ import pytest
 from experiments.ensemble import EnsembleResult, Member, to_frame
 from experiments.findings import (
     plot_label_efficiency,
+    search_conditions,
     shift_markdown,
     task1_section,
     task2_section,
@@ -126,3 +127,51 @@ def test_shift_markdown_has_a_row_per_model_and_detector():
     text = shift_markdown({**_shift(0.13), "resnet": _shift(0.2)["vgg"]})
     assert text.count("| vgg ") >= 4 + 1 and text.count("| resnet ") >= 4 + 1
     assert "## Unsupervised adaptation" in text and "## Label efficiency" in text
+
+
+def _condition_cells() -> pd.DataFrame:
+    rows = []
+    for step in ("task1-step1", "task1-step2", "task2-step1", "task2-step2", "task2-step3"):
+        for model in ("vgg", "resnet"):
+            task1 = step.startswith("task1")
+            rows.append(
+                {
+                    "step": step,
+                    "model": model,
+                    "accuracy": 0.55 if task1 else 0.97,
+                    "reference": 0.96,
+                    "black_acc": 0.975 if task1 else float("nan"),
+                    "searched_minus_baseline": 0.01,
+                }
+            )
+    cells = pd.DataFrame(rows)
+    cells["delta"] = cells["accuracy"] - cells["reference"]
+    return cells
+
+
+def _condition(lines: list[str], start: str) -> list[str]:
+    row = next(line for line in "\n".join(lines).splitlines() if line.startswith(f"| {start}"))
+    return [part.strip() for part in row.split("|")[2:-1]]
+
+
+def test_search_conditions_count_each_miss_and_what_is_not_measured():
+    cells = _condition_cells()
+    lines = search_conditions(cells, models=2)
+    assert _condition(lines, "searched final") == ["8 of 8", "none"]
+    assert _condition(lines, "TEST / TEST2") == ["4 of 4", "none"]
+    assert _condition(lines, "TEST black half") == ["4 of 4", "none"]
+    # task2-step1 trains nothing: a loss there is no miss of the search
+    at = lambda step, model: (cells["step"] == step) & (cells["model"] == model)  # noqa: E731
+    cells.loc[at("task2-step1", "vgg"), "searched_minus_baseline"] = -0.05
+    cells.loc[at("task2-step2", "vgg"), "searched_minus_baseline"] = -0.006  # a miss
+    cells.loc[at("task2-step3", "resnet"), "searched_minus_baseline"] = -0.005  # within
+    cells.loc[at("task2-step3", "resnet"), ["accuracy", "delta"]] = [0.954, -0.006]  # a miss
+    cells.loc[at("task1-step2", "vgg"), "black_acc"] = 0.969
+    cells.loc[at("task1-step1", "resnet"), "black_acc"] = float("nan")  # not measured yet
+    lines = search_conditions(cells, models=2)
+    assert _condition(lines, "searched final") == ["7 of 8", "task2-step2/vgg -0.006"]
+    assert _condition(lines, "TEST / TEST2") == ["3 of 4", "task2-step3/resnet -0.006"]
+    assert _condition(lines, "TEST black half") == [
+        "2 of 3 (1 not measured yet)",
+        "task1-step2/vgg 0.969",
+    ]

@@ -268,28 +268,26 @@ def _listed(frame: pd.DataFrame, value: str, digits: int = 3, signed: bool = Fal
 def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
     """The search issue's conditions on these cells, each counted and listed. Measured after
     the fact from evaluation accuracies: these numbers choose nothing."""
+    # differences rounded to 1e-9 first: 0.950 - 0.955 is -0.0050000000000000044 in floats
     searched = cells[cells["step"].isin(SEARCHED_STEPS)]
-    baseline_ok = searched["searched_minus_baseline"] >= -TOLERANCE
+    baseline_ok = searched["searched_minus_baseline"].astype(float).round(9) >= -TOLERANCE
     referenced = cells[cells["step"].isin(REFERENCE_STEPS)]
-    reference_ok = referenced["accuracy"] >= referenced["reference"] - TOLERANCE
+    reference_ok = referenced["delta"].astype(float).round(9) >= -TOLERANCE
     black = cells[cells["step"].isin(BLACK_STEPS)]
-    black_ok = black["black_acc"] >= BLACK_TARGET
-    misses = searched[searched["searched_minus_baseline"].notna() & ~baseline_ok]
+    black_ok = black["black_acc"].astype(float) >= BLACK_TARGET
     rows = [
         {
             "condition": f"searched final >= baseline - {TOLERANCE} on the evaluation set",
             "met in": _verdict(
                 searched, "searched_minus_baseline", baseline_ok, len(SEARCHED_STEPS) * models
             ),
-            "misses": _listed(misses, "searched_minus_baseline", signed=True) or "none",
+            "misses": _listed(searched[~baseline_ok], "searched_minus_baseline", signed=True)
+            or "none",
         },
         {
             "condition": f"TEST / TEST2 and TRAIN3 / TEST2 cells >= reference - {TOLERANCE}",
-            "met in": _verdict(referenced, "accuracy", reference_ok, len(REFERENCE_STEPS) * models),
-            "misses": _listed(
-                referenced[referenced["accuracy"].notna() & ~reference_ok], "delta", signed=True
-            )
-            or "none",
+            "met in": _verdict(referenced, "delta", reference_ok, len(REFERENCE_STEPS) * models),
+            "misses": _listed(referenced[~reference_ok], "delta", signed=True) or "none",
         },
         {
             "condition": f"TEST black half >= {BLACK_TARGET} (task1-step1, task1-step2)",

@@ -14,11 +14,28 @@ def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch
     assert "plain np.load loop" in text and "warm load, dataset cache hit" in text
     assert "| cold read <= 4 s" in text and "| warm load <= 0.3 s" in text
     assert "Measured on " in text.partition("## Data loading")[2].partition("\n## ")[0]
-    # a section another run measured (on another machine, say) survives this run's rewrite
-    other = "## torch.compile vs eager (TRAIN images, CPU)\n\nMeasured on another CPU.\n\n"
-    path.write_text(text.replace("## Targets", other + "## Targets"))
-    again = run_bench(tmp_path / "out", sections=["data"]).read_text()
-    assert "Measured on another CPU." in again and again.count("## Data loading") == 1
+
+
+def test_a_default_run_keeps_only_what_other_commands_measure(study_data, tmp_path, monkeypatch):
+    import experiments.bench as bench
+
+    monkeypatch.setenv("BENCH_DROP_CACHES", "0")
+    monkeypatch.setattr(bench, "DEFAULT_SECTIONS", ("data",))  # a default run, made small
+    out = tmp_path / "out"
+    head, parts = bench._sections(run_bench(out).read_text())
+    assert "Not timed yet" in parts[bench.REPRODUCE_SECTION]
+    parts[bench.REPRODUCE_SECTION] = f"{bench.REPRODUCE_SECTION}\n\nWall time: 28.3 min.\n\n"
+    targets = parts.pop("## Targets").rstrip("\n") + "\n"
+    parts[bench.COMPILE_SECTION] = f"{bench.COMPILE_SECTION}\n\nMeasured on another CPU.\n\n"
+    parts["## An old section"] = "## An old section\n\nstale\n\n"  # no run writes it any more
+    targets += f"| {bench.COMPILE_TARGET} | not kept | met |\n| an old target | 1 | GAP |\n"
+    (out / "bench.md").write_text(head + "".join(parts.values()) + targets)
+    again = run_bench(out).read_text()
+    assert "Measured on another CPU." in again and "Wall time: 28.3 min." in again
+    assert "Not timed yet" not in again and "stale" not in again and "an old target" not in again
+    assert again.count(f"| {bench.COMPILE_TARGET} |") == 1 and again.count("## Data loading") == 1
+    # the kept sections sit before "What was tried", in the run's own order
+    assert again.index(bench.COMPILE_SECTION) < again.index(bench.TRIED_SECTION)
 
 
 def test_bench_keeps_the_gpu_measurement_when_run_without_cuda(study_data, tmp_path, monkeypatch):
@@ -54,6 +71,14 @@ def test_utilisation_is_measured_against_the_best_dense_kernel(study_data, monke
         assert speedup == 2.0
         assert mfu == pytest.approx(bench.step_flops(name, 8) / 8 * 200.0 / 4e9)
     assert 0 < conv_peak(channels=8, side=6, batch=4, repeats=1) < float("inf")  # the real one
+
+
+def test_conv_peak_counts_two_flops_per_multiply_add(monkeypatch):
+    import experiments.bench as bench
+
+    monkeypatch.setattr(bench, "_timed", lambda fn, repeats=1: 2.0)  # 2 s for 4 convolutions
+    flops = 2 * 4 * 6 * 6 * 8 * 8 * 9  # batch 4, 6x6, 8 -> 8 channels, 3x3
+    assert conv_peak(channels=8, side=6, batch=4, repeats=4) == pytest.approx(flops / 0.5)
 
 
 def test_fidelity_bench_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):

@@ -916,9 +916,10 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "  chain (a model's studies of one task), two at a time (two fixed lanes: 35 min 55 s on a",
         "  fresh clone; one job per study, TRAIN2's finals at 1 epoch and a lighter report: 29 min",
         "  56 s and 30 min 38 s; README 'Results' has the chains' run).",
-        "- Not kept: `torch.compile` (inductor, default mode) on CPU: 0.76-0.99x eager's",
-        "  images/s in two runs, before a 9-45 s cold compile per model; with a warm on-disk cache",
-        "  (about 1 s) 0.79-1.05x (`bench --only compile`, its section).",
+        "- Not kept: `torch.compile` (inductor, default mode) on CPU. On the AVX512_BF16 EPYC",
+        "  0.76-0.99x eager's images/s in two runs, before a 9-45 s cold compile per model (0.79-1.05x",
+        "  with a warm on-disk cache, about 1 s); on the AVX2-only EPYC, in fp32, 0.72-1.02x before",
+        "  15-83 s (`bench --only compile`, its section).",
         "- Not tried yet: a cheaper default VGG for the search.",
         "",
     ]

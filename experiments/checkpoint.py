@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,9 @@ class Loaded:
         return predict_logits(self.model, x, batch_size).argmax(1).cpu()
 
 
-def _resolve(source: str | os.PathLike) -> Path:
-    """A checkpoint file: the path itself, or the run's artifact downloaded from MLflow."""
+def _resolve(source: str | os.PathLike, scratch: str) -> Path:
+    """A checkpoint file: the path itself, or the run's artifact downloaded from MLflow into
+    `scratch` (a folder the caller removes: a report reloads hundreds of runs)."""
     path = Path(source)
     if path.is_file():
         return path
@@ -78,7 +80,9 @@ def _resolve(source: str | os.PathLike) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(
-            mlflow.artifacts.download_artifacts(run_id=str(source), artifact_path=ARTIFACT_PATH)
+            mlflow.artifacts.download_artifacts(
+                run_id=str(source), artifact_path=ARTIFACT_PATH, dst_path=scratch
+            )
         )
     except Exception as exc:  # MLflow raises several types for a missing run or artifact
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -91,13 +95,14 @@ def load_checkpoint(source: str | os.PathLike, device: str | torch.device = "cpu
     Loading is weights-only (no pickled code runs); anything that is not a
     checkpoint of this project is a ValueError naming the source.
     """
-    path = _resolve(source)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a non-torch file, a pickle with code, a truncated file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = f"{type(exc).__name__}: {first}"[:200]
-        raise ValueError(f"{source}: not a checkpoint of this project ({reason})") from None
+    with tempfile.TemporaryDirectory(prefix="glyph-checkpoint-") as scratch:
+        path = _resolve(source, scratch)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a non-torch file, a pickle with code, a truncated file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = f"{type(exc).__name__}: {first}"[:200]
+            raise ValueError(f"{source}: not a checkpoint of this project ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         version = checkpoint.get("format_version") if isinstance(checkpoint, dict) else None
         raise ValueError(f"{source}: unsupported checkpoint format {version}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 
 import pytest
@@ -84,7 +85,7 @@ def test_augmentation_touches_training_batches_only(study_data, monkeypatch):
     assert (destroyed.predictions == plain.predictions).all()
 
 
-def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data):
+def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data, tmp_path, monkeypatch):
     data = load_step_data(get_step("task1-step1"))
     cfg = TrainConfig(model="efficientnet", **FAST)
     outcome = train_and_log(data, cfg, run_name="t")
@@ -122,7 +123,11 @@ def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data):
     uri = run.info.artifact_uri
     assert uri.startswith("file://") and str(config.mlruns_dir()) in uri
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     loaded = load_checkpoint(outcome.run_id)
+    assert not any(scratch.iterdir())  # the downloaded artifact is not left behind
     predictions = loaded.predict(data.eval_sets["TEST"].images)
     correct = int((predictions == data.eval_sets["TEST"].labels).sum())
     assert correct / len(predictions) == run.data.metrics["TEST_acc"]  # same predictions, exactly

@@ -933,13 +933,8 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         rows.append(f"| {target} | {measured} | {verdict} |")
         print(f"  {verdict:<4} {target:<45} {measured}")
     text = "\n".join(lines)
-    if old and set(sections) == set(DEFAULT_SECTIONS):
-        # a default run rewrites the file, keeping only what it never measures (the compile
-        # section of `--only compile`, a timed reproduce), in its own order
-        text, rows = _keep_measured_elsewhere(old, text, rows)
-    elif old:
-        # a partial run (--only) replaces its own sections and targets, keeps the others
-        text, rows = _keep_other_sections(old, text, rows)
+    if old:  # a run replaces what it measured (a default run: all but KEPT_SECTIONS)
+        text, rows = _merge(old, text, rows, full=set(sections) == set(DEFAULT_SECTIONS))
     text += "\n".join(["## Targets", "", "| target | measured | |", "|---|---|---|", *rows, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -957,37 +952,33 @@ def _target_name(row: str) -> str:
     return row.split("|")[1].strip()
 
 
-def _keep_measured_elsewhere(old: str, new: str, rows: list[str]) -> tuple[str, list[str]]:
-    """A default run's file: its own sections in its order, with the old sections that only
-    another command measures (`KEPT_SECTIONS`) before "What was tried", and their targets."""
+def _merge(old: str, new: str, rows: list[str], full: bool) -> tuple[str, list[str]]:
+    """The file a run writes over `old`, without its Targets section, and the target rows.
+
+    A partial run (`--only`): the old file, the run's sections in their place (new ones
+    appended), the old targets it did not measure kept. A default run (`full`): its own
+    sections in its order, with only the old sections another command measures
+    (`KEPT_SECTIONS`) put back before "What was tried", and only their targets.
+    """
     _, old_parts = _sections(old)
     head, new_parts = _sections(new)
-    kept = {k: v for k, v in old_parts.items() if k in KEPT_SECTIONS and k not in new_parts}
-    merged: dict[str, str] = {}
-    for heading, part in new_parts.items():
-        if heading == TRIED_SECTION:
-            merged.update(kept)
-        merged[heading] = part
-    merged.update(kept)  # no-op when they went in before "What was tried"
+    old_rows = old_parts.pop("## Targets", "").splitlines()[4:]
+    if full:
+        kept = {k: v for k, v in old_parts.items() if k in KEPT_SECTIONS and k not in new_parts}
+        merged: dict[str, str] = {}
+        for heading, part in new_parts.items():
+            if heading == TRIED_SECTION:
+                merged.update(kept)
+            merged[heading] = part
+        merged.update(kept)  # no-op when they went in before "What was tried"
+    else:
+        merged = {**{k: new_parts.get(k, v) for k, v in old_parts.items()}, **new_parts}
     measured = {_target_name(row) for row in rows}
-    old_rows = old_parts.get("## Targets", "").splitlines()[4:]
     kept_rows = [
         r
         for r in old_rows
         if r.startswith("| ")
-        and _target_name(r) in KEPT_TARGETS
         and _target_name(r) not in measured
+        and (not full or _target_name(r) in KEPT_TARGETS)
     ]
     return head + "".join(merged.values()), rows + kept_rows
-
-
-def _keep_other_sections(old: str, new: str, rows: list[str]) -> tuple[str, list[str]]:
-    """The old file with the new run's sections in their place (new ones appended), without its
-    Targets section; and the targets: the new rows, then the old rows the run did not measure."""
-    _, old_parts = _sections(old)
-    head, new_parts = _sections(new)
-    old_rows = old_parts.pop("## Targets", "").splitlines()[4:]
-    merged = {**{k: new_parts.get(k, v) for k, v in old_parts.items()}, **new_parts}
-    measured = {_target_name(row) for row in rows}
-    kept = [r for r in old_rows if r.startswith("| ") and _target_name(r) not in measured]
-    return head + "".join(merged.values()), rows + kept

@@ -364,8 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         action="append",
-        choices=["data", "train", "precision", "logging", "compile", "fidelity", "levers"],
-        help="run only these sections (compile: torch.compile vs eager, compile time included; slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
+        choices=[
+            "data",
+            "train",
+            "precision",
+            "predict",
+            "logging",
+            "compile",
+            "fidelity",
+            "levers",
+        ],
+        help="run only these sections (predict: prediction batch 1,024 vs the default, logits compared; compile: torch.compile vs eager, compile time included; slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
     )
     bench.set_defaults(func=_bench)
     return parser

@@ -269,6 +269,57 @@ def bench_precision(root: Path, images: int) -> list[str]:
     return rows
 
 
+PREDICT_OLD_BATCH = 1024  # predict_logits' batch before this section chose PREDICT_BATCH
+
+
+def bench_predict(root: Path, repeats: int = 3) -> tuple[list[str], bool]:
+    """Markdown rows: per model and thread count, prediction images/s of `predict_logits` on
+    TEST (prepared by the default config, a default model in eval mode, channels-last) at the
+    old batch of 1,024 and at `PREDICT_BATCH`, alternately `repeats` times (best of each), and
+    whether the two batches gave bit-identical logits. Returns (rows, every pair identical)."""
+    import torch
+
+    from data_tools import load_split
+    from experiments.inference import PREDICT_BATCH, predict_logits
+    from experiments.settings import TrainConfig
+    from models import MODELS, create_model
+
+    test = load_split("TEST", root, config.cache_dir())
+    threads_before = torch.get_num_threads()
+    thread_counts = sorted({1, threads_before})
+    rows, identical = [], True
+    for name in MODELS:
+        torch.manual_seed(0)
+        prep = TrainConfig(model=name).preprocessing().fit(test.images)
+        x = prep.transform(test.images)
+        model = create_model(name).to(memory_format=torch.channels_last).eval()
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            try:
+                rates = {PREDICT_OLD_BATCH: 0.0, PREDICT_BATCH: 0.0}
+                logits = {}
+                predict_logits(model, x[:PREDICT_OLD_BATCH])  # warm-up
+                for _ in range(repeats):
+                    for batch in rates:
+                        start = time.perf_counter()
+                        logits[batch] = predict_logits(model, x, batch)
+                        rates[batch] = max(rates[batch], len(x) / (time.perf_counter() - start))
+            finally:
+                torch.set_num_threads(threads_before)
+            same = torch.equal(logits[PREDICT_OLD_BATCH], logits[PREDICT_BATCH])
+            identical &= same
+            ratio = rates[PREDICT_BATCH] / rates[PREDICT_OLD_BATCH]
+            rows.append(
+                f"| {name} | {threads} | {rates[PREDICT_OLD_BATCH]:,.0f} | "
+                f"{rates[PREDICT_BATCH]:,.0f} | {ratio:.2f}x | {'yes' if same else 'no'} |"
+            )
+            print(f"  {name:<13} {threads} thread(s)  {PREDICT_OLD_BATCH}: "
+                  f"{rates[PREDICT_OLD_BATCH]:7.0f} img/s  {PREDICT_BATCH}: "
+                  f"{rates[PREDICT_BATCH]:7.0f} img/s  {ratio:4.2f}x  identical: {same}",
+                  flush=True)  # fmt: skip
+    return rows, identical
+
+
 def compile_break_even(eager_rate: float, compiled_rate: float, compile_s: float) -> float:
     """Training images after which `torch.compile` pays for its compile time (inf: never)."""
     saved_per_image = 1 / eager_rate - 1 / compiled_rate
@@ -709,8 +760,9 @@ def _machine() -> str:
     )
 
 
-DEFAULT_SECTIONS = ("data", "train", "precision", "logging")
+DEFAULT_SECTIONS = ("data", "train", "precision", "predict", "logging")
 COMPILE_SECTION = "## torch.compile vs eager (TRAIN images, CPU)"
+PREDICT_SECTION = "## Prediction batch (TEST images, CPU)"
 REPRODUCE_SECTION = "## `make reproduce` at the default budget"
 TRIED_SECTION = "## What was tried"
 # measured only by `--only compile` / BENCH_FULL=1: a default run keeps them and their targets
@@ -812,6 +864,36 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             *rows,
             "",
         ]
+    if "predict" in sections:
+        from experiments.inference import PREDICT_BATCH
+
+        print("prediction batch: 1,024 vs the default, on TEST ...", flush=True)
+        rows, identical = bench_predict(config.data_dir())
+        lines += [
+            PREDICT_SECTION,
+            "",
+            measured_on,
+            "",
+            "`predict_logits` (every validation pass, evaluation and report prediction) on the "
+            "6,000 TEST images, prepared by the default config; a default model of each kind in "
+            f"eval mode, channels-last, fp32; batch {PREDICT_OLD_BATCH:,} (the old default) and "
+            f"{PREDICT_BATCH} (the default now), measured alternately three times (best of "
+            "each), on one thread (as `make reproduce` runs its two jobs) and on every thread. "
+            "*identical*: the two batches gave bit-identical logits (`torch.equal`).",
+            "",
+            f"| model | threads | batch {PREDICT_OLD_BATCH:,} img/s | batch {PREDICT_BATCH} img/s "
+            "| speed-up | identical |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+        targets.append(
+            (
+                f"prediction at batch {PREDICT_BATCH}: logits identical to batch 1,024",
+                "identical" if identical else "differ",
+                identical,
+            )
+        )
     if "compile" in sections:
         import torch
 
@@ -916,6 +998,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "  chain (a model's studies of one task), two at a time (two fixed lanes: 35 min 55 s on a",
         "  fresh clone; one job per study, TRAIN2's finals at 1 epoch and a lighter report: 29 min",
         "  56 s and 30 min 38 s; README 'Results' has the chains' run).",
+        "- Kept: prediction in batches of 256 instead of 1,024 (`PREDICT_BATCH`): bit-identical",
+        "  logits, 0.9-2.1x the images/s per model and thread count in two runs on the AVX2-only EPYC",
+        "  (most 1.1-1.9x; this CPU's speeds vary run to run), section 'Prediction batch'.",
         "- Not kept: `torch.compile` (inductor, default mode) on CPU. On the AVX512_BF16 EPYC",
         "  0.76-0.99x eager's images/s in two runs, before a 9-45 s cold compile per model (0.79-1.05x",
         "  with a warm on-disk cache, about 1 s); on the AVX2-only EPYC, in fp32, 0.72-1.02x before",

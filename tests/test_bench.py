@@ -179,3 +179,17 @@ def test_compile_pays_only_when_it_is_faster_per_image():
     assert compile_break_even(100.0, 200.0, 10.0) == pytest.approx(2_000)
     assert math.isinf(compile_break_even(200.0, 190.0, 10.0))  # slower compiled: never
     assert math.isinf(compile_break_even(200.0, 200.0, 0.0))
+
+
+def test_predict_bench_compares_the_batches_per_model_and_thread(study_data, tmp_path):
+    from experiments.inference import PREDICT_BATCH
+    from models import MODELS
+
+    text = run_bench(tmp_path / "out", sections=["predict"]).read_text()
+    section = text.partition("## Prediction batch")[2].partition("\n## ")[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
+    body = [row for row in rows[1:] if "---" not in row[1]]
+    assert {row[1].strip() for row in body} == set(MODELS)
+    assert f"batch {PREDICT_BATCH} img/s" in rows[0][4]
+    assert all(row[6].strip() in ("yes", "no") and row[5].strip().endswith("x") for row in body)
+    assert f"| prediction at batch {PREDICT_BATCH}: logits identical to batch 1,024 |" in text

@@ -16,11 +16,13 @@ from experiments import config, tracking
 from experiments.__main__ import main as experiments_main
 from experiments.checkpoint import load_checkpoint
 from experiments.evaluation import score
+from experiments.inference import PREDICT_BATCH, predict_logits
 from experiments.preprocess import AUGMENTATIONS
 from experiments.runner import load_step_data, train_and_log
 from experiments.settings import TrainConfig
 from experiments.steps import STEPS, get_step, training_step
 from experiments.train import fit
+from models import MODELS, create_model
 
 FAST = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "patience": 5}
 
@@ -359,3 +361,19 @@ def test_prediction_is_fp32_on_every_device_and_training_follows_its_precision(m
         inference.autocast(torch.device(device), "fp32")
         inference.autocast(torch.device(device), "bf16")
     assert seen == [(d, e) for d in ("cpu", "cuda") for e in (False, False, True)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prediction_does_not_depend_on_the_batch(name):
+    """Validation, evaluation and the report predict in batches of PREDICT_BATCH: in eval mode
+    every image's logits are its own, whatever batch it came in (a model left in train mode,
+    its batch norm on batch statistics, fails this)."""
+    torch.manual_seed(0)
+    model = create_model(name).to(memory_format=torch.channels_last)
+    model.train()
+    images = torch.rand(300, 1, 28, 28)
+    by_default = predict_logits(model, images)
+    assert by_default.shape == (300, 6)
+    for batch in (7, PREDICT_BATCH, 1024):
+        torch.testing.assert_close(predict_logits(model, images, batch), by_default)
+    assert not model.training  # predict_logits put it in eval mode

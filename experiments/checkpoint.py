@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from experiments import tracking
-from experiments.inference import PREDICT_BATCH, predict_logits
+from experiments.inference import predict_logits
 from experiments.preprocess import Preprocessing
 from models import create_model
 
@@ -61,7 +61,7 @@ class Loaded:
     checkpoint: dict[str, Any]
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Labels 0..5 for raw images `N x 1 x 28 x 28` in [0, 1]."""
         device = next(self.model.parameters()).device
         x = self.preprocessing.transform(images).to(device)

@@ -44,18 +44,21 @@ def autocast(device: torch.device, precision: str | None = None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# Prediction batch: on the 2-core CPU, 256 predicted 0.9-2.1x as many images/s as the old
-# 1,024 (most 1.1-1.9x, per model and thread count, two runs), with bit-identical logits
-# (`make bench`, section "Prediction batch"). Every validation pass, evaluation and report
-# prediction goes through here.
+# Prediction batch on the CPU: on the AVX2-only EPYC, 256 predicted 0.9-2.1x as many images/s
+# as the old 1,024 (per model and thread count, two runs; hybrid on one thread measured 0.94x
+# once, within this CPU's run-to-run noise), with bit-identical logits (`make bench`, section
+# "Prediction batch"). On CUDA, where larger batches keep the device busy, it stays 1,024.
 PREDICT_BATCH = 256
+CUDA_PREDICT_BATCH = 1024
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int = PREDICT_BATCH
+    model: nn.Module, images: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:
-    """Float logits of `model` (eval mode, no gradients) for prepared images, in batches."""
+    """Float logits of `model` (eval mode, no gradients) for prepared images, in batches
+    (default: `PREDICT_BATCH` on the CPU, `CUDA_PREDICT_BATCH` on CUDA)."""
+    batch_size = batch_size or (CUDA_PREDICT_BATCH if images.is_cuda else PREDICT_BATCH)
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):

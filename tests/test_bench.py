@@ -182,14 +182,20 @@ def test_compile_pays_only_when_it_is_faster_per_image():
 
 
 def test_predict_bench_compares_the_batches_per_model_and_thread(study_data, tmp_path):
+    import torch
+
+    from experiments.bench import PREDICT_TARGET
     from experiments.inference import PREDICT_BATCH
     from models import MODELS
 
+    threads = torch.get_num_threads()
     text = run_bench(tmp_path / "out", sections=["predict"]).read_text()
+    assert torch.get_num_threads() == threads  # the one-thread rows gave the threads back
     section = text.partition("## Prediction batch")[2].partition("\n## ")[0]
     rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
     body = [row for row in rows[1:] if "---" not in row[1]]
     assert {row[1].strip() for row in body} == set(MODELS)
+    assert len(body) == len(MODELS) * len({1, threads})  # one row per model and thread count
     assert f"batch {PREDICT_BATCH} img/s" in rows[0][4]
     assert all(row[6].strip() in ("yes", "no") and row[5].strip().endswith("x") for row in body)
-    assert f"| prediction at batch {PREDICT_BATCH}: logits identical to batch 1,024 |" in text
+    assert f"| {PREDICT_TARGET} |" in text

@@ -374,6 +374,8 @@ def test_prediction_does_not_depend_on_the_batch(name):
     images = torch.rand(300, 1, 28, 28)
     by_default = predict_logits(model, images)
     assert by_default.shape == (300, 6)
-    for batch in (7, PREDICT_BATCH, 1024):
-        torch.testing.assert_close(predict_logits(model, images, batch), by_default)
+    for batch in (7, PREDICT_BATCH, 1024):  # a kernel may sum in another order per batch
+        torch.testing.assert_close(
+            predict_logits(model, images, batch), by_default, rtol=1e-4, atol=1e-4
+        )
     assert not model.training  # predict_logits put it in eval mode

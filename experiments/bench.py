@@ -1001,7 +1001,7 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "  fresh clone; one job per study, TRAIN2's finals at 1 epoch and a lighter report: 29 min",
         "  56 s and 30 min 38 s; README 'Results' has the chains' run).",
         "- Kept: prediction in batches of 256 instead of 1,024 (`PREDICT_BATCH`): bit-identical",
-        "  logits, 0.9-2.1x the images/s per model and thread count in two runs on the AVX2-only EPYC",
+        "  logits, 0.9-2.1x the images/s per model and thread count in three runs on the AVX2-only EPYC",
         "  (most 1.1-1.9x; this CPU's speeds vary run to run), section 'Prediction batch'.",
         "- Not kept: `torch.compile` (inductor, default mode) on CPU. On the AVX512_BF16 EPYC",
         "  0.76-0.99x eager's images/s in two runs, before a 9-45 s cold compile per model (0.79-1.05x",

@@ -45,7 +45,7 @@ def autocast(device: torch.device, precision: str | None = None):
 
 
 # Prediction batch on the CPU: on the AVX2-only EPYC, 256 predicted 0.9-2.1x as many images/s
-# as the old 1,024 (per model and thread count, two runs; hybrid on one thread measured 0.94x
+# as the old 1,024 (per model and thread count, three runs; hybrid on one thread measured 0.94x
 # once, within this CPU's run-to-run noise), with bit-identical logits (`make bench`, section
 # "Prediction batch"). On CUDA, where larger batches keep the device busy, it stays 1,024.
 PREDICT_BATCH = 256

@@ -150,7 +150,7 @@ LEVER_ROUND ?= 2
 levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md
 	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments bench --only levers
 
-bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
+bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, depthwise weight gradient, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
 
 ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000

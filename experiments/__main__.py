@@ -369,12 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
             "train",
             "precision",
             "predict",
+            "depthwise",
             "logging",
             "compile",
             "fidelity",
             "levers",
         ],
-        help="run only these sections (predict: prediction batch 1,024 vs the default, logits compared; compile: torch.compile vs eager, compile time included; slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
+        help="run only these sections (predict: prediction batch 1,024 vs the default, logits compared; depthwise: EfficientNet's depthwise weight gradient, oneDNN vs batched matmul; compile: torch.compile vs eager, compile time included; slow ones: fidelity, trial-score vs final rank correlation; levers, Task 2 levers on SELECT2 into reports/levers.md)",
     )
     bench.set_defaults(func=_bench)
     return parser

@@ -199,3 +199,29 @@ def test_predict_bench_compares_the_batches_per_model_and_thread(study_data, tmp
     assert f"batch {PREDICT_BATCH} img/s" in rows[0][4]
     assert all(row[6].strip() in ("yes", "no") and row[5].strip().endswith("x") for row in body)
     assert f"| {PREDICT_TARGET} |" in text
+
+
+def test_depthwise_bench_compares_both_gradients_per_config_and_thread(
+    study_data, tmp_path, monkeypatch
+):
+    import torch
+
+    from experiments.bench import DEPTHWISE_CONFIGS, DEPTHWISE_SECTION, DEPTHWISE_TARGET
+    from models import layers
+
+    monkeypatch.setenv("BENCH_IMAGES", "64")
+    threads = torch.get_num_threads()
+    calls = []
+    original = layers._SmallMapDepthwise.apply
+    monkeypatch.setattr(
+        layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    text = run_bench(tmp_path / "out", sections=["depthwise"]).read_text()
+    assert torch.get_num_threads() == threads and layers._small_map_path  # both given back
+    assert calls  # the fast rows really took the batched-matmul gradient
+    section = text.partition(DEPTHWISE_SECTION)[2].partition("\n## ")[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
+    body = [row for row in rows[1:] if "---" not in row[1]]
+    assert len(body) == len(DEPTHWISE_CONFIGS) * len({1, threads})
+    assert all(row[5].strip().endswith("x") for row in body)
+    assert "Largest relative difference" in section and f"| {DEPTHWISE_TARGET} |" in text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import MODELS, create_model, feature_layer, hyperparameters, search_space, title
 from models.efficientnet import MBConv, SqueezeExcite
@@ -110,3 +112,82 @@ def test_a_broken_contract_or_space_is_a_clear_error(monkeypatch):
         feature_layer(create_model("nohead"))
     with pytest.raises(ValueError, match="SEARCH_SPACE names 'colour'"):
         search_space("nohead")
+
+
+def _depthwise_grads(conv, x, grad, fast: bool):
+    from models.layers import small_map_depthwise
+
+    with small_map_depthwise(fast):
+        out = conv(x)
+        return (out, *torch.autograd.grad(out, (x, conv.weight), grad))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 12),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    kernel=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    batch=st.integers(1, 3),
+    channels_last=st.booleans(),
+)
+def test_small_map_depthwise_gradient_equals_conv2d(
+    channels, height, width, kernel, stride, batch, channels_last
+):
+    """The batched-matmul weight gradient equals conv2d's (float summation order aside), on
+    any map (the size limit lifted), kernel, stride and layout; forward and input gradient
+    are conv2d's own."""
+    from unittest import mock
+
+    from models import layers
+
+    torch.manual_seed(0)
+    conv = layers.DepthwiseConv2d(channels, kernel, stride)
+    x = torch.randn(batch, channels, height, width)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(conv(x))
+    calls = []
+    original = layers._SmallMapDepthwise.apply
+    with (
+        mock.patch.object(layers, "SMALL_MAP_PIXELS", 10**6),
+        mock.patch.object(
+            layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
+        ),
+    ):
+        out, grad_x, grad_w = _depthwise_grads(conv, x, grad, fast=True)
+        assert calls  # the batched-matmul gradient really ran
+        ref_out, ref_x, ref_w = _depthwise_grads(conv, x, grad, fast=False)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad_x, ref_x)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_small_map_depthwise_is_used_only_where_it_applies(monkeypatch):
+    """The fast weight gradient runs for fp32 CPU training on small maps only: not on larger
+    maps, not without gradients, not under autocast; its state dict is nn.Conv2d's."""
+    from models import layers
+
+    calls = []
+    original = layers._SmallMapDepthwise.apply
+    monkeypatch.setattr(
+        layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    conv = layers.DepthwiseConv2d(4, 5)
+    plain = torch.nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False)
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+    conv(torch.randn(2, 4, 4, 4))
+    assert len(calls) == 1
+    conv(torch.randn(2, 4, 7, 7))  # 49 pixels: oneDNN
+    with torch.no_grad():
+        conv(torch.randn(2, 4, 4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(torch.randn(2, 4, 4, 4))
+    assert len(calls) == 1
+    from models.efficientnet import EfficientNet
+
+    depthwise = [m for m in EfficientNet().modules() if isinstance(m, layers.DepthwiseConv2d)]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)

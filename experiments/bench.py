@@ -223,8 +223,10 @@ def timed_epochs(
     prep = cfg.preprocessing().fit(train_set.images[:images])
     x = prep.transform(train_set.images[:images])
     y = train_set.labels[:images]
-    torch.manual_seed(0)
-    model = create_model(model_name, **cfg.model_kwargs).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng():  # the same initial weights in every call, global RNG kept
+        torch.manual_seed(0)
+        model = create_model(model_name, **cfg.model_kwargs)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
     step = torch.compile(model) if compiled else model
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -346,7 +348,7 @@ def depthwise_gradient_error() -> float:
     convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
     grads = {}
     for fast in (False, True):
-        torch.manual_seed(1)  # the same stochastic-depth masks both ways
+        torch.manual_seed(1)  # the same dropout mask in the classifier both ways
         with small_map_depthwise(fast):
             out = model(x)
         grads[fast] = torch.autograd.grad(out.logsumexp(1).mean(), [c.weight for c in convs])
@@ -354,6 +356,82 @@ def depthwise_gradient_error() -> float:
         ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
         for a, b in zip(grads[False], grads[True], strict=True)
     )
+
+
+def _small_map_shapes() -> dict[tuple[int, int, int, int], int]:
+    """(channels, map side, kernel, stride) of each depthwise convolution of a default
+    EfficientNet on a map small enough for the batched-matmul gradient, whatever its kernel,
+    with how many layers have it."""
+    import torch
+
+    from models import create_model
+    from models.layers import SMALL_MAP_PIXELS, DepthwiseConv2d
+
+    shapes: dict[tuple[int, int, int, int], int] = {}
+
+    def record(module, args) -> None:  # every kernel size: the table shows why 3x3 is left out
+        if args[0].shape[-2] * args[0].shape[-1] <= SMALL_MAP_PIXELS:
+            key = (module.in_channels, args[0].shape[-1], module.kernel_size[0], module.stride[0])
+            shapes[key] = shapes.get(key, 0) + 1
+
+    model = create_model("efficientnet")
+    convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+    with torch.no_grad():
+        model(torch.zeros(2, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def _weight_grad_ms(channels: int, side: int, kernel: int, stride: int, repeats: int):
+    """ms per depthwise weight gradient at batch 128, channels-last: oneDNN's (weight only)
+    and `depthwise_weight_grad`'s, best of `repeats`, measured alternately."""
+    import torch
+
+    from models.layers import depthwise_weight_grad
+
+    x = torch.randn(128, channels, side, side).to(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, kernel, kernel)
+    pad = kernel // 2
+    grad = torch.randn_like(torch.nn.functional.conv2d(x, weight, None, stride, pad, 1, channels))
+    conv_args = ([stride] * 2, [pad] * 2, [1, 1], False, [0, 0], channels, [False, True, False])
+    ways = {
+        "onednn": lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, *conv_args),
+        "matmul": lambda: depthwise_weight_grad(x, grad, weight.shape, stride, pad),
+    }
+    best = dict.fromkeys(ways, math.inf)
+    for way in ways.values():
+        way()  # warm-up
+    for repeat in range(repeats):
+        for name in sorted(ways, reverse=repeat % 2 == 1):
+            start = time.perf_counter()
+            ways[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return 1000 * best["onednn"], 1000 * best["matmul"]
+
+
+def depthwise_layer_times(repeats: int = 5) -> list[str]:
+    """Markdown rows: per depthwise layer shape of a default EfficientNet that takes the
+    batched-matmul gradient, ms per weight gradient both ways on one thread."""
+    import torch
+
+    from models.layers import SMALL_MAP_MIN_KERNEL
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for (channels, side, kernel, stride), layers in sorted(_small_map_shapes().items()):
+            old, new = _weight_grad_ms(channels, side, kernel, stride, repeats)
+            used = "yes" if kernel >= SMALL_MAP_MIN_KERNEL else "no"
+            rows.append(
+                f"| {kernel}x{kernel} | {channels} | {side}x{side} | {stride} | {layers} | "
+                f"{old:.2f} | {new:.2f} | {old / new:.1f}x | {used} |"
+            )
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
 
 
 def bench_depthwise(root: Path, images: int, repeats: int = 2) -> tuple[list[str], float]:
@@ -970,12 +1048,14 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             )
         )
     if "depthwise" in sections:
-        from models.layers import SMALL_MAP_PIXELS
+        from models.layers import SMALL_MAP_MIN_KERNEL, SMALL_MAP_PIXELS
 
         images = int(os.environ.get("BENCH_IMAGES", "2560"))
         print(f"depthwise weight gradient: oneDNN vs batched matmul, {images} images ...",
               flush=True)  # fmt: skip
-        rows, slowest = bench_depthwise(config.data_dir(), images)
+        repeats = 2
+        rows, slowest = bench_depthwise(config.data_dir(), images, repeats)
+        layer_rows = depthwise_layer_times()
         error = depthwise_gradient_error()
         print(f"  largest relative weight-gradient difference: {error:.1e}", flush=True)
         lines += [
@@ -986,9 +1066,11 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             "One training epoch of EfficientNet on TRAIN images (default settings, fp32, "
             f"channels-last, batch 128, {images} images after a warm-up), with oneDNN's weight "
             "gradient for every depthwise convolution and with `DepthwiseConv2d`'s (one batched "
-            f"matmul per layer on maps of at most {SMALL_MAP_PIXELS} pixels: the 4x4 maps of the "
-            "last stages), measured alternately twice (best of two), the order swapped, on one "
-            "thread (as `make reproduce` runs its two jobs) and on every thread. The forward "
+            f"matmul per layer for kernels of at least {SMALL_MAP_MIN_KERNEL}x{SMALL_MAP_MIN_KERNEL} "
+            f"on maps of at most {SMALL_MAP_PIXELS} pixels: the 5x5 layers on the 4x4 maps of "
+            f"the last stages), measured alternately {repeats} times (best of each), the order "
+            "swapped, on one thread (as `make reproduce` runs its two jobs) and on every "
+            "thread. The forward "
             "pass and the input gradient are conv2d's own either way. Largest relative "
             f"difference between the two weight gradients of a default model on one batch: "
             f"{error:.1e} (float summation order).",
@@ -997,9 +1079,20 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
             "|---|---|---|---|---|",
             *rows,
             "",
+            "Per depthwise layer shape of the default model on a map that small: the weight "
+            "gradient alone, ms per call (batch 128, one thread, best of 5, alternately); "
+            "*layers*: how many of the model's depthwise convolutions have that shape; "
+            f"*used*: whether the batched matmul is taken (kernels of {SMALL_MAP_MIN_KERNEL} "
+            "and more; 3x3 kernels keep oneDNN, faster for them).",
+            "",
+            "| kernel | channels | map | stride | layers | oneDNN ms | batched matmul ms | "
+            "speed-up | used |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *layer_rows,
+            "",
         ]
         targets.append(
-            (DEPTHWISE_TARGET, f"{slowest:.2f}x, {error:.0e}", slowest >= 1.0 and error <= 1e-5)
+            (DEPTHWISE_TARGET, f"{slowest:.2f}x, {error:.0e}", slowest > 1.0 and error <= 1e-5)
         )
     if "compile" in sections:
         import torch

@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Feature maps of at most this many pixels take the batched-matmul weight gradient of
-# `DepthwiseConv2d` on CPU. oneDNN's depthwise weight gradient is slow on tiny maps: 44-50 ms
-# for EfficientNet's 5x5 depthwise convolutions on 4x4 maps (batch 128, 240-336 channels,
-# one thread, AMD EPYC with AVX2 only, torch 2.14) against about 2 ms as one matmul per
-# channel; on 7x7 maps oneDNN was as fast or faster (0.4-1.5x), so they keep it. The whole
-# EfficientNet trains 1.35-1.87x faster (`make bench`, section "Depthwise weight gradient").
+# Depthwise convolutions with kernels of at least SMALL_MAP_MIN_KERNEL on maps of at most
+# SMALL_MAP_PIXELS pixels take the batched-matmul weight gradient of `DepthwiseConv2d` on CPU.
+# oneDNN's weight gradient of a 5x5 depthwise convolution on a 4x4 map took 27-43 ms a call
+# (batch 128, 240-336 channels, one thread, AMD EPYC with AVX2 only, torch 2.14) against
+# 1.6-2.8 ms as one matmul per channel (15-18x); for 3x3 kernels on the same maps oneDNN was
+# the faster (0.3-0.7 ms, 0.3-0.4x), and on 7x7 maps the matmul ran at 0.4-1.5x, so those
+# keep oneDNN (`make bench`, section "Depthwise weight gradient", per-layer table).
 SMALL_MAP_PIXELS = 16
+SMALL_MAP_MIN_KERNEL = 5
 _small_map_path = True
 
 
@@ -47,6 +49,24 @@ def _tap_index(height: int, width: int, kernel: int, stride: int, padding: int) 
     return taps.reshape(out_h * out_w, height * width)
 
 
+def depthwise_weight_grad(
+    x: torch.Tensor, grad_out: torch.Tensor, shape: torch.Size, stride: int, padding: int
+) -> torch.Tensor:
+    """The weight gradient (`shape`: channels x 1 x k x k) of a depthwise convolution of `x`
+    whose output has gradient `grad_out`: one matmul per channel, folded onto the taps."""
+    channels, kernel = shape[0], shape[-1]
+    n, _, height, width = x.shape
+    taps = _tap_index(height, width, kernel, stride, padding)
+    # NCHW-contiguous first: bmm then reads each channel's matrices in place (strided views of
+    # a channels-last tensor would be copied batch entry by batch entry)
+    xs = x.contiguous().view(n, channels, height * width).transpose(0, 1)  # C, N, HW
+    gs = grad_out.contiguous().view(n, channels, -1).permute(1, 2, 0)  # C, H'W', N
+    per_pair = torch.bmm(gs, xs)  # C, H'W', HW
+    grad_w = per_pair.new_zeros(channels, kernel * kernel + 1)
+    grad_w.scatter_add_(1, taps.reshape(1, -1).expand(channels, -1), per_pair.reshape(channels, -1))
+    return grad_w[:, :-1].reshape(shape)
+
+
 class _SmallMapDepthwise(torch.autograd.Function):
     """conv2d's forward and input gradient; the weight gradient as one matmul per channel.
 
@@ -65,7 +85,6 @@ class _SmallMapDepthwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        channels, kernel = weight.shape[0], weight.shape[-1]
         stride, padding = ctx.stride, ctx.padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -79,29 +98,19 @@ class _SmallMapDepthwise(torch.autograd.Function):
                 [1, 1],
                 False,
                 [0, 0],
-                channels,
+                weight.shape[0],
                 [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:
-            n, _, height, width = x.shape
-            taps = _tap_index(height, width, kernel, stride, padding)
-            # NCHW-contiguous first: bmm then reads each channel's matrices in place (strided
-            # views of a channels-last tensor would be copied batch entry by batch entry)
-            xs = x.contiguous().view(n, channels, height * width).transpose(0, 1)  # C, N, HW
-            gs = grad_out.contiguous().view(n, channels, -1).permute(1, 2, 0)  # C, H'W', N
-            per_pair = torch.bmm(gs, xs)  # C, H'W', HW
-            grad_w = per_pair.new_zeros(channels, kernel * kernel + 1)
-            grad_w.scatter_add_(
-                1, taps.reshape(1, -1).expand(channels, -1), per_pair.reshape(channels, -1)
-            )
-            grad_w = grad_w[:, :-1].reshape(weight.shape)
+            grad_w = depthwise_weight_grad(x, grad_out, weight.shape, stride, padding)
         return grad_x, grad_w, None, None
 
 
 class DepthwiseConv2d(nn.Conv2d):
     """A depthwise convolution (one filter per channel, no bias) whose weight gradient, when
-    training in fp32 on CPU on maps of at most `SMALL_MAP_PIXELS` pixels, is the batched
-    matmul of `_SmallMapDepthwise`; anywhere else it is `nn.Conv2d`. Same parameters and
+    training in fp32 on CPU with a kernel of at least `SMALL_MAP_MIN_KERNEL` on a map of at
+    most `SMALL_MAP_PIXELS` pixels, is the batched matmul of `_SmallMapDepthwise`; anywhere
+    else it is `nn.Conv2d`. Same parameters and
     state dict as `nn.Conv2d(channels, channels, k, stride, k // 2, groups=channels)`."""
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1):
@@ -124,6 +133,7 @@ class DepthwiseConv2d(nn.Conv2d):
             and self.weight.requires_grad
             and not torch.is_autocast_enabled("cpu")
             and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+            and self.kernel_size[0] >= SMALL_MAP_MIN_KERNEL
         ):
             return _SmallMapDepthwise.apply(x, self.weight, self.stride[0], self.padding[0])
         return super().forward(x)

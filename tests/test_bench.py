@@ -206,22 +206,28 @@ def test_depthwise_bench_compares_both_gradients_per_config_and_thread(
 ):
     import torch
 
-    from experiments.bench import DEPTHWISE_CONFIGS, DEPTHWISE_SECTION, DEPTHWISE_TARGET
+    import experiments.bench as bench
     from models import layers
 
     monkeypatch.setenv("BENCH_IMAGES", "64")
+    monkeypatch.setattr(bench, "DEPTHWISE_CONFIGS", ({},))  # the default model only: fast
     threads = torch.get_num_threads()
     calls = []
     original = layers._SmallMapDepthwise.apply
     monkeypatch.setattr(
         layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
     )
+    rows, _ = bench.bench_depthwise(study_data, 64, repeats=1)
+    assert calls  # the timed fast runs really took the batched-matmul gradient
+    assert len(rows) == len({1, threads}) and all(row.endswith("x |") for row in rows)
     text = run_bench(tmp_path / "out", sections=["depthwise"]).read_text()
     assert torch.get_num_threads() == threads and layers._small_map_path  # both given back
-    assert calls  # the fast rows really took the batched-matmul gradient
-    section = text.partition(DEPTHWISE_SECTION)[2].partition("\n## ")[0]
-    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")]
-    body = [row for row in rows[1:] if "---" not in row[1]]
-    assert len(body) == len(DEPTHWISE_CONFIGS) * len({1, threads})
-    assert all(row[5].strip().endswith("x") for row in body)
-    assert "Largest relative difference" in section and f"| {DEPTHWISE_TARGET} |" in text
+    section = text.partition(bench.DEPTHWISE_SECTION)[2].partition("\n## ")[0]
+    tables = [block for block in section.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 2  # whole-model rows, then one row per small-map layer shape
+    layer_rows = tables[1].splitlines()[2:]
+    assert layer_rows and {row.split("|")[1].strip() for row in layer_rows} <= {"3x3", "5x5"}
+    assert all(row.split("|")[3].strip() == "4x4" for row in layer_rows)
+    used = {row.split("|")[1].strip(): row.split("|")[9].strip() for row in layer_rows}
+    assert used == {"3x3": "no", "5x5": "yes"}  # the default model has both on 4x4 maps
+    assert "Largest relative difference" in section and f"| {bench.DEPTHWISE_TARGET} |" in text

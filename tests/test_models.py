@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -114,6 +117,19 @@ def test_a_broken_contract_or_space_is_a_clear_error(monkeypatch):
         search_space("nohead")
 
 
+@contextmanager
+def _counting_fast_path():
+    """Count the calls of the batched-matmul depthwise gradient inside the block."""
+    from models import layers
+
+    calls: list[int] = []
+    original = layers._SmallMapDepthwise.apply
+    with mock.patch.object(
+        layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
+    ):
+        yield calls
+
+
 def _depthwise_grads(conv, x, grad, fast: bool):
     from models.layers import small_map_depthwise
 
@@ -122,7 +138,7 @@ def _depthwise_grads(conv, x, grad, fast: bool):
         return (out, *torch.autograd.grad(out, (x, conv.weight), grad))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     channels=st.integers(1, 12),
     height=st.integers(1, 7),
@@ -136,10 +152,8 @@ def test_small_map_depthwise_gradient_equals_conv2d(
     channels, height, width, kernel, stride, batch, channels_last
 ):
     """The batched-matmul weight gradient equals conv2d's (float summation order aside), on
-    any map (the size limit lifted), kernel, stride and layout; forward and input gradient
-    are conv2d's own."""
-    from unittest import mock
-
+    random maps up to 7x7 (the size and kernel limits lifted), kernels 1/3/5, strides 1/2 and both
+    layouts; forward and input gradient are conv2d's own."""
     from models import layers
 
     torch.manual_seed(0)
@@ -150,13 +164,10 @@ def test_small_map_depthwise_gradient_equals_conv2d(
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     grad = torch.randn_like(conv(x))
-    calls = []
-    original = layers._SmallMapDepthwise.apply
     with (
         mock.patch.object(layers, "SMALL_MAP_PIXELS", 10**6),
-        mock.patch.object(
-            layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
-        ),
+        mock.patch.object(layers, "SMALL_MAP_MIN_KERNEL", 1),
+        _counting_fast_path() as calls,
     ):
         out, grad_x, grad_w = _depthwise_grads(conv, x, grad, fast=True)
         assert calls  # the batched-matmul gradient really ran
@@ -166,28 +177,33 @@ def test_small_map_depthwise_gradient_equals_conv2d(
     torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-5)
 
 
-def test_small_map_depthwise_is_used_only_where_it_applies(monkeypatch):
+def test_small_map_depthwise_is_used_only_where_it_applies():
     """The fast weight gradient runs for fp32 CPU training on small maps only: not on larger
-    maps, not without gradients, not under autocast; its state dict is nn.Conv2d's."""
+    maps, without gradients, for a frozen weight, in float64, under autocast or switched off;
+    its state dict loads into nn.Conv2d and back, strictly."""
     from models import layers
-
-    calls = []
-    original = layers._SmallMapDepthwise.apply
-    monkeypatch.setattr(
-        layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
-    )
-    conv = layers.DepthwiseConv2d(4, 5)
-    plain = torch.nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False)
-    assert conv.state_dict().keys() == plain.state_dict().keys()
-    conv(torch.randn(2, 4, 4, 4))
-    assert len(calls) == 1
-    conv(torch.randn(2, 4, 7, 7))  # 49 pixels: oneDNN
-    with torch.no_grad():
-        conv(torch.randn(2, 4, 4, 4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        conv(torch.randn(2, 4, 4, 4))
-    assert len(calls) == 1
     from models.efficientnet import EfficientNet
 
-    depthwise = [m for m in EfficientNet().modules() if isinstance(m, layers.DepthwiseConv2d)]
-    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    conv = layers.DepthwiseConv2d(4, 5)
+    plain = torch.nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False)
+    plain.load_state_dict(conv.state_dict(), strict=True)
+    conv.load_state_dict(plain.state_dict(), strict=True)
+    small = torch.randn(2, 4, 4, 4)
+    with _counting_fast_path() as calls:
+        conv(small)
+        assert len(calls) == 1
+        conv(torch.randn(2, 4, 7, 7))  # 49 pixels: oneDNN
+        layers.DepthwiseConv2d(4, 3)(small)  # a 3x3 kernel: oneDNN is faster there
+        with torch.no_grad():
+            conv(small)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(small)
+        with layers.small_map_depthwise(False):
+            conv(small)
+        conv.double()(small.double())
+        conv.float().weight.requires_grad_(False)
+        conv(small)
+        assert len(calls) == 1
+    # EfficientNet's depthwise convolutions are these; its 1x1 and stem convolutions are not
+    kinds = {type(m) for m in EfficientNet().modules() if isinstance(m, torch.nn.Conv2d)}
+    assert kinds == {layers.DepthwiseConv2d, torch.nn.Conv2d}

@@ -14,9 +14,9 @@ from torch import nn
 # SMALL_MAP_PIXELS pixels take the batched-matmul weight gradient of `DepthwiseConv2d` on CPU.
 # oneDNN's weight gradient of a 5x5 depthwise convolution on a 4x4 map took 27-43 ms a call
 # (batch 128, 240-336 channels, one thread, AMD EPYC with AVX2 only, torch 2.14) against
-# 1.6-2.8 ms as one matmul per channel (15-18x); for 3x3 kernels on the same maps oneDNN was
-# the faster (0.3-0.7 ms, 0.3-0.4x), and on 7x7 maps the matmul ran at 0.4-1.5x, so those
-# keep oneDNN (`make bench`, section "Depthwise weight gradient", per-layer table).
+# 1.4-2.8 ms as one matmul per channel (15-21x, three runs); for 3x3 kernels on the same maps
+# oneDNN was the faster (0.2-0.7 ms, the matmul 0.3-0.4x), and on 7x7 maps the matmul ran at
+# 0.4-1.5x, so those keep oneDNN (`make bench`, section "Depthwise weight gradient").
 SMALL_MAP_PIXELS = 16
 SMALL_MAP_MIN_KERNEL = 5
 _small_map_path = True

@@ -20,6 +20,7 @@ and the cold read are also timed with the page cache dropped first.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -27,7 +28,8 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +280,31 @@ def bench_precision(root: Path, images: int) -> list[str]:
     return rows
 
 
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Run the block on `count` torch threads, then give the previous count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _alternately(ways: dict, repeats: int) -> tuple[dict, dict]:
+    """Call each of `ways` `repeats` times, alternately, the order swapped every repeat (so
+    neither way always runs first): (best seconds per way, every result per way)."""
+    best, results = dict.fromkeys(ways, math.inf), {key: [] for key in ways}
+    for repeat in range(repeats):
+        for key in sorted(ways, reverse=repeat % 2 == 1):
+            start = time.perf_counter()
+            results[key].append(ways[key]())
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best, results
+
+
 PREDICT_OLD_BATCH = 1024  # predict_logits' batch before this section chose PREDICT_BATCH
 
 
@@ -294,8 +321,7 @@ def bench_predict(root: Path, repeats: int = 3) -> tuple[list[str], bool]:
     from models import MODELS, create_model
 
     test = load_split("TEST", root, config.cache_dir())
-    threads_before = torch.get_num_threads()
-    thread_counts = sorted({1, threads_before})
+    thread_counts = sorted({1, torch.get_num_threads()})
     rows, identical = [], True
     for name in MODELS:
         torch.manual_seed(0)
@@ -303,19 +329,14 @@ def bench_predict(root: Path, repeats: int = 3) -> tuple[list[str], bool]:
         x = prep.transform(test.images)
         model = create_model(name).to(memory_format=torch.channels_last).eval()
         for threads in thread_counts:
-            torch.set_num_threads(threads)
-            try:
-                rates = {PREDICT_OLD_BATCH: 0.0, PREDICT_BATCH: 0.0}
-                logits = {}
-                for batch in rates:  # warm-up: each batch's shapes once
+            with _threads(threads):
+                for batch in (PREDICT_OLD_BATCH, PREDICT_BATCH):  # warm-up: each batch's shapes
                     predict_logits(model, x[: 2 * batch], batch)
-                for repeat in range(repeats):
-                    for batch in sorted(rates, reverse=repeat % 2 == 1):  # alternate the order
-                        start = time.perf_counter()
-                        logits[batch] = predict_logits(model, x, batch)
-                        rates[batch] = max(rates[batch], len(x) / (time.perf_counter() - start))
-            finally:
-                torch.set_num_threads(threads_before)
+                ways = {b: functools.partial(predict_logits, model, x, b)
+                        for b in (PREDICT_OLD_BATCH, PREDICT_BATCH)}  # fmt: skip
+                best, results = _alternately(ways, repeats)
+            rates = {batch: len(x) / seconds for batch, seconds in best.items()}
+            logits = {batch: outputs[-1] for batch, outputs in results.items()}
             same = torch.equal(logits[PREDICT_OLD_BATCH], logits[PREDICT_BATCH])
             identical &= same
             ratio = rates[PREDICT_BATCH] / rates[PREDICT_OLD_BATCH]
@@ -400,28 +421,19 @@ def _weight_grad_ms(channels: int, side: int, kernel: int, stride: int, repeats:
         "onednn": lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, *conv_args),
         "matmul": lambda: depthwise_weight_grad(x, grad, weight.shape, stride, pad),
     }
-    best = dict.fromkeys(ways, math.inf)
     for way in ways.values():
         way()  # warm-up
-    for repeat in range(repeats):
-        for name in sorted(ways, reverse=repeat % 2 == 1):
-            start = time.perf_counter()
-            ways[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best, _ = _alternately(ways, repeats)
     return 1000 * best["onednn"], 1000 * best["matmul"]
 
 
 def depthwise_layer_times(repeats: int = 5) -> list[str]:
     """Markdown rows: per depthwise layer shape of a default EfficientNet that takes the
     batched-matmul gradient, ms per weight gradient both ways on one thread."""
-    import torch
-
     from models.layers import SMALL_MAP_MIN_KERNEL
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = []
-    try:
+    with _threads(1):
         for (channels, side, kernel, stride), layers in sorted(_small_map_shapes().items()):
             old, new = _weight_grad_ms(channels, side, kernel, stride, repeats)
             used = "yes" if kernel >= SMALL_MAP_MIN_KERNEL else "no"
@@ -429,8 +441,6 @@ def depthwise_layer_times(repeats: int = 5) -> list[str]:
                 f"| {kernel}x{kernel} | {channels} | {side}x{side} | {stride} | {layers} | "
                 f"{old:.2f} | {new:.2f} | {old / new:.1f}x | {used} |"
             )
-    finally:
-        torch.set_num_threads(threads_before)
     return rows
 
 
@@ -444,21 +454,18 @@ def bench_depthwise(root: Path, images: int, repeats: int = 2) -> tuple[list[str
     from models.layers import small_map_depthwise
 
     train_set = load_split("TRAIN", root, config.cache_dir())
-    threads_before = torch.get_num_threads()
+
+    def epoch_rate(fast: bool, kwargs: dict) -> float:  # the timed epoch's images/s
+        with small_map_depthwise(fast):
+            return timed_epochs("efficientnet", train_set, images, "fp32", model_kwargs=kwargs)[1]
+
     rows, slowest = [], math.inf
     for kwargs in DEPTHWISE_CONFIGS:
-        for threads in sorted({1, threads_before}):
-            torch.set_num_threads(threads)
-            rates = {False: 0.0, True: 0.0}
-            try:
-                for repeat in range(repeats):
-                    for fast in sorted(rates, reverse=repeat % 2 == 1):  # alternate the order
-                        with small_map_depthwise(fast):
-                            _, rate, _ = timed_epochs("efficientnet", train_set, images, "fp32",
-                                                      model_kwargs=kwargs)  # fmt: skip
-                        rates[fast] = max(rates[fast], rate)
-            finally:
-                torch.set_num_threads(threads_before)
+        for threads in sorted({1, torch.get_num_threads()}):
+            with _threads(threads):
+                ways = {fast: functools.partial(epoch_rate, fast, kwargs) for fast in (False, True)}
+                _, results = _alternately(ways, repeats)
+            rates = {fast: max(values) for fast, values in results.items()}
             ratio = rates[True] / rates[False]
             slowest = min(slowest, ratio)
             label = ", ".join(f"{k} {v}" for k, v in kwargs.items()) or "default"

@@ -64,7 +64,8 @@ class TrainConfig:
     crop_scale: float = 0.85
     affine_strength: float = 0.7
     # weight averaging: validate, keep and ship an exponential moving average of the weights
-    # (torch.optim.swa_utils), updated after every step with this decay; 0 = off
+    # (torch.optim.swa_utils), updated after every step with this decay, warmed up over the
+    # first updates (experiments.train.ema_decay_at); 0 = off
     ema_decay: float = 0.0
     # stochastic weight averaging: from this fraction of the epochs on, the learning rate is
     # held at a tenth of `lr` (SWALR) and the weights are averaged uniformly at each epoch's

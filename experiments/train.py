@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, get_swa_avg_fn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_swa_avg_fn
 from tqdm.auto import tqdm
 
 from data_tools import NUM_CLASSES, Dataset
@@ -192,6 +192,37 @@ def batch_mixer(cfg: TrainConfig, num_classes: int = NUM_CLASSES) -> Callable | 
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA decay of the update after `updates` earlier ones: `min(decay, (1 + n) / (10 + n))`
+    (the warm-up of TensorFlow's ExponentialMovingAverage and timm's ModelEmaV3)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_warmup_multi_avg_fn(decay: float) -> Callable:
+    """An EMA update for `AveragedModel(multi_avg_fn=...)` whose decay warms up (`ema_decay_at`).
+
+    torch's `get_ema_multi_avg_fn` applies `decay` from the first update on, so the average
+    keeps `decay ** n` of the initial weights and of BatchNorm's initial running variance (1)
+    after n updates: at 0.995 after 675 steps (3 epochs of TRAIN) that is 3 %, and in layers
+    whose activations have a variance near 0.001 it divides by sqrt(0.035) where sqrt(0.001)
+    was learnt. EfficientNet's average then stayed at chance accuracy (validation 0.167 for
+    three epochs) while its weights reached 0.95. With the warm-up the initial weights are gone
+    within a few updates. Integer buffers (BatchNorm's `num_batches_tracked`) take the
+    model's value.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+        if not (torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0])):
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+            return
+        weight = 1.0 - ema_decay_at(decay, int(n_averaged))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
 def swa_first_epoch(cfg: TrainConfig) -> int | None:
     """The first epoch whose weights enter the SWA average: at least epoch 1, so that the
     schedule has run for an epoch (None: SWA off, or a run of one epoch). As in every run,
@@ -277,7 +308,7 @@ def fit(
     averaged = None  # with ema_decay: the averaged weights are validated, kept and returned
     if cfg.ema_decay > 0:
         averaged = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+            model, multi_avg_fn=ema_warmup_multi_avg_fn(cfg.ema_decay), use_buffers=True
         )
     scored = averaged.module if averaged is not None else model
     # SWA: from swa_from on, a constant low learning rate and a uniform average of each epoch's

@@ -21,7 +21,7 @@ from experiments.preprocess import AUGMENTATIONS
 from experiments.runner import load_step_data, train_and_log
 from experiments.settings import TrainConfig
 from experiments.steps import STEPS, get_step, training_step
-from experiments.train import fit
+from experiments.train import ema_decay_at, ema_warmup_multi_avg_fn, fit
 from models import MODELS, create_model
 
 FAST = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "patience": 5}
@@ -274,6 +274,32 @@ def test_weight_averaging_ships_the_validated_average_not_the_last_weights(study
     # what is returned is what was validated at the kept epoch
     again = score(averaged.model, averaged.preprocessing, data.val_set, averaged.device)
     assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(averaged.best_val_acc)
+
+
+def test_ema_warms_up_so_the_initial_weights_and_batchnorm_statistics_leave_the_average():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    torch.manual_seed(0)
+    # a BatchNorm layer whose inputs have variance 1e-3, while its running variance starts at 1:
+    # 200 training steps, each followed by an update of the average
+    for name, fn in [("warm-up", ema_warmup_multi_avg_fn), ("torch", get_ema_multi_avg_fn)]:
+        layer = torch.nn.BatchNorm1d(4)
+        averaged = AveragedModel(layer, multi_avg_fn=fn(0.999), use_buffers=True)
+        for _ in range(200):
+            layer(torch.randn(256, 4) * 0.03)
+            averaged.update_parameters(layer)
+        kept, learnt = averaged.module.running_var, layer.running_var
+        assert learnt.max() < 2e-3
+        if name == "torch":
+            # 0.999**200 = 82 % of the initial 1 is still in the average: it normalises by a
+            # standard deviation ~25x the learnt one
+            assert kept.min() > 0.5
+        else:  # within 10 % of the layer's own statistics; the integer counter copied
+            assert torch.allclose(kept, learnt, rtol=0.1)
+            assert averaged.module.num_batches_tracked == layer.num_batches_tracked
 
 
 def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):

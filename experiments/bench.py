@@ -1219,7 +1219,9 @@ def run_bench(out: str | None = None, sections: list[str] | None = None) -> Path
         "- Not kept: `torch.compile` (inductor, default mode) on CPU. On the AVX512_BF16 EPYC",
         "  0.76-0.99x eager's images/s in two runs, before a 9-45 s cold compile per model (0.79-1.05x",
         "  with a warm on-disk cache, about 1 s); on the AVX2-only EPYC, in fp32, 0.72-1.02x before",
-        "  15-83 s (`bench --only compile`, its section).",
+        "  15-83 s, and after the depthwise change above 0.76-1.30x before 20-97 s: ResNet and",
+        "  EfficientNet ran faster compiled, but their compile is paid back only after 143,000 and",
+        "  330,000 images, more than a final trains (`bench --only compile`, its section).",
         "- Not tried yet: a cheaper default VGG for the search.",
         "",
     ]

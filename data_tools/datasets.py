@@ -69,6 +69,9 @@ class Dataset:
     labels: torch.Tensor  # N, int64 in 0..5 (folder "1" is label 0)
     files: tuple[str, ...]  # source file of each image (derived ones are prefixed)
     fingerprint: str  # sha256 of the source images and labels, and the derivation
+    # images that are versions of one source image share a group (TRAIN2: an image and its
+    # inversion): a validation split keeps a group on one side. None: every image its own
+    groups: torch.Tensor | None = None
 
     @property
     def white(self) -> torch.Tensor:
@@ -91,8 +94,14 @@ class Dataset:
         if index.dtype == torch.bool:
             index = index.nonzero().flatten()
         files = tuple(self.files[i] for i in index.tolist())
+        groups = None if self.groups is None else self.groups[index]
         return Dataset(
-            name, self.images[index], self.labels[index], files, f"{self.fingerprint}|{name}"
+            name,
+            self.images[index],
+            self.labels[index],
+            files,
+            f"{self.fingerprint}|{name}",
+            groups,
         )
 
 
@@ -112,7 +121,9 @@ def _train2(train: Dataset) -> Dataset:
     images = torch.cat([train.images, invert(train.images)])
     labels = torch.cat([train.labels, train.labels])
     files = train.files + tuple(f"inverted:{f}" for f in train.files)
-    return Dataset("TRAIN2", images, labels, files, f"{train.fingerprint}|TRAIN2")
+    source = torch.arange(len(train))
+    groups = torch.cat([source, source])  # an image and its inversion: one group
+    return Dataset("TRAIN2", images, labels, files, f"{train.fingerprint}|TRAIN2", groups)
 
 
 def _train3(test: Dataset) -> Dataset:

@@ -50,7 +50,7 @@ from experiments.inference import ProbabilityCache, probabilities
 from experiments.runner import log_pyfunc_model
 from experiments.shift import REFUSE_FRACTION
 from experiments.steps import STEPS
-from experiments.train import split_indices
+from experiments.train import dataset_split
 from models import count_parameters
 
 REGISTRY_EXPERIMENT = "registry"
@@ -262,7 +262,7 @@ def detector_of(run_id: str, fit_images: int = 6000) -> dict:
     loaded = load_checkpoint(run_id)
     train = load_split("TRAIN", config.data_dir(), config.cache_dir())
     cfg = loaded.checkpoint["config"]
-    train_idx, val_idx = split_indices(train.labels, cfg["val_fraction"], cfg["split_seed"])
+    train_idx, val_idx = dataset_split(train, cfg["val_fraction"], cfg["split_seed"])
     generator = torch.Generator().manual_seed(0)
     fit_idx = train_idx[torch.randperm(len(train_idx), generator=generator)[:fit_images]]
     _, fit_features = logits_and_features(loaded, train.images[fit_idx])

@@ -39,7 +39,7 @@ from experiments.checkpoint import Loaded, load_checkpoint
 from experiments.detectors import Mahalanobis, logits_and_features, model_scores
 from experiments.evaluation import halves_accuracy
 from experiments.inference import predict_logits
-from experiments.train import split_indices, train_one_epoch
+from experiments.train import dataset_split, train_one_epoch
 
 SHIFT_EXPERIMENT = "task1-shift"
 SOURCE_STEP = "task1-step1"
@@ -64,7 +64,7 @@ def analyse(
 ) -> ShiftResult:
     """AUROC of each detector for TEST's new script, and selective accuracy/coverage on TEST."""
     cfg = loaded.checkpoint["config"]
-    train_idx, val_idx = split_indices(train_set.labels, cfg["val_fraction"], cfg["split_seed"])
+    train_idx, val_idx = dataset_split(train_set, cfg["val_fraction"], cfg["split_seed"])
     generator = torch.Generator().manual_seed(0)
     fit_idx = train_idx[torch.randperm(len(train_idx), generator=generator)[:fit_images]]
     _, fit_features = logits_and_features(loaded, train_set.images[fit_idx])

@@ -48,21 +48,54 @@ def seed_everything(seed: int) -> None:
 
 
 def split_indices(
-    labels: torch.Tensor, val_fraction: float, seed: int, subset: int = 0, val_subset: int = 0
+    labels: torch.Tensor,
+    val_fraction: float,
+    seed: int,
+    subset: int = 0,
+    val_subset: int = 0,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A stratified train/validation split; `subset` / `val_subset` > 0 keep that many (stratified).
 
     The subsets are drawn inside the full split, so a trial's validation images
     are never training images of the final retrain's split, and vice versa.
+    With `groups` (a dataset's `groups`: TRAIN2's image and its inversion share one), whole
+    groups go to one side, split stratified by their label, so no validation image has a
+    version of itself in training; without, each image is its own group (the same split).
     """
     index = np.arange(len(labels))
     y = labels.numpy()
-    train, val = train_test_split(index, test_size=val_fraction, stratify=y, random_state=seed)
+    if groups is None:
+        train, val = train_test_split(index, test_size=val_fraction, stratify=y, random_state=seed)
+    else:
+        train, val = _group_split(groups.numpy(), y, val_fraction, seed)
     if 0 < subset < len(train):
         train, _ = train_test_split(train, train_size=subset, stratify=y[train], random_state=seed)
     if 0 < val_subset < len(val):
         val, _ = train_test_split(val, train_size=val_subset, stratify=y[val], random_state=seed)
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
+
+
+def _group_split(
+    groups: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image indices of a stratified split of the groups (every image of a group has its label)."""
+    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    if not (y == y[first][inverse]).all():
+        raise ValueError("split groups: the images of a group must share one label")
+    train_groups, _ = train_test_split(
+        names, test_size=val_fraction, stratify=y[first], random_state=seed
+    )
+    in_train = np.isin(groups, train_groups)
+    index = np.arange(len(groups))
+    return index[in_train], index[~in_train]
+
+
+def dataset_split(
+    dataset: Dataset, val_fraction: float, seed: int, subset: int = 0, val_subset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`split_indices` of a dataset, its groups kept on one side."""
+    return split_indices(dataset.labels, val_fraction, seed, subset, val_subset, dataset.groups)
 
 
 def subset_indices(labels: torch.Tensor, subset: int, seed: int) -> torch.Tensor:
@@ -276,8 +309,8 @@ def fit(
     device = resolve_device(cfg.device)
     precision = training_precision(cfg.precision, device, cfg.model)
     if val_set is None:
-        train_idx, val_idx = split_indices(
-            train_set.labels, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
+        train_idx, val_idx = dataset_split(
+            train_set, cfg.val_fraction, cfg.split_seed, cfg.train_subset, cfg.val_subset
         )
         val_images, val_labels = train_set.images[val_idx], train_set.labels[val_idx]
     else:

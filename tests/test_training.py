@@ -63,6 +63,29 @@ def test_split_is_stratified_and_disjoint():
     assert torch.bincount(labels[small]).tolist() == [10] * 6
 
 
+def test_train2_split_keeps_an_image_and_its_inversion_on_one_side(study_data):
+    from data_tools import load_split
+    from experiments.train import dataset_split, split_indices
+
+    train2 = load_split("TRAIN2", study_data)
+    n = len(train2) // 2
+    train, val = dataset_split(train2, 0.2, seed=0)
+    assert len(train) + len(val) == len(train2) and len(val) == round(0.2 * len(train2))
+    source = lambda index: {i % n for i in index.tolist()}  # noqa: E731
+    assert not source(train) & source(val)  # no validation image has its twin in training
+    assert torch.bincount(train2.labels[val]).tolist() == torch.bincount(
+        train2.labels[train2.labels.new_tensor(list(source(val)))]
+    ).mul(2).tolist()
+    # the image-by-image split (no groups) had twins on both sides
+    plain_train, plain_val = split_indices(train2.labels, 0.2, seed=0)
+    assert source(plain_train) & source(plain_val)
+    # a subset of the training side stays inside it: no twin of a validation image either
+    small, small_val = dataset_split(train2, 0.2, seed=0, subset=12, val_subset=6)
+    assert set(small.tolist()) <= set(train.tolist()) and not source(small) & source(small_val)
+    # the groups follow a subset of the dataset
+    assert train2.subset(val, "v").groups.tolist() == train2.groups[val].tolist()
+
+
 def test_augmentation_touches_training_batches_only(study_data, monkeypatch):
     seen = []
 

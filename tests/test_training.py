@@ -73,9 +73,12 @@ def test_train2_split_keeps_an_image_and_its_inversion_on_one_side(study_data):
     assert len(train) + len(val) == len(train2) and len(val) == round(0.2 * len(train2))
     source = lambda index: {i % n for i in index.tolist()}  # noqa: E731
     assert not source(train) & source(val)  # no validation image has its twin in training
-    assert torch.bincount(train2.labels[val]).tolist() == torch.bincount(
-        train2.labels[train2.labels.new_tensor(list(source(val)))]
-    ).mul(2).tolist()
+    assert (
+        torch.bincount(train2.labels[val]).tolist()
+        == torch.bincount(train2.labels[train2.labels.new_tensor(list(source(val)))])
+        .mul(2)
+        .tolist()
+    )
     # the image-by-image split (no groups) had twins on both sides
     plain_train, plain_val = split_indices(train2.labels, 0.2, seed=0)
     assert source(plain_train) & source(plain_val)

@@ -96,6 +96,13 @@ def pinned(step: Step, model: str, budget: Budget) -> dict[str, Any]:
     return {**fixed, **user}
 
 
+def train_images(data: StepData, model: str, budget: Budget) -> int:
+    """The images a final of this study trains on, at the `val_fraction` the step or the user
+    sets (the budget's epochs follow from it)."""
+    layers = coerce(model, {**data.step.fixed_settings, **budget.overrides})
+    return data.training_images(layers.get("val_fraction"))
+
+
 def run_config(
     step: Step,
     model: str,
@@ -166,10 +173,11 @@ def make_objective(data: StepData, model: str, parent: str, budget: Budget, base
     """A trial: suggest (pinned settings kept), resolve, train on the subset, report per epoch."""
     suggest_fn = suggest_fine_tune if data.step.kind == "fine_tune" else suggest
     keep = pinned(data.step, model, budget)
+    images = train_images(data, model, budget)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_fn(Pinned(trial, keep), model)
-        role = budget.trial_role(params, data.train_images, trial.number)
+        role = budget.trial_role(params, images, trial.number)
         cfg = run_config(data.step, model, budget, base, params, role)
 
         def report(row: dict[str, float]) -> None:
@@ -419,7 +427,7 @@ def finish_study(
     study.tag_best_trials(handle, best)
     final_run_id = handle.user_attrs.get("final_run_id")
     final_metrics: dict[str, float] = {}
-    role = budget.final_role(best.params, data.train_images)
+    role = budget.final_role(best.params, train_images(data, model, budget))
     cfg = run_config(step, model, budget, base, best.params, role)
     key = run_key(cfg, data)  # a new budget, seed, --set or data: a new final
     if final and (final_run_id is None or handle.user_attrs.get("final_key") != key):
@@ -459,7 +467,12 @@ def baseline_config(
     """Trial 0's settings (the hand-set defaults as the search space holds them), as a final."""
     params = default_trial_params(step, model, budget, base)
     return run_config(
-        step, model, budget, base, params, budget.final_role(params, data.train_images)
+        step,
+        model,
+        budget,
+        base,
+        params,
+        budget.final_role(params, train_images(data, model, budget)),
     )
 
 

@@ -29,7 +29,7 @@ from experiments.evaluation import plot_confusion, plot_curves, plot_misclassifi
 from experiments.evaluation import score as score_set
 from experiments.settings import TrainConfig
 from experiments.steps import Step
-from experiments.train import Diverged, FitResult, fit
+from experiments.train import Diverged, FitResult, dataset_split, fit
 
 
 @dataclass
@@ -48,10 +48,16 @@ class StepData:
 
     @property
     def train_images(self) -> int:
-        """Images a final trains on: all of train_set with a val_set, else its training split."""
+        """Images a final trains on at the default `val_fraction` (`training_images`)."""
+        return self.training_images()
+
+    def training_images(self, val_fraction: float | None = None) -> int:
+        """Images a final trains on: all of train_set with a val_set, else its training split
+        at `val_fraction` (None: the default), counted as `fit` splits (whole groups)."""
         if self.val_set is not None:
             return len(self.train_set)
-        return round(len(self.train_set) * (1 - TrainConfig.val_fraction))
+        fraction = TrainConfig.val_fraction if val_fraction is None else val_fraction
+        return len(dataset_split(self.train_set, fraction, seed=0)[0])
 
 
 def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:

@@ -47,7 +47,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only (nesterov)
+    momentum: float = 0.9  # sgd only (nesterov; 0: plain SGD); schedule=onecycle cycles its own
     batch_size: int = 128
     label_smoothing: float = 0.0
     schedule: str = "cosine"

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,18 @@ def subset_indices(labels: torch.Tensor, subset: int, seed: int) -> torch.Tensor
     return torch.from_numpy(np.sort(index))
 
 
+def preprocessing_for(cfg: TrainConfig, train_images: torch.Tensor) -> Preprocessing:
+    """The run's preprocessing, its normalization statistics fitted on `train_images`; a
+    fine-tune (`init_from`) with the pretrained run's polarity and normalization keeps that
+    run's statistics, which its weights were trained with."""
+    prep = cfg.preprocessing()
+    if cfg.init_from:
+        source = load_checkpoint(cfg.init_from).preprocessing
+        if (source.polarity, source.normalization) == (prep.polarity, prep.normalization):
+            return replace(prep, mean=source.mean, std=source.std)
+    return prep.fit(train_images)
+
+
 def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of `cfg.init_from` into `model`, then freeze what `cfg.freeze` says.
 
@@ -140,13 +152,22 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Nesterov needs a momentum: momentum=0 is plain SGD
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
     )
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """A per-batch schedule over the whole epoch budget (None for a constant rate)."""
+    """A per-batch schedule over the whole epoch budget (None for a constant rate).
+
+    `onecycle` is torch's 1cycle policy whole: it also cycles the momentum (SGD's momentum,
+    Adam's beta1) from 0.95 down to 0.85 and back, so `momentum` does not apply with it.
+    """
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -317,7 +338,7 @@ def fit(
         train_idx = subset_indices(train_set.labels, cfg.train_subset, cfg.split_seed)
         val_idx = subset_indices(val_set.labels, cfg.val_subset, cfg.split_seed)
         val_images, val_labels = val_set.images[val_idx], val_set.labels[val_idx]
-    prep = cfg.preprocessing().fit(train_set.images[train_idx])
+    prep = preprocessing_for(cfg, train_set.images[train_idx])
     x_train = prep.transform(train_set.images[train_idx]).to(device)
     y_train = train_set.labels[train_idx].to(device)
     x_val = prep.transform(val_images).to(device)
@@ -348,6 +369,14 @@ def fit(
     # weights (BatchNorm statistics averaged too: use_buffers), validated from then on
     swa_from, swa_scheduler = swa_first_epoch(cfg), None
     mixer = batch_mixer(cfg)
+    if swa_from is not None and cfg.patience < cfg.epochs - 1:
+        print(
+            f"{label} swa_start={cfg.swa_start}: averaging from epoch {swa_from} of {cfg.epochs}, "
+            f"but patience {cfg.patience} may stop the run before or early in it "
+            "(metric swa_epochs: the epochs averaged)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     history: list[dict[str, float]] = []
     best = {"loss": math.inf, "acc": 0.0, "epoch": -1, "state": None}
@@ -396,6 +425,8 @@ def fit(
             "lr": lr,
             "epoch_seconds": time.perf_counter() - start,
         }
+        if swa_from is not None:  # how many epochs' weights the validated average holds
+            row["swa_epochs"] = int(averaged.n_averaged) if in_swa else 0
         history.append(row)
         print(
             f"{label} epoch {epoch:>2}: train loss {train_loss:.4f} acc {train_acc:.4f} | "

@@ -151,6 +151,23 @@ def test_budget_epochs_follow_the_image_budgets():
     assert Budget(epochs=7, final_epochs=2).retrain_epochs(100) == 2
 
 
+def test_budget_counts_the_training_images_at_the_val_fraction_a_run_uses(study_data):
+    from experiments.driver import train_images
+    from experiments.runner import load_step_data
+    from experiments.train import dataset_split
+
+    for step in ("task1-step1", "task1-step2"):
+        data = load_step_data(STEPS[step])
+        for fraction in (0.2, 0.5):
+            split = len(dataset_split(data.train_set, fraction, seed=3)[0])
+            assert data.training_images(fraction) == split
+            budget = Budget(overrides={"val_fraction": str(fraction)})
+            assert train_images(data, "vgg", budget) == split
+        assert data.train_images == data.training_images(0.2) < data.training_images(0.1)
+    held_out = load_step_data(STEPS["task2-step3"])  # validated on SELECT2: all of it trains
+    assert held_out.training_images(0.5) == len(held_out.train_set)
+
+
 def test_budget_profiles_pick_the_defaults_by_machine_and_yield_to_given_values(monkeypatch):
     import torch
 

@@ -328,6 +328,16 @@ def test_ema_warms_up_so_the_initial_weights_and_batchnorm_statistics_leave_the_
             assert averaged.module.num_batches_tracked == layer.num_batches_tracked
 
 
+def test_sgd_without_momentum_is_plain_sgd_and_with_it_nesterov():
+    from experiments.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    plain = make_optimizer(TrainConfig(optimizer="sgd", momentum=0.0), params)
+    assert plain.defaults["nesterov"] is False and plain.defaults["momentum"] == 0.0
+    plain.step()  # torch refuses Nesterov without a momentum; plain SGD steps
+    assert make_optimizer(TrainConfig(optimizer="sgd"), params).defaults["nesterov"] is True
+
+
 def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
     data = load_step_data(get_step("task2-step3"))
     settings = {**FAST, "epochs": 4, "schedule": "none"}
@@ -343,6 +353,8 @@ def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
     for name in ("train_loss", "val_loss"):
         assert [r[name] for r in swa.history[:3]] == [r[name] for r in plain.history[:3]]
     assert swa.history[3]["lr"] == pytest.approx(settings["lr"] * 0.1)
+    assert [r["swa_epochs"] for r in swa.history] == [0, 0, 1, 2]  # epochs in the average
+    assert "swa_epochs" not in plain.history[0]
     assert swa.history[3]["train_loss"] != plain.history[3]["train_loss"]
     assert swa.history[3]["val_loss"] != plain.history[3]["val_loss"]
     # what is returned is what was validated at the kept epoch

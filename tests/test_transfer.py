@@ -64,11 +64,11 @@ def test_transfer_reuses_the_task1_final_run_or_pretrains_the_fixed_polarity(stu
         assert pretrain[0].data.tags["settings_from"] == step1.final_run_id
 
 
-def _pretrained_file(study_data, tmp_path) -> str:
+def _pretrained_file(study_data, tmp_path, **settings) -> str:
     from experiments.checkpoint import make_checkpoint
 
     train = load_split("TRAIN", study_data)
-    cfg = TrainConfig(model="vgg", epochs=1, model_kwargs=SMALL)
+    cfg = TrainConfig(model="vgg", epochs=1, model_kwargs=SMALL, **settings)
     result = fit(cfg, train)
     path = tmp_path / "pretrained.pt"
     checkpoint = make_checkpoint(
@@ -88,6 +88,22 @@ def test_freeze_body_trains_only_the_head(study_data, tmp_path):
         if name.endswith("weight") or name.endswith("bias"):
             changed = not torch.equal(tensor.cpu(), before[name])
             assert changed == name.startswith("head."), name
+
+
+def test_a_fine_tune_keeps_the_normalization_statistics_its_weights_were_trained_with(
+    study_data, tmp_path
+):
+    path = _pretrained_file(study_data, tmp_path, normalization="dataset")
+    pretrained = load_checkpoint(path).preprocessing
+    test = load_split("TEST", study_data)  # half white: other statistics than TRAIN's
+    settings = {"model": "vgg", "epochs": 1, "model_kwargs": SMALL, "normalization": "dataset"}
+    tuned = fit(TrainConfig(**settings, init_from=path), test).preprocessing
+    assert (tuned.mean, tuned.std) == (pretrained.mean, pretrained.std)
+    fresh = fit(TrainConfig(**settings), test).preprocessing  # from scratch: fitted on TEST
+    assert abs(fresh.mean - pretrained.mean) > 0.1
+    # another polarity than the pretrained run's: its statistics do not apply, they are refitted
+    other = fit(TrainConfig(**settings, init_from=path, polarity="to_black"), test).preprocessing
+    assert (other.mean, other.std) != (pretrained.mean, pretrained.std)
 
 
 def test_init_from_a_checkpoint_of_another_shape_is_a_clear_error(study_data, tmp_path):

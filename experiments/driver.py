@@ -99,8 +99,7 @@ def pinned(step: Step, model: str, budget: Budget) -> dict[str, Any]:
 def train_images(data: StepData, model: str, budget: Budget) -> int:
     """The images a final of this study trains on, at the `val_fraction` the step or the user
     sets (the budget's epochs follow from it)."""
-    layers = coerce(model, {**data.step.fixed_settings, **budget.overrides})
-    return data.training_images(layers.get("val_fraction"))
+    return data.training_images(pinned(data.step, model, budget).get("val_fraction"))
 
 
 def run_config(

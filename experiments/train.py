@@ -27,7 +27,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_swa_avg_fn
 from tqdm.auto import tqdm
 
 from data_tools import NUM_CLASSES, Dataset
-from experiments.checkpoint import load_checkpoint
+from experiments.checkpoint import Loaded, load_checkpoint
 from experiments.inference import autocast, predict_logits, training_precision
 from experiments.preprocess import Preprocessing
 from experiments.settings import TrainConfig, resolve_device
@@ -108,26 +108,29 @@ def subset_indices(labels: torch.Tensor, subset: int, seed: int) -> torch.Tensor
     return torch.from_numpy(np.sort(index))
 
 
-def preprocessing_for(cfg: TrainConfig, train_images: torch.Tensor) -> Preprocessing:
+def preprocessing_for(
+    cfg: TrainConfig, train_images: torch.Tensor, source: Loaded | None = None
+) -> Preprocessing:
     """The run's preprocessing, its normalization statistics fitted on `train_images`; a
-    fine-tune (`init_from`) with the pretrained run's polarity and normalization keeps that
-    run's statistics, which its weights were trained with."""
+    fine-tune (`source`: its `init_from` checkpoint) with the pretrained run's polarity and
+    normalization keeps that run's statistics, which its weights were trained with."""
     prep = cfg.preprocessing()
-    if cfg.init_from:
-        source = load_checkpoint(cfg.init_from).preprocessing
-        if (source.polarity, source.normalization) == (prep.polarity, prep.normalization):
-            return replace(prep, mean=source.mean, std=source.std)
+    if source is not None:
+        pretrained = source.preprocessing
+        if (pretrained.polarity, pretrained.normalization) == (prep.polarity, prep.normalization):
+            return replace(prep, mean=pretrained.mean, std=pretrained.std)
     return prep.fit(train_images)
 
 
-def load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
-    """Copy the weights of `cfg.init_from` into `model`, then freeze what `cfg.freeze` says.
+def load_pretrained(model: nn.Module, cfg: TrainConfig, source: Loaded | None = None) -> None:
+    """Copy the weights of `cfg.init_from` (`source`, when already loaded) into `model`, then
+    freeze what `cfg.freeze` says.
 
     `early` freezes the first half of the body's parameter tensors (in layer
     order), `body` every parameter outside `model.head` (a linear probe). Frozen
     layers' batch-norm statistics still follow the new data (train mode).
     """
-    source = load_checkpoint(cfg.init_from)
+    source = source or load_checkpoint(cfg.init_from)
     if source.checkpoint["model"] != cfg.model:
         raise ValueError(
             f"init_from {cfg.init_from}: a {source.checkpoint['model']} checkpoint, not {cfg.model}"
@@ -338,7 +341,8 @@ def fit(
         train_idx = subset_indices(train_set.labels, cfg.train_subset, cfg.split_seed)
         val_idx = subset_indices(val_set.labels, cfg.val_subset, cfg.split_seed)
         val_images, val_labels = val_set.images[val_idx], val_set.labels[val_idx]
-    prep = preprocessing_for(cfg, train_set.images[train_idx])
+    source = load_checkpoint(cfg.init_from) if cfg.init_from else None  # a fine-tune's start
+    prep = preprocessing_for(cfg, train_set.images[train_idx], source)
     x_train = prep.transform(train_set.images[train_idx]).to(device)
     y_train = train_set.labels[train_idx].to(device)
     x_val = prep.transform(val_images).to(device)
@@ -352,7 +356,7 @@ def fit(
         device, memory_format=torch.channels_last
     )
     if cfg.init_from:
-        load_pretrained(model, cfg)
+        load_pretrained(model, cfg, source)
     optimizer = make_optimizer(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)

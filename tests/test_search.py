@@ -164,6 +164,11 @@ def test_budget_counts_the_training_images_at_the_val_fraction_a_run_uses(study_
             budget = Budget(overrides={"val_fraction": str(fraction)})
             assert train_images(data, "vgg", budget) == split
         assert data.train_images == data.training_images(0.2) < data.training_images(0.1)
+    # TRAIN2's grouped split is other data than the image-by-image one an older store saw
+    from dataclasses import replace
+
+    ungrouped = replace(data, train_set=replace(data.train_set, groups=None))
+    assert data.train_set.groups is not None and ungrouped.data_key != data.data_key
     held_out = load_step_data(STEPS["task2-step3"])  # validated on SELECT2: all of it trains
     assert held_out.training_images(0.5) == len(held_out.train_set)
 

@@ -23,14 +23,23 @@ STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
 # `make reproduce` runs one job per chain: a model's studies of one task, each after the study it
 # builds on (task1: task1-step1, then task1-step2 warm-started from it and the reuse step
 # task2-step1 that reads it; task2: task2-step3, then task2-step2 warm-started from it; a test
-# checks the chains against experiments/steps.py). JOBS chains at a time (default: one per core,
+# checks the chains against experiments/core/steps.py). JOBS chains at a time (default: one per core,
 # at most 8), each on nproc / JOBS threads, in STUDY_ORDER (the slowest models first): a free
 # core takes the next chain, so the longest chains start first and the last ones end close
 # together. MODELS=... keeps only those models; JOBS=1: one at a time. Each study is also a
 # target of its own (study.<step>.<model>, after its source: AFTER_<step>), run on every core
 # (STUDY_THREADS). The jobs' lines interleave as they come (each names its study).
-ALL_MODELS := vgg resnet efficientnet hybrid# the registry (python -m models list; a test checks)
-STUDY_ORDER ?= resnet vgg efficientnet hybrid# slowest first (training time per study, reports/bench.md)
+# the registered models (most expensive first) and the declared steps, read from the code into
+# $(REGISTRY_MK), refreshed when a model file is added, removed or changed, or the steps change
+# (empty before `make setup`)
+REGISTRY_PY ?= $(VENV)/bin/python
+REGISTRY_MK := $(VENV)/registry.mk
+ALL_MODELS :=
+DECLARED_STEPS :=
+ifneq ($(wildcard $(STAMP)),)
+-include $(REGISTRY_MK)
+endif
+STUDY_ORDER ?= $(ALL_MODELS)# slowest first: each model's `cost` in @register_model
 CHAINS := task1 task2# each CHAIN_<name>: steps run in order in one job (a test checks them)
 CHAIN_task1 := task1-step1 task1-step2 task2-step1
 CHAIN_task2 := task2-step3 task2-step2
@@ -55,7 +64,7 @@ chain.$(1).$(2): $$(STAMP)
 	$(foreach s,$(CHAIN_$(1)),$$(call search_command,$(s),$(2))
 	)
 endef
-RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/steps.py)
+RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/core/steps.py)
 $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
 $(foreach m,$(RECIPE_MODELS),$(eval $(call study_rule,task2-recipe,$(m))))
 $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),$(eval $(call chain_rule,$(c),$(m)))))
@@ -63,7 +72,7 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -121,8 +130,18 @@ task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on
 
 task2-long: task2-step3-long ## the task2-step3 winners retrained for 40 epochs (no search)
 
-task%: $(STAMP) ## any declared step: its studies for MODELS (search, reuse, retrain or fine-tune)
-	$(PY) -m experiments search --step $@ $(MODEL_FLAGS) $(SEARCH_FLAGS)
+# every declared step is a target of its own: its studies for MODELS (search, reuse, retrain or
+# fine-tune); a name that is not a declared step is no target
+define step_rule
+$(1): $$(STAMP)
+	$$(PY) -m experiments search --step $(1) $$(MODEL_FLAGS) $$(SEARCH_FLAGS)
+endef
+$(foreach s,$(filter-out task2-transfer,$(DECLARED_STEPS)),$(eval $(call step_rule,$(s))))
+
+$(REGISTRY_MK): $(STAMP) models $(wildcard models/*.py) experiments/core/steps.py
+	{ printf 'ALL_MODELS := '; $(REGISTRY_PY) -m models list --names; \
+	  printf 'DECLARED_STEPS := '; $(REGISTRY_PY) -m experiments steps --names; } > $@.$$$$ \
+	  && mv $@.$$$$ $@
 
 report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
 	$(PY) -m experiments report $(REPORT_FLAGS)
@@ -131,24 +150,27 @@ promote: $(STAMP) ## register each task's champion in the MLflow Model Registry 
 	$(PY) -m experiments promote
 
 task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
-	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory task2-champion-studies
+	$(PY) -m experiments promote --task 2
+
+task2-champion-studies: $(STAMP)
+	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
 	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
 	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
-	$(PY) -m experiments promote --task 2
 
 IN ?=
 MODEL_URI ?= models:/glyph-task2@champion
 predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> with MODEL_URI (default the Task 2 champion)
 	$(PY) -m experiments predict $(IN) --model $(MODEL_URI) --out $(or $(OUT),predictions.csv)
 
-fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/bench.md
-	$(PY) -m experiments bench --only fidelity
+fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/fidelity.md and MLflow
+	$(PY) -m experiments fidelity
 
 LEVER_ROUND ?= 2
-levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md
-	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments bench --only levers
+levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md and MLflow
+	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments levers
 
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, depthwise weight gradient, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
@@ -161,16 +183,17 @@ ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:50
 dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
 	$(PY) -m experiments dashboard
 
+# reproduce's steps run in sub-makes, which read the registry once `make setup` has run
 reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
-	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) analysis STUDY_THREADS=$(PARALLEL_THREADS)
+	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
 	$(MAKE) --no-print-directory report
 
+WITH_STUDIES ?=# goals run beside the studies (reproduce: analysis)
 studies: $(STAMP) ## every study of reproduce as its chains, JOBS chains at a time, sources first (MODELS=... filters)
 	$(CHECK_MODELS)
 	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
-	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) STUDY_THREADS=$(PARALLEL_THREADS)
+	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) $(WITH_STUDIES) STUDY_THREADS=$(PARALLEL_THREADS)
 
 beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
 	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift

@@ -9,7 +9,7 @@ Precedence: explicit argument (CLI flag) > environment variable > default.
 | reports         | `REPORTS_DIR` | `reports/`                                                       |
 
 The tracking store and the study storage are resolved beside these, in
-`experiments.config`, which re-exports this module's functions.
+`experiments.core.config`, which re-exports this module's functions.
 """
 
 from __future__ import annotations

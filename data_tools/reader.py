@@ -27,9 +27,7 @@ import math
 import os
 import re
 import stat
-import struct
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,13 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.cli import display_path, one_line
+from data_tools.npy_header import Header, parse_header
 
 IMAGE_SHAPE = (28, 28)
 ALLOWED_SHAPES = ((1, 28, 28), (28, 28))
 MAX_FILE_BYTES = 64 * 1024  # a 28x28 float64 image with a padded header is ~6.5 KB
-NPY_MAGIC = b"\x93NUMPY"
-NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))  # the format versions numpy reads
-MAX_HEADER_BYTES = 10_000  # numpy's own limit on header text
 
 
 class DatasetError(ValueError):
@@ -308,184 +304,7 @@ def read_all_bytes(paths: Sequence[str], workers: int = 4) -> list[bytes]:
     return results  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class _Header:
-    offset: int  # where the data start
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    fortran: bool
-
-
-_HEADER_CACHE: dict[bytes, _Header | str] = {}
-
-
-class _HeaderError(Exception):
-    """A problem in a header's text; only ever turned into a DatasetError message."""
-
-
-# The header is a Python dict literal; this grammar is the part numpy writes:
-# quoted strings, non-negative integers, True/False, flat tuples. No eval.
-_SPACE = re.compile(r"[ \t\n]*")
-_TOKEN = re.compile(
-    r"""([{}():,])|'([^'\\\n]*)'|"([^"\\\n]*)"|(0|[1-9][0-9]*)(?![0-9A-Za-z_.])"""
-    r"""|(True|False)(?![0-9A-Za-z_])"""
-)
-_DESCR = re.compile(r"[<>|=]?[A-Za-z][A-Za-z0-9]{0,15}")
-_HEADER_KEYS = ["descr", "fortran_order", "shape"]
-
-
-def _lex(text: str) -> list[tuple[str, str | int | bool]]:
-    """Tokens `(kind, value)`: kind is the punctuation itself, `str`, `int` or `bool`."""
-    tokens: list[tuple[str, str | int | bool]] = []
-    pos = _SPACE.match(text).end()
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            raise _HeaderError(f"unexpected {text[pos]!r} at character {pos}")
-        punct, single, double, number, boolean = match.groups()
-        if punct:
-            tokens.append((punct, punct))
-        elif number is not None:
-            if len(number) > 18:
-                raise _HeaderError("a shape dimension is too large")
-            tokens.append(("int", int(number)))
-        elif boolean:
-            tokens.append(("bool", boolean == "True"))
-        else:
-            tokens.append(("str", single if single is not None else double))
-        pos = _SPACE.match(text, match.end()).end()
-    return tokens
-
-
-class _Tokens:
-    """A cursor over tokens, for the tiny recursive-descent parser below."""
-
-    def __init__(self, tokens: list[tuple[str, str | int | bool]]):
-        self.tokens, self.pos = tokens, 0
-
-    def peek(self) -> str:
-        return self.tokens[self.pos][0] if self.pos < len(self.tokens) else "end of header"
-
-    def take(self, kind: str | None = None) -> str | int | bool:
-        found = self.peek()
-        if found == "end of header" or (kind is not None and found != kind):
-            raise _HeaderError(f"expected {kind or 'a value'}, found {found}")
-        self.pos += 1
-        return self.tokens[self.pos - 1][1]
-
-
-def _sequence(tokens: _Tokens, close: str, item) -> tuple[list, bool]:
-    """Comma-separated items up to `close`; also whether a trailing comma was there."""
-    items, comma = [], False
-    while tokens.peek() != close:
-        items.append(item(tokens))
-        comma = tokens.peek() == ","
-        if not comma:
-            break
-        tokens.take(",")
-    tokens.take(close)
-    return items, comma
-
-
-def _scalar(tokens: _Tokens) -> str | int | bool:
-    if tokens.peek() not in ("str", "int", "bool"):
-        raise _HeaderError(f"expected a value, found {tokens.peek()}")
-    return tokens.take()
-
-
-def _value(tokens: _Tokens) -> str | int | bool | tuple:
-    """A scalar, or a flat tuple of scalars (nothing nests, so nothing recurses)."""
-    if tokens.peek() != "(":
-        return _scalar(tokens)
-    tokens.take("(")
-    items, comma = _sequence(tokens, ")", _scalar)
-    return items[0] if len(items) == 1 and not comma else tuple(items)
-
-
-def _pair(tokens: _Tokens) -> tuple[str, object]:
-    key = tokens.take("str")
-    tokens.take(":")
-    return key, _value(tokens)  # type: ignore[return-value]
-
-
-def _header_dict(text: str) -> dict[str, object]:
-    """The header dict, with exactly the keys descr, fortran_order, shape."""
-    if not text.startswith("{"):
-        raise _HeaderError("the header is not a dict")
-    tokens = _Tokens(_lex(text))
-    tokens.take("{")
-    pairs, _ = _sequence(tokens, "}", _pair)
-    if tokens.peek() != "end of header":
-        raise _HeaderError("text after the closing brace")
-    header: dict[str, object] = {}
-    for key, value in pairs:
-        if key in header:
-            raise _HeaderError(f"key {key!r} appears twice")
-        header[key] = value
-    if sorted(header) != _HEADER_KEYS:
-        raise _HeaderError("keys must be exactly 'descr', 'fortran_order', 'shape'")
-    return header
-
-
-def _dtype(descr: object) -> np.dtype:
-    """A plain dtype string (`'<f4'`, `'|u1'`) as a dtype; numpy's warnings count as refusals."""
-    if not isinstance(descr, str) or not _DESCR.fullmatch(descr):
-        raise _HeaderError("descr must be a plain dtype string such as '<f4'")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            return np.dtype(descr)
-    except Exception:  # TypeError, or a deprecation turned into an error: not a dtype we read
-        raise _HeaderError(f"unsupported dtype {descr!r}") from None
-
-
-def _header_fields(text: str) -> tuple[np.dtype, tuple[int, ...], bool]:
-    header = _header_dict(text)
-    shape, fortran = header["shape"], header["fortran_order"]
-    if not isinstance(shape, tuple) or not all(type(n) is int for n in shape):
-        raise _HeaderError("shape must be a tuple of non-negative integers")
-    if type(fortran) is not bool:
-        raise _HeaderError("fortran_order must be True or False")
-    return _dtype(header["descr"]), shape, fortran
-
-
-def _parse_header(blob: bytes) -> _Header | str:
-    """Parse a `.npy` header strictly; return a problem string instead of raising.
-
-    Accepts only the format versions numpy reads (1.0, 2.0, 3.0) and a header
-    that is a dict of a plain dtype string, a bool and a tuple of integers.
-    """
-    if len(blob) < 8 or blob[:6] != NPY_MAGIC:
-        return "not a .npy file (bad magic bytes)"
-    version = (blob[6], blob[7])
-    if version not in NPY_VERSIONS:
-        return f"unsupported .npy format version {version[0]}.{version[1]}"
-    size_fmt, start = ("<H", 10) if version[0] == 1 else ("<I", 12)
-    if len(blob) < start:
-        return "truncated .npy header"
-    (header_len,) = struct.unpack(size_fmt, blob[8:start])
-    if header_len > MAX_HEADER_BYTES:
-        return f"unreadable .npy header (longer than {MAX_HEADER_BYTES} bytes)"
-    end = start + header_len
-    if len(blob) < end:
-        return "truncated .npy header"
-    key = bytes(blob[:end])
-    cached = _HEADER_CACHE.get(key)
-    if cached is not None:
-        return cached
-    try:
-        text = blob[start:end].decode("ascii")
-        result: _Header | str = _Header(end, *_header_fields(text))
-    except UnicodeDecodeError:
-        result = "unreadable .npy header (not ASCII text)"
-    except _HeaderError as exc:
-        result = f"unreadable .npy header ({exc})"
-    if len(_HEADER_CACHE) < 1024:
-        _HEADER_CACHE[key] = result
-    return result
-
-
-def _check_header(path: str, header: _Header) -> None:
+def _check_header(path: str, header: Header) -> None:
     dtype = header.dtype
     if dtype.hasobject:
         raise DatasetError(path, "array holds Python objects (pickled data); refusing to load it")
@@ -495,11 +314,11 @@ def _check_header(path: str, header: _Header) -> None:
         raise DatasetError(path, f"shape {header.shape}, expected (1, 28, 28) or (28, 28)")
 
 
-def _header_of(path: str, blob: bytes) -> _Header:
+def _header_of(path: str, blob: bytes) -> Header:
     """Parse and check one file's header and size; raise DatasetError naming the file."""
     if len(blob) > MAX_FILE_BYTES:
         raise DatasetError(path, f"file is larger than {MAX_FILE_BYTES} bytes; not a 28x28 image")
-    header = _parse_header(blob)
+    header = parse_header(blob)
     if isinstance(header, str):
         raise DatasetError(path, header)
     _check_header(path, header)
@@ -507,7 +326,7 @@ def _header_of(path: str, blob: bytes) -> _Header:
     return header
 
 
-def _check_size(path: str | os.PathLike, header: _Header, blob: bytes) -> None:
+def _check_size(path: str | os.PathLike, header: Header, blob: bytes) -> None:
     expected = header.offset + header.dtype.itemsize * math.prod(header.shape)
     if len(blob) != expected:
         kind = "truncated" if len(blob) < expected else "trailing bytes after the array"
@@ -522,7 +341,7 @@ def load_npy(path: str | os.PathLike, max_bytes: int) -> np.ndarray:
     blob = read_regular_file(path, max_bytes + 1)
     if len(blob) > max_bytes:
         raise DatasetError(path, f"file is larger than {max_bytes} bytes")
-    header = _parse_header(blob)
+    header = parse_header(blob)
     if isinstance(header, str):
         raise DatasetError(path, header)
     if header.dtype.hasobject or header.dtype.itemsize == 0:
@@ -541,7 +360,7 @@ def decode(paths: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:
     images = np.empty((len(paths), *IMAGE_SHAPE), dtype=np.float32)
     if not paths:
         return images
-    groups: dict[_Header, list[int]] = {}
+    groups: dict[Header, list[int]] = {}
     first = _header_of(paths[0], blobs[0])
     prefix, size = blobs[0][: first.offset], len(blobs[0])
     same = [len(b) == size and b.startswith(prefix) for b in blobs]

@@ -15,28 +15,36 @@ The contract every registered model keeps (checked for each by the tests):
   `CPU_BF16` (default True): False where bf16 autocast trains this model more
   slowly than fp32 on CPU, so `precision=auto` keeps it in fp32 there.
 
-Adding a model is its own file and one line in `MODELS`.
+Adding a model is one file in this folder whose class carries `@register_model("name")`:
+every module here is imported when the package is (`_discover`), so the decorator runs and
+the model joins `MODELS`, the command line, the Makefile (`python -m models list --names`)
+and the report with no other edit. `register_model(name, order=..., cost=...)`: `order`
+places its column in tables (lower first; new models after the four of the study), `cost`
+ranks its studies' training time so that `make reproduce` starts the slowest first.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from models.efficientnet import EfficientNet
-from models.hybrid import Hybrid
-from models.resnet import ResNet
-from models.vgg import VGG
+from models.registry import MODELS, by_cost, register_model
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "vgg": VGG,
-    "resnet": ResNet,
-    "efficientnet": EfficientNet,
-    "hybrid": Hybrid,
-}
+NOT_MODELS = ("layers", "registry")  # modules of this package that are not models
+
+
+def _discover() -> None:
+    """Import every module of this package, so that each model file registers itself."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_") and module.name not in NOT_MODELS:
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
 FIXED_ARGS = ("num_classes", "in_channels")  # set by the data, not searched
 SPACE_KINDS = ("categorical", "int", "float")
 
@@ -108,8 +116,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+_discover()
+
+
 __all__ = [
     "MODELS",
+    "by_cost",
+    "register_model",
     "count_parameters",
     "create_model",
     "feature_layer",

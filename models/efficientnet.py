@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models.layers import classifier, conv_bn_act
+from models.registry import register_model
 
 # expand ratio, output channels, repeats, stride, kernel
 STAGES = (
@@ -95,6 +96,7 @@ class MBConv(nn.Module):
         return out
 
 
+@register_model("efficientnet", order=3, cost=2)
 class EfficientNet(nn.Module):
     """MBConv stages scaled by width and depth multipliers, a 1x1 head conv, pooling."""
 

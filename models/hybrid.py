@@ -10,9 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from models.layers import BasicBlock, classifier
+from models.registry import register_model
 from models.vgg import vgg_stages
 
 
+@register_model("hybrid", order=4, cost=1)
 class Hybrid(nn.Module):
     """Two VGG stages, then residual blocks at 7x7, then a pooled head."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from models.layers import BasicBlock, classifier, conv_bn_act
+from models.registry import register_model
 
 
 def residual_stages(
@@ -22,6 +23,7 @@ def residual_stages(
     return nn.Sequential(*layers), channels
 
 
+@register_model("resnet", order=2, cost=4)
 class ResNet(nn.Module):
     """A 3x3 stem, three stages of basic blocks (28 -> 14 -> 7), global average pooling."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from models.layers import classifier, conv_bn_act
+from models.registry import register_model
 
 
 def vgg_stages(in_channels: int, width: int, depth: int, stages: int) -> tuple[nn.Sequential, int]:
@@ -20,11 +21,12 @@ def vgg_stages(in_channels: int, width: int, depth: int, stages: int) -> tuple[n
     return nn.Sequential(*layers), channels
 
 
+@register_model("vgg", order=1, cost=3)
 class VGG(nn.Module):
     """28x28 -> 14 -> 7 -> 3 with three stages (32, 64, 128 channels by default); an FC head."""
 
     TITLE = "VGG"
-    # the knobs a search varies, beside the constructor they feed (read by experiments.space)
+    # the knobs a search varies, beside the constructor they feed (read by experiments.search.space)
     SEARCH_SPACE = {
         "width": ("categorical", (8, 16, 24, 32)),
         "depth": ("int", 1, 2),

@@ -37,11 +37,11 @@ def runs_in(experiment: str, filter_string: str = "") -> list:
     """All MLflow runs of an experiment of the (tmp_path) store, optionally filtered."""
     from mlflow.tracking import MlflowClient
 
-    from experiments import tracking
+    from experiments.tracking import store
 
-    tracking.init()
+    store.init()
     return MlflowClient().search_runs(
-        [tracking.experiment_id(experiment)], filter_string, max_results=200
+        [store.experiment_id(experiment)], filter_string, max_results=200
     )
 
 

@@ -1,27 +1,33 @@
-"""The architecture's promises: a new model is one registry line, and one module queries runs."""
+"""The architecture's promises: a new model is one file, one module queries runs, rooms stay small."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from conftest import runs_in
-from torch import nn
 
 import models
-from experiments.__main__ import main
-from experiments.report import collect
+from experiments.cli import main
+from experiments.reporting.report import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+THROWAWAY = """
+from torch import nn
+
+from models.registry import register_model
+
+
+@register_model("throwaway", cost=10)
 class Throwaway(nn.Module):
-    """A model the project has never seen: one conv, pooling, a linear head."""
+    \"\"\"A model the project has never seen: one conv, pooling, a linear head.\"\"\"
 
     TITLE = "Throwaway"
     SEARCH_SPACE = {"width": ("categorical", (4, 6))}
@@ -32,14 +38,32 @@ class Throwaway(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * width, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.head(self.pool(self.body(x)))
+"""
 
 
-def test_a_model_registered_at_run_time_trains_searches_and_reports(
-    study_data, monkeypatch, tmp_path, capsys
+@pytest.fixture
+def throwaway_file(tmp_path, monkeypatch):
+    """models/throwaway.py, as a user would add it: one file in the models package's folder
+    (a second folder of the package here, so the checkout is left alone), found by discovery."""
+    folder = tmp_path / "more_models"
+    folder.mkdir()
+    (folder / "throwaway.py").write_text(THROWAWAY)
+    monkeypatch.setattr(models, "__path__", [*models.__path__, str(folder)])
+    monkeypatch.setattr(models, "MODELS", models.MODELS)  # restored below, entry by entry
+    before = dict(models.MODELS)
+    models._discover()
+    yield
+    models.MODELS.clear()
+    models.MODELS.update(before)
+    sys.modules.pop("models.throwaway", None)
+
+
+def test_a_model_added_as_one_file_trains_searches_and_reports(
+    study_data, throwaway_file, tmp_path, capsys
 ):
-    monkeypatch.setitem(models.MODELS, "throwaway", Throwaway)  # the one registry line
+    assert "throwaway" in models.MODELS and models.by_cost()[0] == "throwaway"
     train = ["train", "--step", "task2-step3", "--model", "throwaway", "--epochs", "1"]
     assert main(train) == 0
     search = ["search", "--step", "task2-step3", "--model", "throwaway", "--trials", "1"]
@@ -57,42 +81,89 @@ def test_a_model_registered_at_run_time_trains_searches_and_reports(
     assert "Throwaway" in header  # a column of its own, titled from the model
 
 
+def _project_copy(tmp_path: Path) -> Path:
+    """The parts of the checkout that make reads and imports, copied (no data, no venv)."""
+    copy = tmp_path / "project"
+    copy.mkdir()
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / name, copy / name)
+    for package in ("models", "experiments", "data_tools"):
+        shutil.copytree(
+            ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return copy
+
+
+def _make(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """make in `folder`, its registry read with this interpreter (no venv of its own needed)."""
+    stamp = folder / "stamp"
+    if not stamp.exists():  # once: a newer stamp would rebuild the registry on every call
+        stamp.touch()
+    venv = folder / "venv"
+    venv.mkdir(exist_ok=True)
+    variables = [f"STAMP={stamp}", f"VENV={venv}", f"REGISTRY_PY={sys.executable}"]
+    return subprocess.run(
+        ["make", "-C", str(folder), *args, *variables], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_reproduce_plans_a_model_added_as_one_file(tmp_path):
+    copy = _project_copy(tmp_path)
+    (copy / "models" / "throwaway.py").write_text(THROWAWAY)
+    plan = _make(copy, "-n", "reproduce", "JOBS=1")
+    assert plan.returncode == 0, plan.stderr
+    planned = set(re.findall(r"search --step (\S+) --model throwaway", plan.stdout))
+    assert planned == {"task1-step1", "task1-step2", "task2-step1", "task2-step3", "task2-step2"}
+    first = re.search(r"search --step \S+ --model (\S+)", plan.stdout).group(1)
+    assert first == "throwaway"  # cost=10: the most expensive model's chains start first
+    (copy / "models" / "throwaway.py").unlink()
+    again = _make(copy, "-n", "reproduce", "JOBS=1")
+    assert again.returncode == 0 and "--model throwaway" not in again.stdout
+
+
 def test_only_the_results_layer_queries_runs():
     query = re.compile(r"search_runs\(|\.get_run\(|search_experiments\(|get_metric_history\(")
+    scanned = [
+        path
+        for folder in ("experiments", "data_tools", "models")
+        for path in (ROOT / folder).rglob("*.py")
+    ]
+    assert any(path.parent.name == "serving" for path in scanned)  # the walk enters subpackages
     offenders = [
         path.relative_to(ROOT).as_posix()
-        for folder in ("experiments", "data_tools", "models")
-        for path in (ROOT / folder).glob("*.py")
+        for path in scanned
         if path.name != "results.py" and query.search(path.read_text())
     ]
     assert offenders == []
 
 
-def test_every_declared_step_is_a_make_target():
-    import subprocess
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_every_declared_step_is_a_make_target_and_nothing_else_is(tmp_path):
+    from experiments.core.steps import STEPS
 
-    from experiments.steps import STEPS
-
+    copy = _project_copy(tmp_path)
     for step in STEPS:
-        dry = subprocess.run(
-            ["make", "-n", step, "MODELS=vgg"], cwd=ROOT, capture_output=True, text=True
-        )
+        dry = _make(copy, "-n", step, "MODELS=vgg")
         assert dry.returncode == 0, dry.stderr
-        assert f"--step {step}" in dry.stdout or step == "task2-transfer"
+        assert f"--step {step}" in dry.stdout
+    unknown = _make(copy, "-n", "task-no-such-step")
+    assert unknown.returncode != 0 and "No rule to make target" in unknown.stderr
 
 
-def test_make_reproduce_covers_every_registered_model_and_its_sources():
+def test_make_reproduce_covers_every_registered_model_and_its_sources(tmp_path):
     """ALL_MODELS is the registry, STUDY_ORDER names each model once, and the Makefile's
-    AFTER_<step> (which study a job waits for) is what experiments/steps.py declares: the
+    AFTER_<step> (which study a job waits for) is what experiments/core/steps.py declares: the
     warm-start source, or the study a reuse step reads; each CHAIN_ (one job of make
     reproduce) runs a source before the steps that build on it."""
-    from experiments.steps import STEPS
+    from experiments.core.steps import STEPS
     from models import MODELS
 
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    all_models = re.search(r"^ALL_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
-    order = re.search(r"^STUDY_ORDER \?= ([^#\n]*)", makefile, re.M).group(1).split()
-    assert sorted(all_models) == sorted(MODELS) == sorted(order)
+    plan = _make(_project_copy(tmp_path), "-n", "studies", "JOBS=1")
+    assert plan.returncode == 0, plan.stderr
+    planned = re.findall(r"search --step \S+ --model (\S+)", plan.stdout)
+    assert list(dict.fromkeys(planned)) == models.by_cost() and set(planned) == set(MODELS)
     reproduced = re.search(r"^STEPS := ([^#\n]*)", makefile, re.M).group(1).split()
     after = dict(re.findall(r"^AFTER_(\S+) := (\S+)", makefile, re.M))
     declared = {
@@ -113,7 +184,7 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources():
         for step, source in declared.items():
             if step in order:
                 assert source in order[: order.index(step)], f"{step} before {source}"
-    from experiments.steps import RECIPE_MODELS
+    from experiments.core.steps import RECIPE_MODELS
 
     recipe = re.search(r"^RECIPE_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
     assert recipe == [model for model, _ in RECIPE_MODELS]  # make's recipe jobs: the declared

@@ -1,10 +1,20 @@
-"""The benchmark command runs and states every target (no timing is asserted)."""
+"""The benchmark command runs and states every target (no timing is asserted); the fidelity
+and levers experiments run and are tracked."""
 
 from __future__ import annotations
 
 import pytest
+from conftest import runs_in
 
-from experiments.bench import compile_break_even, conv_peak, run_bench, step_flops
+import experiments.bench.kernels as kernels
+import experiments.bench.run as bench
+import experiments.bench.timing as timing
+import experiments.bench.training as training
+from experiments.bench.kernels import compile_break_even
+from experiments.bench.overhead import REPRODUCE_SECTION
+from experiments.bench.run import run_bench
+from experiments.bench.timing import conv_peak, step_flops
+from experiments.core.reports import markdown_sections
 
 
 def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch):
@@ -17,25 +27,23 @@ def test_data_bench_writes_report_with_targets(study_data, tmp_path, monkeypatch
 
 
 def test_a_default_run_keeps_only_what_other_commands_measure(study_data, tmp_path, monkeypatch):
-    import experiments.bench as bench
-
     monkeypatch.setenv("BENCH_DROP_CACHES", "0")
     monkeypatch.setattr(bench, "DEFAULT_SECTIONS", ("data",))  # a default run, made small
     out = tmp_path / "out"
-    head, parts = bench._sections(run_bench(out).read_text())
-    assert "Not timed yet" in parts[bench.REPRODUCE_SECTION]
-    parts[bench.REPRODUCE_SECTION] = f"{bench.REPRODUCE_SECTION}\n\nWall time: 28.3 min.\n\n"
+    head, parts = markdown_sections(run_bench(out).read_text())
+    assert "Not timed yet" in parts[REPRODUCE_SECTION]
+    parts[REPRODUCE_SECTION] = f"{REPRODUCE_SECTION}\n\nWall time: 28.3 min.\n\n"
     targets = parts.pop("## Targets").rstrip("\n") + "\n"
-    parts[bench.COMPILE_SECTION] = f"{bench.COMPILE_SECTION}\n\nMeasured on another CPU.\n\n"
+    parts[kernels.COMPILE_SECTION] = f"{kernels.COMPILE_SECTION}\n\nMeasured on another CPU.\n\n"
     parts["## An old section"] = "## An old section\n\nstale\n\n"  # no run writes it any more
-    targets += f"| {bench.COMPILE_TARGET} | not kept | met |\n| an old target | 1 | GAP |\n"
+    targets += f"| {kernels.COMPILE_TARGET} | not kept | met |\n| an old target | 1 | GAP |\n"
     (out / "bench.md").write_text(head + "".join(parts.values()) + targets)
     again = run_bench(out).read_text()
     assert "Measured on another CPU." in again and "Wall time: 28.3 min." in again
     assert "Not timed yet" not in again and "stale" not in again and "an old target" not in again
-    assert again.count(f"| {bench.COMPILE_TARGET} |") == 1 and again.count("## Data loading") == 1
+    assert again.count(f"| {kernels.COMPILE_TARGET} |") == 1 and again.count("## Data loading") == 1
     # the kept sections sit before "What was tried", in the run's own order
-    assert again.index(bench.COMPILE_SECTION) < again.index(bench.TRIED_SECTION)
+    assert again.index(kernels.COMPILE_SECTION) < again.index(bench.HISTORY_SECTION)
 
 
 def test_bench_keeps_the_gpu_measurement_when_run_without_cuda(study_data, tmp_path, monkeypatch):
@@ -58,43 +66,46 @@ def test_flop_count_grows_with_width_and_is_linear_in_batch():
 
 
 def test_utilisation_is_measured_against_the_best_dense_kernel(study_data, monkeypatch):
-    import experiments.bench as bench
     from models import MODELS
 
-    monkeypatch.setattr(bench, "reference_throughput", lambda name, files, images: 100.0)
-    monkeypatch.setattr(bench, "project_throughput", lambda name, train_set, images: (200.0, 8))
-    monkeypatch.setattr(bench, "matmul_peak", lambda: 1e9)
-    monkeypatch.setattr(bench, "conv_peak", lambda: 4e9)  # the convolution is the limit here
-    rows, peaks, results = bench.bench_training(bench.config.data_dir(), 16)
+    monkeypatch.setattr(training, "reference_throughput", lambda name, files, images: 100.0)
+    monkeypatch.setattr(training, "project_throughput", lambda name, train_set, images: (200.0, 8))
+    monkeypatch.setattr(timing, "matmul_peak", lambda: 1e9)
+    monkeypatch.setattr(timing, "conv_peak", lambda: 4e9)  # the convolution is the limit here
+    rows, peaks, results = training.bench_training(study_data, 16)
     assert max(peaks.values()) == 4e9 and len(peaks) == 2 and len(rows) == len(MODELS)
     for name, (speedup, mfu) in results.items():
         assert speedup == 2.0
-        assert mfu == pytest.approx(bench.step_flops(name, 8) / 8 * 200.0 / 4e9)
+        assert mfu == pytest.approx(step_flops(name, 8) / 8 * 200.0 / 4e9)
     assert 0 < conv_peak(channels=8, side=6, batch=4, repeats=1) < float("inf")  # the real one
 
 
 def test_conv_peak_counts_two_flops_per_multiply_add(monkeypatch):
-    import experiments.bench as bench
-
-    monkeypatch.setattr(bench, "_timed", lambda fn, repeats=1: 2.0)  # 2 s for 4 convolutions
+    monkeypatch.setattr(timing, "timed", lambda fn, repeats=1: 2.0)  # 2 s for 4 convolutions
     flops = 2 * 4 * 6 * 6 * 8 * 8 * 9  # batch 4, 6x6, 8 -> 8 channels, 3x3
     assert conv_peak(channels=8, side=6, batch=4, repeats=4) == pytest.approx(flops / 0.5)
 
 
-def test_fidelity_bench_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):
-    import experiments.bench as bench
+def test_fidelity_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):
+    import experiments.search.fidelity as fidelity
 
-    monkeypatch.setattr(bench, "FIDELITY_STUDIES", (("task2-step3", "hybrid"),))
-    frame = bench.bench_fidelity(configs=2)
+    monkeypatch.setattr(fidelity, "FIDELITY_STUDIES", (("task2-step3", "hybrid"),))
+    frame = fidelity.bench_fidelity(configs=2)
     names = set(frame["fidelity"])
-    assert set(bench.FIDELITIES) < names and "final budget (reference)" in names
+    assert set(fidelity.FIDELITIES) < names and "final budget (reference)" in names
     assert (frame["settings"] == 3).all()  # the defaults and two drawn settings
     rho = frame.set_index("fidelity")["Spearman rho vs final"]
     assert rho["final budget (reference)"] == 1.0
+    monkeypatch.setenv("FIDELITY_CONFIGS", "1")
+    written = fidelity.write_fidelity(tmp_path / "out")
+    assert "Spearman rho" in written.read_text()
+    assert "## Trial fidelity" in (tmp_path / "out" / "bench.md").read_text()
+    (tracked,) = runs_in("fidelity")
+    assert tracked.data.params["configs"] == "1"
 
 
 def test_precision_bench_lists_every_model_and_the_auto_choice(study_data, tmp_path, monkeypatch):
-    from experiments import inference
+    from experiments.training import inference
     from models import MODELS
 
     monkeypatch.setenv("BENCH_IMAGES", "64")
@@ -112,22 +123,24 @@ def test_precision_bench_lists_every_model_and_the_auto_choice(study_data, tmp_p
     assert auto["efficientnet"] == "fp32" and auto["vgg"] == "bf16"
 
 
-def test_lever_bench_runs_every_lever_and_writes_the_rule(study_data, tmp_path, monkeypatch):
-    import experiments.bench as bench
+def test_levers_run_every_lever_write_the_rule_and_are_tracked(study_data, tmp_path, monkeypatch):
+    import experiments.analysis.levers as lever_study
 
-    monkeypatch.setattr(bench, "LEVER_MODELS", {"hybrid": {"width": 8}})
-    monkeypatch.setattr(bench, "LEVER_RECIPE", {**bench.LEVER_RECIPE, "epochs": 2, "patience": 2})
-    first, second = (list(levers.items())[:2] for _, levers in bench.LEVER_ROUNDS.values())
+    monkeypatch.setattr(lever_study, "LEVER_MODELS", {"hybrid": {"width": 8}})
+    monkeypatch.setattr(
+        lever_study, "LEVER_RECIPE", {**lever_study.LEVER_RECIPE, "epochs": 2, "patience": 2}
+    )
+    first, second = (list(levers.items())[:2] for _, levers in lever_study.LEVER_ROUNDS.values())
     rounds = {"1": ("first", dict(first)), "2": ("second", dict(second))}
-    monkeypatch.setattr(bench, "LEVER_ROUNDS", rounds)
+    monkeypatch.setattr(lever_study, "LEVER_ROUNDS", rounds)
     monkeypatch.setenv("LEVER_SEEDS", "1")
     out = tmp_path / "out"
-    text = bench.write_levers(out).read_text()  # the newest round by default
+    text = lever_study.write_levers(out).read_text()  # the newest round by default
     assert "## Round 2: second" in text and "## Round 1" not in text
     monkeypatch.setenv("LEVER_ROUND", "1")
-    bench.write_levers(out)
+    lever_study.write_levers(out)
     monkeypatch.setenv("LEVER_ROUND", "2")
-    text = bench.write_levers(out).read_text()  # a rerun replaces its own section only
+    text = lever_study.write_levers(out).read_text()  # a rerun replaces its own section only
     assert text.count("## Round 2: second") == 1 and text.count("## Round 1: first") == 1
     assert text.index("## Round 1") < text.index("## Round 2")
     section = text.partition("## Round 2: second")[2]
@@ -137,23 +150,25 @@ def test_lever_bench_runs_every_lever_and_writes_the_rule(study_data, tmp_path, 
     assert "Kept: hybrid: " in section
     # one member per lever here (one model, one seed): the ensemble row is that run
     ensembles = [
-        r.split("|") for r in section.splitlines() if r.startswith(f"| {bench.ENSEMBLE_ROW}")
+        r.split("|") for r in section.splitlines() if r.startswith(f"| {lever_study.ENSEMBLE_ROW}")
     ]
     assert [r[2].strip() for r in ensembles] == [name for name, _ in second]
     for single, ensemble in zip(rows, ensembles, strict=True):
         assert float(ensemble[3]) == pytest.approx(float(single[3]), abs=1e-4)  # SELECT2
         assert float(ensemble[4]) == pytest.approx(float(single[4]), abs=1e-4)  # TEST2
+    tracked = runs_in("levers")
+    assert len(tracked) == 3 and {r.data.params["round"] for r in tracked} == {"1", "2"}
     monkeypatch.setenv("LEVER_ROUND", "9")
     with pytest.raises(ValueError, match="LEVER_ROUND=9"):
-        bench.write_levers(out)
+        lever_study.write_levers(out)
 
 
 def test_levers_are_kept_on_select2_only_and_by_a_margin():
     import pandas as pd
 
-    import experiments.bench as bench
+    import experiments.analysis.levers as lever_study
 
-    recipe, a, b = list(bench.LEVERS)[:3]
+    recipe, a, b = list(lever_study.LEVERS)[:3]
 
     def frame(select2: dict, test2: dict) -> pd.DataFrame:
         return pd.DataFrame(
@@ -166,10 +181,10 @@ def test_levers_are_kept_on_select2_only_and_by_a_margin():
 
     # SELECT2 prefers a by 3 images of 600, TEST2 prefers b: a is kept
     chosen = frame({recipe: 0.990, a: 0.995, b: 0.991}, {recipe: 0.98, a: 0.97, b: 0.99})
-    assert bench.kept_levers(chosen, 600) == {"m": a}
+    assert lever_study.kept_levers(chosen, 600) == {"m": a}
     # one image better is below the margin: the recipe alone
     close = frame({recipe: 0.990, a: 0.990 + 1 / 600, b: 0.990}, {recipe: 0.9, a: 0.9, b: 0.99})
-    assert bench.kept_levers(close, 600) == {"m": None}
+    assert lever_study.kept_levers(close, 600) == {"m": None}
 
 
 def test_compile_pays_only_when_it_is_faster_per_image():
@@ -184,8 +199,8 @@ def test_compile_pays_only_when_it_is_faster_per_image():
 def test_predict_bench_compares_the_batches_per_model_and_thread(study_data, tmp_path):
     import torch
 
-    from experiments.bench import PREDICT_TARGET
-    from experiments.inference import PREDICT_BATCH
+    from experiments.bench.kernels import PREDICT_TARGET
+    from experiments.training.inference import PREDICT_BATCH
     from models import MODELS
 
     threads = torch.get_num_threads()
@@ -206,23 +221,22 @@ def test_depthwise_bench_compares_both_gradients_per_config_and_thread(
 ):
     import torch
 
-    import experiments.bench as bench
     from models import layers
 
     monkeypatch.setenv("BENCH_IMAGES", "64")
-    monkeypatch.setattr(bench, "DEPTHWISE_CONFIGS", ({},))  # the default model only: fast
+    monkeypatch.setattr(kernels, "DEPTHWISE_CONFIGS", ({},))  # the default model only: fast
     threads = torch.get_num_threads()
     calls = []
     original = layers._SmallMapDepthwise.apply
     monkeypatch.setattr(
         layers._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a)
     )
-    rows, _ = bench.bench_depthwise(study_data, 64, repeats=1)
+    rows, _ = kernels.bench_depthwise(study_data, 64, repeats=1)
     assert calls  # the timed fast runs really took the batched-matmul gradient
     assert len(rows) == len({1, threads}) and all(row.endswith("x |") for row in rows)
     text = run_bench(tmp_path / "out", sections=["depthwise"]).read_text()
     assert torch.get_num_threads() == threads and layers._small_map_path  # both given back
-    section = text.partition(bench.DEPTHWISE_SECTION)[2].partition("\n## ")[0]
+    section = text.partition(kernels.DEPTHWISE_SECTION)[2].partition("\n## ")[0]
     tables = [block for block in section.split("\n\n") if block.startswith("| ")]
     assert len(tables) == 2  # whole-model rows, then one row per small-map layer shape
     layer_rows = tables[1].splitlines()[2:]
@@ -230,4 +244,4 @@ def test_depthwise_bench_compares_both_gradients_per_config_and_thread(
     assert all(row.split("|")[3].strip() == "4x4" for row in layer_rows)
     used = {row.split("|")[1].strip(): row.split("|")[9].strip() for row in layer_rows}
     assert used == {"3x3": "no", "5x5": "yes"}  # the default model has both on 4x4 maps
-    assert "Largest relative difference" in section and f"| {bench.DEPTHWISE_TARGET} |" in text
+    assert "Largest relative difference" in section and f"| {kernels.DEPTHWISE_TARGET} |" in text

@@ -7,9 +7,9 @@ import csv
 import pytest
 import torch
 
-from experiments.driver import run_step
-from experiments.report import build_report
-from experiments.space import Budget
+from experiments.reporting.report import build_report
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
 
 TINY = dict(trials=1, epochs=2, train_subset=0, final_epochs=2, warmup_epochs=0)
 
@@ -29,7 +29,7 @@ def test_report_adds_ensemble_rows_with_their_members(study_data, tmp_path):
     assert everything["k"] == "2"  # only task2-step3 has runs here
     best1_run = results[winner].final_run_id
     from data_tools import load_split
-    from experiments.checkpoint import load_checkpoint
+    from experiments.training.checkpoint import load_checkpoint
 
     test2 = load_split("TEST2", study_data)
     predicted = load_checkpoint(best1_run).predict(test2.images)
@@ -42,7 +42,7 @@ def test_report_adds_ensemble_rows_with_their_members(study_data, tmp_path):
 
 
 def test_tta_views_shift_by_one_pixel_and_keep_the_background():
-    from experiments.ensemble import shifted_views
+    from experiments.analysis.ensemble import shifted_views
 
     image = torch.ones(1, 1, 28, 28)  # white background
     image[0, 0, 10, 12] = 0.0  # one dark stroke pixel at row 10, column 12
@@ -63,9 +63,9 @@ class _Probe(torch.nn.Module):
 
 
 def test_ensemble_probabilities_average_over_the_tta_views():
-    from experiments.checkpoint import Loaded
-    from experiments.ensemble import probabilities
-    from experiments.preprocess import Preprocessing
+    from experiments.analysis.ensemble import probabilities
+    from experiments.core.preprocess import Preprocessing
+    from experiments.training.checkpoint import Loaded
 
     image = torch.ones(1, 1, 28, 28)
     image[0, 0, 10, 12] = 0.0
@@ -78,8 +78,8 @@ def test_ensemble_probabilities_average_over_the_tta_views():
 
 
 def test_the_all_group_holds_every_labelled_task2_training_step():
-    from experiments.ensemble import TASK2_LABELLED
-    from experiments.steps import STEPS
+    from experiments.analysis.ensemble import TASK2_LABELLED
+    from experiments.core.steps import STEPS
 
     expected = {
         s.name

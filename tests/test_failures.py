@@ -14,8 +14,9 @@ import pytest
 from conftest import runs_in
 from mlflow.tracking import MlflowClient
 
-from experiments import config, tracking
-from experiments.__main__ import main
+from experiments.cli import main
+from experiments.core import config
+from experiments.tracking import store
 
 
 def _nothing_made(tmp_path: Path) -> None:
@@ -153,10 +154,10 @@ def test_divergence_ends_the_run_failed_with_reason_and_one_line(study_data, cap
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(study_data, monkeypatch):
-    import experiments.runner as runner
-    from experiments.driver import run_step
-    from experiments.space import Budget
-    from experiments.train import Diverged
+    import experiments.training.runner as runner
+    from experiments.search.driver import run_step
+    from experiments.search.space import Budget
+    from experiments.training.train import Diverged
 
     real_fit, calls = runner.fit, []
 
@@ -201,7 +202,7 @@ def test_kill_9_during_the_final_then_resume_leaves_no_running_run(study_data, t
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    tracking.init()
+    store.init()
     assert MlflowClient().get_run(final.info.run_id).info.status == "RUNNING"  # the orphan
 
     resumed = subprocess.run(
@@ -210,7 +211,7 @@ def test_kill_9_during_the_final_then_resume_leaves_no_running_run(study_data, t
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "ended interrupted runs" in resumed.stdout
-    tracking.init()
+    store.init()
     killed = MlflowClient().get_run(final.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["interrupted"] == "true"
     statuses = [r.info.status for r in runs_in("task2-step3")]
@@ -223,14 +224,14 @@ def test_final_models_are_logged_without_pickles_and_load_to_the_same_prediction
     import mlflow
 
     from data_tools import load_split
-    from experiments.checkpoint import load_checkpoint
-    from experiments.driver import run_step
-    from experiments.space import Budget
+    from experiments.search.driver import run_step
+    from experiments.search.space import Budget
+    from experiments.training.checkpoint import load_checkpoint
 
     result = run_step(
         "task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1)
     )
-    tracking.init()
+    store.init()
     run = MlflowClient().get_run(result.final_run_id)
     model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.final_run_id}/model"))
     files = [p.name for p in model_dir.rglob("*") if p.is_file()]

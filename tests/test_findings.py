@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from experiments.ensemble import EnsembleResult, Member, to_frame
-from experiments.findings import (
+from experiments.analysis.ensemble import EnsembleResult, Member, to_frame
+from experiments.reporting.findings import (
     plot_label_efficiency,
     search_conditions,
     shift_markdown,

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from conftest import runs_in
 
-from experiments.__main__ import main
-from experiments.driver import run_step
-from experiments.space import Budget
+from experiments.cli import main
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
 
 TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=2, warmup_epochs=0)
 
@@ -93,11 +93,11 @@ def test_every_run_records_its_datasets_as_mlflow_inputs(final_run):
 def test_every_experiment_carries_its_step_description(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from experiments import tracking
-    from experiments.steps import STEPS
+    from experiments.core.steps import STEPS
+    from experiments.tracking import store
 
     for name in ("task2-step3", "task2-pretrain", "report"):
-        experiment_id = tracking.experiment_id(name)
+        experiment_id = store.experiment_id(name)
         experiment = MlflowClient().get_experiment(experiment_id)
         note = experiment.tags["mlflow.note.content"]
         assert note and (name not in STEPS or note.startswith(STEPS[name].description))

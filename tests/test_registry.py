@@ -17,11 +17,13 @@ from mlflow.tracking import MlflowClient
 from synthetic import permute_labels
 
 from data_tools import load_split
-from experiments import config, registry, tracking
-from experiments.detectors import MODEL_DETECTORS
-from experiments.driver import run_step
-from experiments.registry import ALIAS, accuracy_on, choose, promote, task2_candidates
-from experiments.space import Budget
+from experiments.analysis.detectors import MODEL_DETECTORS
+from experiments.core import config
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
+from experiments.serving import registry
+from experiments.serving.registry import ALIAS, accuracy_on, choose, promote, task2_candidates
+from experiments.tracking import store
 
 TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=2, warmup_epochs=0)
 
@@ -35,9 +37,16 @@ def studies(study_data):
 
 
 def test_promote_registers_each_champion_once_and_loads_by_alias(studies, monkeypatch):
+    real_candidates = registry.task2_candidates
+    monkeypatch.setattr(  # single runs only, so that the champion is one known run
+        registry,
+        "task2_candidates",
+        lambda: [c for c in real_candidates() if len(c.runs) == 1 and not c.tta],
+    )
     with monkeypatch.context() as old_version:  # a version whose run logged no numbers
         old_version.setattr(registry, "evaluation_metrics", lambda champion: {})
         task2, version, created = promote(2)
+    assert len(task2.runs) == 1 and not task2.tta
     assert created and version == "1"
     again, version_again, created_again = promote(2)  # logs the numbers it lacked
     assert not created_again and version_again == "1" and again.run_id == task2.run_id
@@ -54,8 +63,15 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies, monkey
     assert accuracy == accuracy_on(task2, "TEST2")  # the registered model is the candidate
     promote_run = client.get_run(client.get_model_version("glyph-task2", version).run_id)
     assert accuracy == promote_run.data.metrics["TEST2_acc"]  # and its logged number, exactly
-    if len(task2.runs) == 1 and not task2.tta:  # and reproduces its run's number exactly
-        assert accuracy == client.get_run(task2.run_id).data.metrics["TEST2_acc"]
+    # and reproduces its training run's logged number exactly, and its checkpoint's
+    # probabilities image by image
+    assert accuracy == client.get_run(task2.run_id).data.metrics["TEST2_acc"]
+    from experiments.training.checkpoint import load_checkpoint
+    from experiments.training.inference import probabilities
+
+    expected = probabilities(load_checkpoint(task2.run_id), test2.images).numpy()
+    served = frame[[f"prob_{k}" for k in range(1, 7)]].to_numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
 
     task1, _, _ = promote(1)
     assert task1.detector["name"] in MODEL_DETECTORS
@@ -68,8 +84,8 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies, monkey
 
 
 def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, monkeypatch):
-    from experiments.checkpoint import load_checkpoint
-    from experiments.detectors import score_shipped
+    from experiments.analysis.detectors import score_shipped
+    from experiments.training.checkpoint import load_checkpoint
 
     seen, real = [], registry.load_split
     monkeypatch.setattr(
@@ -79,11 +95,25 @@ def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, mon
     assert seen == ["TRAIN"]  # the detector and its threshold never read TEST or TEST2
     detector = champion.detector
     assert set(detector["proxy_auroc"]) == set(MODEL_DETECTORS)
-    if detector["chosen_by"] == "proxy AUROC":
-        assert detector["proxy_auroc"][detector["name"]] == max(detector["proxy_auroc"].values())
-    else:  # every proxy AUROC near 0.5: the declared detector
-        assert detector["name"] == registry.DECLARED_DETECTOR
+    # the rule, on scripted proxy AUROCs (one per detector, in MODEL_DETECTORS order), for a
+    # model that keeps the polarity (so that the proxy can inform)
     real_load = registry.load_checkpoint
+
+    def keeps_polarity(run_id):
+        loaded = real_load(run_id)
+        loaded.checkpoint["config"]["polarity"] = "keep"
+        return loaded
+
+    for scripted, expected, rule in (
+        ([0.55, 0.9, 0.7][: len(MODEL_DETECTORS)], MODEL_DETECTORS[1], "proxy AUROC"),
+        ([0.5] * len(MODEL_DETECTORS), registry.DECLARED_DETECTOR, "declared default"),
+    ):
+        with monkeypatch.context() as patch:
+            values = iter(scripted)
+            patch.setattr(registry, "roc_auc_score", lambda truth, score, v=values: next(v))
+            patch.setattr(registry, "load_checkpoint", keeps_polarity)
+            picked = registry.detector_of(champion.run_id)
+        assert picked["name"] == expected and picked["chosen_by"].startswith(rule)
 
     def to_black(run_id):  # a model that turns every image black-background
         loaded = real_load(run_id)
@@ -201,7 +231,7 @@ def test_the_champion_answers_over_rest(studies, tmp_path):
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             served = json.loads(response.read())["predictions"]
-        tracking.init()
+        store.init()
         local = mlflow.pyfunc.load_model(f"models:/glyph-task2@{ALIAS}").predict(images)
         assert [row["predicted"] for row in served] == local["predicted"].tolist()
     except Exception:
@@ -220,7 +250,7 @@ def test_the_recipe_step_trains_its_settings_once_and_joins_the_task2_field(
     import dataclasses
 
     from data_tools import SELECTION
-    from experiments import steps
+    from experiments.core import steps
 
     recipe = steps.STEPS["task2-recipe"]
     short = {**dict(recipe.settings), "epochs": 2, "patience": 2}

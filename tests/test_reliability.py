@@ -17,10 +17,11 @@ from optuna.trial import TrialState
 from synthetic import write_dataset
 
 from data_tools import DatasetError, load_dataset
-from experiments import config, tracking
-from experiments.driver import run_step
-from experiments.space import Budget
-from experiments.study import ensure_parent_run, load_or_create_study, make_storage
+from experiments.core import config
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
+from experiments.search.study import ensure_parent_run, load_or_create_study, make_storage
+from experiments.tracking import store
 
 TINY = dict(trials=3, epochs=2, train_subset=0, final_epochs=1, warmup_epochs=0)
 
@@ -30,7 +31,7 @@ def _trial_runs(step: str) -> dict:
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_data, monkeypatch):
-    import experiments.runner as runner
+    import experiments.training.runner as runner
 
     real_fit = runner.fit
     calls = []
@@ -53,7 +54,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_data, monkeypat
 
 
 def test_every_trial_failing_stops_with_a_clear_error(study_data, monkeypatch):
-    import experiments.runner as runner
+    import experiments.training.runner as runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -103,11 +104,11 @@ def test_kill_9_then_resume_finishes_the_requested_trials(study_data):
     study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())
     assert study.trials[running.number].state == TrialState.FAIL
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
-    tracking.init()
+    store.init()
     killed = MlflowClient().get_run(running.user_attrs["mlflow_run_id"])
     assert killed.info.status == "KILLED" and killed.data.tags["interrupted"] == "true"
     # the report never counts it: its cell comes from a COMPLETE final run
-    from experiments.report import collect
+    from experiments.reporting.report import collect
 
     cell = collect(("vgg",)).set_index("step").loc["task2-step3"]
     assert cell["source"] == "final" and cell["run_id"] != killed.info.run_id
@@ -134,7 +135,7 @@ def test_two_workers_share_one_study_without_losing_a_trial(study_data):
 def test_storage_password_is_masked_in_mlflow(study_data):
     url = "postgresql://optuna:s3cret-pw@127.0.0.1:5432/studies"
     assert config.mask_secrets(url) == "postgresql://optuna:***@127.0.0.1:5432/studies"
-    tracking.init()
+    store.init()
     study = load_or_create_study("task2-step3", "vgg", make_storage(), Budget(**TINY))
     parent = ensure_parent_run(study, "task2-step3", "vgg", url, Budget(**TINY))
     run = MlflowClient().get_run(parent)
@@ -163,7 +164,7 @@ def test_bad_data_leaves_nothing_in_mlflow(study_data):
     assert "Traceback" not in proc.stderr
     db = config.mlruns_dir() / "mlflow.db"
     if db.exists():
-        tracking.init()
+        store.init()
         assert (
             MlflowClient().search_runs(
                 [e.experiment_id for e in MlflowClient().search_experiments()]
@@ -183,8 +184,8 @@ def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    tracking.init()
-    experiment = tracking.experiment_id("task2-step3")
+    store.init()
+    experiment = store.experiment_id("task2-step3")
     client = MlflowClient()
     run_ids = [client.create_run(experiment).info.run_id for _ in range(2)]
     errors: list[BaseException] = []
@@ -194,7 +195,7 @@ def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
         with mlflow.start_run(run_id=run_id):
             barrier.wait()
             try:
-                tracking.log_input(dataset, context="train")
+                store.log_input(dataset, context="train")
             except BaseException as exc:  # collected: a thread's exception would be lost
                 errors.append(exc)
 
@@ -215,10 +216,10 @@ def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """`make reproduce` starts its first jobs together on a fresh clone: each opens the new
     SQLite store. MLflow creates the tables without a lock, so without the file lock in
-    `tracking.init` some of them fail ("table alembic_version already exists", or a
+    `store.init` some of them fail ("table alembic_version already exists", or a
     migration that matched no row); 4 of 4 such rounds failed here before the lock."""
 
-    code = "from experiments import tracking; tracking.init(); tracking.experiment_id('x')"
+    code = "from experiments.tracking import store; store.init(); store.experiment_id('x')"
     for attempt in range(2):
         env = {**os.environ, "MLRUNS_DIR": str(tmp_path / f"store{attempt}")}
         env.pop("MLFLOW_TRACKING_URI", None)

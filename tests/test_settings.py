@@ -6,11 +6,11 @@ import optuna
 import pytest
 from conftest import runs_in
 
-from experiments.__main__ import main
-from experiments.driver import run_step
-from experiments.settings import TrainConfig, resolve
-from experiments.space import Budget
-from experiments.study import make_storage
+from experiments.cli import main
+from experiments.core.settings import TrainConfig, resolve
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
+from experiments.search.study import make_storage
 
 TINY = dict(trials=2, epochs=1, train_subset=0, final_epochs=1, warmup_epochs=0)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments import tracking
-from experiments.driver import run_step
-from experiments.report import write_shift_report
-from experiments.shift import Mahalanobis, run_shift
-from experiments.space import Budget
+from experiments.analysis.shift import Mahalanobis, run_shift
+from experiments.reporting.report import write_shift_report
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
+from experiments.tracking import store
 
 
 def test_mahalanobis_scores_far_points_higher():
@@ -25,7 +25,18 @@ def test_mahalanobis_scores_far_points_higher():
     assert far.min() > near.max()
 
 
-def test_shift_command_on_tiny_data(study_data, tmp_path):
+def test_shift_command_on_tiny_data(study_data, tmp_path, monkeypatch):
+    import experiments.analysis.shift as shift
+    from data_tools import load_split
+
+    clusterings = []
+
+    class RecordedKMeans(shift.KMeans):  # the real k-means, its clusters kept for the check
+        def fit_predict(self, X, y=None, sample_weight=None):
+            clusterings.append(super().fit_predict(X, y, sample_weight))
+            return clusterings[-1]
+
+    monkeypatch.setattr(shift, "KMeans", RecordedKMeans)
     run_step("task1-step1", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     results = run_shift(("vgg",))
     metrics = results["vgg"].metrics
@@ -48,7 +59,13 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
         )
         assert metrics[f"k{k}_TEST_rest_acc"] == pytest.approx(mean / (rest_black + rest_white))
     assert metrics["selftrain_round0_pseudo_labelled"] % 6 == 0  # class-balanced
-    assert metrics["kmeans_new_purity"] >= 1 / 6
+    # purity: of the clusters k-means drew, against the labels of the images the background
+    # rule calls new (TEST's white half here), not of any other images
+    test = load_split("TEST", study_data, tmp_path / "cache")
+    truth = test.labels[shift.is_new_by_background(test.images)].numpy()
+    (clusters,) = clusterings
+    assert len(clusters) == len(truth) == 60
+    assert metrics["kmeans_new_purity"] == pytest.approx(shift.cluster_purity(truth, clusters))
     write_shift_report(tmp_path / "reports")
     text = (tmp_path / "reports" / "task1_shift.md").read_text()
     assert "| vgg     | background" in text and "Unsupervised adaptation" in text
@@ -57,15 +74,15 @@ def test_shift_command_on_tiny_data(study_data, tmp_path):
     write_shift_report(tmp_path / "reports")
     text = (tmp_path / "reports" / "task1_shift.md").read_text()
     assert "| vgg     | background" in text and "| hybrid  | background" in text  # both kept
-    tracking.init()
-    runs = MlflowClient().search_runs([tracking.experiment_id("task1-shift")])
+    store.init()
+    runs = MlflowClient().search_runs([store.experiment_id("task1-shift")])
     assert runs and runs[0].data.tags["label_use"].startswith("TRAIN labels")
     assert np.isclose(runs[0].data.metrics["auroc_background"], 1.0)
 
 
 def test_k_shot_sampler_never_evaluates_on_its_training_images(study_data):
     from data_tools import load_split
-    from experiments.shift import sample_k_shot
+    from experiments.analysis.shift import sample_k_shot
 
     test = load_split("TEST", study_data)
     for k in (1, 5):
@@ -80,8 +97,8 @@ def test_k_shot_sampler_never_evaluates_on_its_training_images(study_data):
 
 def test_self_training_uses_only_confident_class_balanced_pseudo_labels(study_data):
     from data_tools import load_split
-    from experiments.checkpoint import load_checkpoint
-    from experiments.shift import self_train
+    from experiments.analysis.shift import self_train
+    from experiments.training.checkpoint import load_checkpoint
 
     run = run_step("task1-step1", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     loaded = load_checkpoint(run.final_run_id)
@@ -96,7 +113,7 @@ def test_self_training_uses_only_confident_class_balanced_pseudo_labels(study_da
 def test_kmeans_purity_is_one_for_separable_clusters():
     import numpy as np
 
-    from experiments.shift import cluster_purity
+    from experiments.analysis.shift import cluster_purity
 
     truth = np.repeat(np.arange(6), 10)
     assert cluster_purity(truth, (truth + 3) % 6) == 1.0  # names do not matter, only the grouping

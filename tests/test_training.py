@@ -12,16 +12,17 @@ import torch
 from mlflow.tracking import MlflowClient
 from synthetic import write_study_data
 
-from experiments import config, tracking
-from experiments.__main__ import main as experiments_main
-from experiments.checkpoint import load_checkpoint
-from experiments.evaluation import score
-from experiments.inference import PREDICT_BATCH, predict_logits
-from experiments.preprocess import AUGMENTATIONS
-from experiments.runner import load_step_data, train_and_log
-from experiments.settings import TrainConfig
-from experiments.steps import STEPS, get_step, training_step
-from experiments.train import ema_decay_at, ema_warmup_multi_avg_fn, fit
+from experiments.cli import main as experiments_main
+from experiments.core import config
+from experiments.core.preprocess import AUGMENTATIONS
+from experiments.core.settings import TrainConfig
+from experiments.core.steps import STEPS, get_step, training_step
+from experiments.tracking import store
+from experiments.training.checkpoint import load_checkpoint
+from experiments.training.evaluation import score
+from experiments.training.inference import PREDICT_BATCH, predict_logits
+from experiments.training.runner import load_step_data, train_and_log
+from experiments.training.train import ema_decay_at, ema_warmup_multi_avg_fn, fit
 from models import MODELS, create_model
 
 FAST = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "patience": 5}
@@ -53,7 +54,7 @@ def test_same_seed_same_metrics_on_cpu(study_data):
 
 
 def test_split_is_stratified_and_disjoint():
-    from experiments.train import split_indices
+    from experiments.training.train import split_indices
 
     labels = torch.arange(6).repeat_interleave(50)
     train, val = split_indices(labels, 0.2, seed=0)
@@ -65,7 +66,7 @@ def test_split_is_stratified_and_disjoint():
 
 def test_train2_split_keeps_an_image_and_its_inversion_on_one_side(study_data):
     from data_tools import load_split
-    from experiments.train import dataset_split, split_indices
+    from experiments.training.train import dataset_split, split_indices
 
     train2 = load_split("TRAIN2", study_data)
     n = len(train2) // 2
@@ -117,7 +118,7 @@ def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data, tmp_
     data = load_step_data(get_step("task1-step1"))
     cfg = TrainConfig(model="efficientnet", **FAST)
     outcome = train_and_log(data, cfg, run_name="t")
-    tracking.init()
+    store.init()
     client = MlflowClient()
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -129,8 +130,10 @@ def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data, tmp_
         "data.TRAIN_fingerprint",
         "data.TEST2_fingerprint",
     } <= set(run.data.tags)
-    assert run.data.params["lr"] == "0.003" and run.data.params["width_mult"] == "0.5"
-    assert run.data.params["normalization"] == "half"
+    # every resolved setting is logged as the run trained it (FAST's and the defaults alike)
+    logged = {key: run.data.params.get(key) for key in cfg.flat()}
+    assert logged == {key: str(value) for key, value in cfg.flat().items()}
+    assert run.data.params["lr"] == str(FAST["lr"])  # a FAST value, not the default
     history = client.get_metric_history(outcome.run_id, "val_acc")
     assert [m.step for m in history] == list(range(len(outcome.result.history)))
     for key in (
@@ -164,7 +167,7 @@ def test_run_is_complete_in_mlflow_and_checkpoint_reproduces_it(study_data, tmp_
 
 
 def test_failed_run_ends_failed_with_reason(study_data, monkeypatch):
-    import experiments.runner as runner
+    import experiments.training.runner as runner
 
     def explode(*args, **kwargs):
         raise RuntimeError("loss is NaN")
@@ -173,8 +176,8 @@ def test_failed_run_ends_failed_with_reason(study_data, monkeypatch):
     data = load_step_data(get_step("task1-step2"))
     with pytest.raises(RuntimeError):
         train_and_log(data, TrainConfig(model="vgg", **FAST), run_name="boom")
-    tracking.init()
-    runs = MlflowClient().search_runs([tracking.experiment_id("task1-step2")])
+    store.init()
+    runs = MlflowClient().search_runs([store.experiment_id("task1-step2")])
     assert runs[0].info.status == "FAILED"
     assert (
         runs[0].data.tags["state"] == "FAIL" and "loss is NaN" in runs[0].data.tags["fail_reason"]
@@ -257,7 +260,7 @@ def test_task2_steps_validate_on_the_selection_split_and_never_train_on_it(study
 def test_a_task2_run_scores_its_best_epoch_on_the_selection_split(study_data):
     data = load_step_data(get_step("task2-step3"))
     outcome = train_and_log(data, TrainConfig(model="vgg", **FAST), run_name="t")
-    tracking.init()
+    store.init()
     run = MlflowClient().get_run(outcome.run_id)
     assert run.data.params["split.val_set"] == "SELECT2"
     assert run.data.params["split.train_images"] == str(len(data.train_set)) == "48"
@@ -275,7 +278,7 @@ def test_a_task2_run_scores_its_best_epoch_on_the_selection_split(study_data):
 def test_auto_precision_is_bf16_only_for_models_it_speeds_up(monkeypatch):
     import torch
 
-    from experiments import inference
+    from experiments.training import inference
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(inference, "cpu_has_bf16", lambda: True)
@@ -329,7 +332,7 @@ def test_ema_warms_up_so_the_initial_weights_and_batchnorm_statistics_leave_the_
 
 
 def test_sgd_without_momentum_is_plain_sgd_and_with_it_nesterov():
-    from experiments.train import make_optimizer
+    from experiments.training.train import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     plain = make_optimizer(TrainConfig(optimizer="sgd", momentum=0.0), params)
@@ -362,7 +365,7 @@ def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
     assert again.metrics[f"{data.val_set.name}_acc"] == pytest.approx(swa.best_val_acc)
     with pytest.raises(ValueError, match="choose one weight average"):
         TrainConfig(model="hybrid", swa_start=0.5, ema_decay=0.9)
-    from experiments.train import swa_first_epoch
+    from experiments.training.train import swa_first_epoch
 
     # the schedule runs at least one epoch first; a one-epoch run has no SWA
     assert swa_first_epoch(TrainConfig(swa_start=0.75, epochs=30)) == 22
@@ -372,7 +375,7 @@ def test_swa_averages_from_its_start_epoch_at_a_tenth_of_the_rate(study_data):
 
 
 def test_mixup_and_cutmix_mix_training_batches_only(study_data):
-    from experiments.train import batch_mixer
+    from experiments.training.train import batch_mixer
 
     assert batch_mixer(TrainConfig()) is None
     images, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 6
@@ -394,8 +397,8 @@ def test_mixup_and_cutmix_mix_training_batches_only(study_data):
 
 
 def test_elastic_augmentation_moves_strokes_and_keeps_the_shape():
-    from experiments.preprocess import Preprocessing
-    from experiments.space import SEARCHED_AUGMENTATIONS
+    from experiments.core.preprocess import Preprocessing
+    from experiments.search.space import SEARCHED_AUGMENTATIONS
 
     images = torch.zeros(8, 1, 28, 28)
     images[:, :, 6:22, 13:15] = 1.0  # a vertical stroke
@@ -409,22 +412,35 @@ def test_elastic_augmentation_moves_strokes_and_keeps_the_shape():
     assert "affine_elastic" not in SEARCHED_AUGMENTATIONS  # a lever, not searched
 
 
-def test_prediction_is_fp32_on_every_device_and_training_follows_its_precision(monkeypatch):
+def test_prediction_is_fp32_and_training_follows_its_precision():
     """Logged accuracies (scored on the training device) must be what the report's CPU reload
-    gives: no autocast in prediction, on CUDA too; training autocasts only when asked."""
-    import torch
+    gives: `predict_logits` never autocasts; `train_one_epoch` autocasts only when asked."""
+    from torch import nn
 
-    from experiments import inference
+    from experiments.training.inference import predict_logits
+    from experiments.training.train import Stepper, train_one_epoch
 
-    seen = []
-    monkeypatch.setattr(
-        torch, "autocast", lambda device_type, **kw: seen.append((device_type, kw["enabled"]))
-    )
-    for device in ("cpu", "cuda"):
-        inference.autocast(torch.device(device))
-        inference.autocast(torch.device(device), "fp32")
-        inference.autocast(torch.device(device), "bf16")
-    assert seen == [(d, e) for d in ("cpu", "cuda") for e in (False, False, True)]
+    class Probe(nn.Module):  # records whether its forward ran under bf16 autocast
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(28 * 28, 6)
+            self.autocast: list[bool] = []
+
+        def forward(self, x):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x.flatten(1))
+
+    probe = Probe()
+    images, labels = torch.rand(16, 1, 28, 28), torch.arange(16) % 6
+    predict_logits(probe, images)
+    assert probe.autocast and not any(probe.autocast)
+    for precision, expected in (("bf16", True), ("fp32", False), (None, False)):
+        probe.autocast.clear()
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.01)
+        step = Stepper(probe, optimizer, nn.CrossEntropyLoss(), 8, torch.Generator().manual_seed(0),
+                       precision=precision)  # fmt: skip
+        train_one_epoch(step, images, labels)
+        assert probe.autocast == [expected, expected]  # two batches of 8
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,0 +1,1 @@
+"""Analysis: Task 1 without TEST labels (new-script detectors, shift tools), ensembles."""

@@ -1,0 +1,1 @@
+"""Reporting: the comparison table and the generated findings."""

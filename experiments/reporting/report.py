@@ -1,0 +1,414 @@
+"""The comparison report: the best run of every study, side by side with the reference table.
+
+Reads runs only through `experiments.tracking.results` (DataFrames from
+`mlflow.search_runs`) and renders DataFrames to markdown, CSV and a heatmap.
+For each (step, model) cell it takes the study's `final` run (the best COMPLETE
+trial retrained on the whole training split); a study without one falls back
+to its best trial. Missing studies are empty cells, not errors. This module
+writes every markdown file of `reports/` (the comparison and Task 1's shift
+tables); the prose comes from `findings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from data_tools import load_split  # noqa: E402
+from experiments.analysis import ensemble  # noqa: E402
+from experiments.core import config
+from experiments.core.steps import STEPS, training_step  # noqa: E402
+from experiments.reporting import findings
+from experiments.serving import registry
+from experiments.tracking import results, store
+from experiments.training.checkpoint import load_checkpoint  # noqa: E402
+from experiments.training.inference import ProbabilityCache  # noqa: E402
+from models import MODELS, title  # noqa: E402
+
+REPORT_EXPERIMENT = "report"
+SHIFT_EXPERIMENT = "task1-shift"
+CELL_COLUMNS = [
+    "step",
+    "row",
+    "model",
+    "accuracy",
+    "reference",
+    "delta",
+    "black_acc",
+    "white_acc",
+    "best_val_acc",
+    "baseline_acc",
+    "searched_acc",
+    "searched_minus_baseline",
+    "selected",
+    "trials",
+    "run_id",
+    "source",
+]
+
+# TASKS.md, reference notebooks: accuracy on the evaluation set
+REFERENCE: dict[str, dict[str, float]] = {
+    "task1-step1": {"vgg": 0.59, "resnet": 0.57, "efficientnet": 0.57, "hybrid": 0.57},
+    "task1-step2": {"vgg": 0.53, "resnet": 0.55, "efficientnet": 0.54, "hybrid": 0.57},
+    "task2-step1": {"vgg": 0.22, "resnet": 0.19, "efficientnet": 0.15, "hybrid": 0.14},
+    "task2-step2": {"vgg": 0.96, "resnet": 0.92, "efficientnet": 0.95, "hybrid": 0.97},
+    "task2-step3": {"vgg": 0.96, "resnet": 0.96, "efficientnet": 0.96, "hybrid": 0.97},
+}
+
+
+def _cell(step_name: str, model: str) -> dict:
+    """One (step, model) cell: the study's final run, else its best trial, else empty."""
+    step = STEPS[step_name]
+    source = training_step(step_name)
+    reference = REFERENCE.get(step_name, {}).get(model)
+    cell = {"step": step_name, "row": step.row_label, "model": model, "reference": reference}
+    run, origin = results.final_run(source.name, model), "final"
+    if run is None:
+        run, origin = results.best_trial_run(source.name, model), "best-trial"
+    if run is None:
+        return cell
+    metrics = results.metrics_of(run)
+    evaluated = step.primary_eval
+    cell.update(
+        accuracy=metrics.get(f"{evaluated}_acc"),
+        black_acc=metrics.get(f"{evaluated}_black_acc"),
+        white_acc=metrics.get(f"{evaluated}_white_acc"),
+        best_val_acc=metrics.get("best_val_acc"),
+        run_id=run["run_id"],
+        source=origin,
+    )
+    parent_run = results.study_parent(source.name, model)
+    named = {  # the pair the study compared, as its parent names them
+        r: results.tag(parent_run, f"{r}_run") if parent_run is not None else ""
+        for r in ("baseline", "final")
+    }
+    baseline = (
+        results.run_metrics(named["baseline"])
+        if named["baseline"]
+        else results.metrics_of(results.role_run(source.name, model, "baseline"))
+    )
+    searched = (
+        results.run_metrics(named["final"])
+        if named["final"]
+        else results.metrics_of(results.role_run(source.name, model, "final"))
+    )
+    cell["baseline_acc"] = baseline.get(f"{evaluated}_acc")
+    cell["searched_acc"] = searched.get(f"{evaluated}_acc")
+    cell["selected"] = results.tag(run, "role") if results.tag(run, "selected") == "true" else ""
+    parent = results.metrics_of(results.study_parent(source.name, model))
+    if parent:
+        cell["trials"] = int(parent.get("trials_complete", 0) + parent.get("trials_pruned", 0))
+    return cell
+
+
+def collect(models: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per (declared step, model): the cells of the comparison table."""
+    rows = [_cell(step, model) for step in STEPS for model in (models or tuple(MODELS))]
+    cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    cells["delta"] = cells["accuracy"] - cells["reference"]
+    cells["searched_minus_baseline"] = cells["searched_acc"] - cells["baseline_acc"]
+    return cells
+
+
+def _fmt(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None or pd.isna(value):
+        return ""
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _cell_text(cell: pd.Series) -> str:
+    if pd.isna(cell["accuracy"]):
+        return ""
+    reference = ""
+    if pd.notna(cell["reference"]):
+        reference = f" ({_fmt(cell['reference'], 2)}, {_fmt(cell['delta'], 3, True)})"
+    return f"**{_fmt(cell['accuracy'])}**{reference}"
+
+
+def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows = steps, columns = models, each cell 'accuracy (reference, difference)'."""
+    text = cells.assign(text=cells.apply(_cell_text, axis=1))
+    table = text.pivot(index="row", columns="model", values="text")
+    rows = list(dict.fromkeys(cells["row"]))
+    models = list(dict.fromkeys(cells["model"]))
+    table = table.loc[rows, models].rename(columns=title)
+    table.index.name = "trained / evaluated"
+    return table.reset_index()
+
+
+def to_markdown(cells: pd.DataFrame) -> str:
+    details = cells[
+        ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc", "trials", "run_id"]
+    ].assign(run_id=cells["run_id"].fillna("").str[:12], source=cells["source"].fillna(""))
+    baselines = cells[cells["baseline_acc"].notna()][
+        ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
+    ]
+    lines = [
+        "# Comparison: best run of every study",
+        "",
+        "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
+        "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
+        "whichever has the higher validation accuracy; in brackets the reference notebooks' number",
+        "and the difference. Empty: no finished study yet.",
+        "",
+        comparison_table(cells).to_markdown(index=False),
+        "",
+        "## Details per cell",
+        "",
+        details.to_markdown(index=False, floatfmt=".4f", missingval=""),
+        "",
+        "## Searched against the hand-set defaults",
+        "",
+        "Every study also trains its model's hand-set defaults exactly like its final",
+        "(`role=baseline`; the defaults are also the study's trial 0). *searched*: the best",
+        "trial retrained; the study's answer (the cell above) is whichever of the two has the",
+        "higher validation accuracy on the full validation split (*selected*). Evaluation",
+        "accuracy on the step's evaluation set; measured after the fact, never used to choose.",
+        "",
+        baselines.to_markdown(index=False, floatfmt=".4f", missingval="")
+        if not baselines.empty
+        else "No baseline runs yet.",
+        "",
+        "## Steps",
+        "",
+    ]
+    for step in STEPS.values():
+        source = f" Cells come from the {step.source} studies." if step.kind == "reuse" else ""
+        lines.append(
+            f"- **{step.name}** ({step.row_label}, {step.kind}): {step.description}. "
+            f"Labels read: {step.label_use}.{source}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(cells: pd.DataFrame, path: Path) -> None:
+    values = cells.pivot(index="row", columns="model", values="accuracy")
+    rows, models = list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["model"]))
+    values = values.loc[rows, models].astype(float)
+    references = cells.pivot(index="row", columns="model", values="reference").loc[rows, models]
+    fig, ax = plt.subplots(figsize=(8.5, 1.5 + 0.55 * len(rows)))
+    ax.imshow(values.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), [title(m) for m in models])
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(rows):
+        for j, model in enumerate(models):
+            accuracy, reference = values.loc[row, model], references.loc[row, model]
+            text = "—" if np.isnan(accuracy) else f"{accuracy:.3f}"
+            if not np.isnan(accuracy) and pd.notna(reference):
+                text += f"\n(ref {_fmt(reference, 2)})"
+            color = "black" if not np.isnan(accuracy) and accuracy > 0.6 else "white"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_title("evaluation accuracy of each study's best run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
+    if frame.empty:
+        return []
+    table = pd.DataFrame(
+        {
+            "ensemble": frame["ensemble"],
+            "k": frame["k"],
+            "TTA": frame["tta"].map({True: "yes", False: "no"}),
+            "TEST2 acc": frame["accuracy"].map(lambda v: f"**{_fmt(v, 4)}**"),
+            "members": frame["members_text"],
+        }
+    )
+    return [
+        "",
+        "## Ensembles and test-time augmentation (TEST2)",
+        "",
+        "Softmax averages of final runs. *best k*: a step's k final runs with the highest",
+        "validation accuracy on that step's own split; *all*: every final run of the Task 2 steps",
+        "that train on labelled TEST images, a rule fixed in advance. TEST2 labels only score.",
+        "TTA: each member averaged over the image and its four one-pixel shifts.",
+        "",
+        table.to_markdown(index=False),
+    ]
+
+
+def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = True) -> list[str]:
+    """The two champions first: their rule (validation only), selection and evaluation numbers.
+    `test2_cache`: TEST2 probabilities shared with the ensembles; `tta=False` leaves the TEST2
+    cell of the TTA candidates other than the champion empty (`make report TTA=1` fills it)."""
+    lines = ["## Champions (chosen on validation only; evaluation measured after)", ""]
+    field = registry.task2_candidates()  # SELECT2 predicted once for the table and the rule
+    table = registry.candidates_table("TEST2", field, test2_cache, tta)
+    for task, evaluated in ((1, "TEST"), (2, "TEST2")):
+        try:
+            champion = registry.choose(task, field if task == 2 else None)
+        except RuntimeError as exc:
+            lines.append(f"- Task {task}: no champion yet ({exc}).")
+            continue
+        runs = ", ".join(run_id[:12] for run_id in champion.run_ids)
+        measured = registry.task1_measures(champion) if champion.detector else {}
+        if task == 2:
+            row = table[table["champion"]].iloc[0]
+            evaluation = float(row[f"{evaluated}_acc (measured after)"])
+        else:
+            evaluation = measured.get("TEST_acc") or registry.accuracy_on(champion, evaluated)
+        lines.append(
+            f"- **Task {task}**: {champion.label} (run {runs}), selection accuracy "
+            f"{champion.selection_acc:.4f}, **{evaluated} {evaluation:.4f}**. "
+            f"Rule: {registry.RULES[task]}."
+        )
+        if champion.detector:
+            lines += task1_detector_lines(champion, measured)
+    if not table.empty:
+        lines += [
+            "",
+            "### Task 2 candidates (the rule's whole field; TEST2 measured after the choice)",
+            "",
+            "Study answers validated on SELECT2 and the fixed-recipe ensembles, with and "
+            "without TTA. Only the selection column chooses; a higher TEST2 number elsewhere "
+            "would be hindsight."
+            + (
+                ""
+                if tta
+                else " TEST2 of the TTA rows other than the champion: `make report TTA=1`."
+            ),
+            "",
+            _with_dashes(table).to_markdown(index=False, floatfmt=".4f"),
+        ]
+    return ["", *lines, ""]
+
+
+def _with_dashes(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with each unmeasured (NaN) number written as a dash."""
+    shown = table.copy()
+    for column in shown.columns[shown.isna().any()]:
+        shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{v:.4f}")
+    return shown
+
+
+def task1_detector_lines(champion, measured: dict[str, float]) -> list[str]:
+    """The Task 1 detector: its TRAIN-only proxy scores, then TEST measured after the fact,
+    beside the hindsight-best (model, detector) pair of the shift analysis."""
+    detector = champion.detector
+    proxy = ", ".join(f"{k} {v:.3f}" for k, v in detector["proxy_auroc"].items())
+    lines = [
+        f"  - Detector **{detector['name']}**, {detector['chosen_by']}; AUROC on the "
+        f"TRAIN-only proxy ({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
+        f"({detector['refuse_fraction']:.0%} of TRAIN validation refused).",
+        f"  - On TEST, measured after: new-script AUROC {measured['auroc']:.3f}, coverage "
+        f"{measured['coverage']:.3f}, accuracy on the answered images "
+        f"{measured['answered_acc']:.3f} (all TEST {measured['TEST_acc']:.3f}).",
+    ]
+    pairs = [
+        (value, model, key[len("auroc_") :])
+        for model, metrics in shift_metrics().items()
+        for key, value in metrics.items()
+        if key.startswith("auroc_") and key != "auroc_background"
+    ]
+    if pairs:
+        value, model, name = max(pairs)
+        lines.append(
+            f"  - Hindsight (picked by TEST AUROC, not a result): {model} + {name}, "
+            f"AUROC {value:.3f}."
+        )
+    return lines
+
+
+def shift_metrics() -> dict[str, dict[str, float]]:
+    """The newest `task1-shift` run's metrics per model (empty without `make task1-shift`)."""
+    frame = results.runs(SHIFT_EXPERIMENT, state=None, newest=True, step=SHIFT_EXPERIMENT)
+    if frame.empty:
+        return {}
+    return {row["tags.model"]: results.metrics_of(row) for _, row in frame.iterrows()}
+
+
+def write_shift_report(out: str | Path | None = None) -> Path:
+    """reports/task1_shift.md from every model's newest shift run."""
+    out_dir = config.reports_dir(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "task1_shift.md"
+    path.write_text(findings.shift_markdown(shift_metrics()))
+    return path
+
+
+def build_report(
+    out: str | Path | None = None, ensemble_k: int = 0, tta: bool = False
+) -> tuple[Path, pd.DataFrame]:
+    """Write comparison.md/.csv/.png into `out` and log them to a `report` run.
+
+    `ensemble_k` > 0 adds the ensemble rows (best k of each TEST2 step, and all
+    Task 2 labelled runs together), `tta` their test-time-augmented twins. The
+    Task 1 section comes from the `task1-shift` runs. An empty store is an
+    error: nothing is written and no `report` run is made.
+    """
+    cells = collect()
+    if cells["accuracy"].isna().all():
+        raise RuntimeError(
+            f"no finished study in the tracking store {config.mask_secrets(config.tracking_uri())}: "
+            "run `make reproduce` (or a step's make target) first"
+        )
+    out_dir = config.reports_dir(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensembles = []
+    test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
+    test2_cache = ProbabilityCache(test2.images, load_checkpoint)  # each run predicted once
+    if ensemble_k > 0:
+        tta_options = (False, True) if tta else (False,)
+        ensembles = ensemble.run_ensembles(ensemble_k, tta_options, test2, test2_cache)
+    frame = ensemble.to_frame(ensembles)
+    shift = shift_metrics()
+    figure = out_dir / "figures" / "label_efficiency.png"
+    has_figure = findings.plot_label_efficiency(shift, figure)
+    title_line, _, body = to_markdown(cells).partition("\n")
+    text = "\n".join(
+        [
+            title_line,
+            *champions_markdown(test2_cache, tta),
+            body.rstrip("\n"),
+            *findings.search_conditions(cells, len(MODELS)),
+            *ensembles_markdown(frame),
+            *findings.task2_section(cells, frame),
+            *findings.task1_section(shift, "figures/label_efficiency.png" if has_figure else None),
+        ]
+    )
+    (out_dir / "comparison.md").write_text(text + "\n")
+    cells.to_csv(out_dir / "comparison.csv", index=False)
+    plot_heatmap(cells, out_dir / "comparison.png")
+    written = ["comparison.md", "comparison.csv", "comparison.png"]
+    if ensembles:
+        frame.drop(columns="members_text").to_csv(out_dir / "ensembles.csv", index=False)
+        written.append("ensembles.csv")
+    _log_report(out_dir, written, figure if has_figure else None, cells, ensembles, ensemble_k, tta)
+    return out_dir, cells
+
+
+def _log_report(out_dir, written, figure, cells, ensembles, ensemble_k, tta) -> None:
+    experiment = store.experiment_id(REPORT_EXPERIMENT)
+    with mlflow.start_run(
+        experiment_id=experiment, run_name="report", tags=store.environment_tags()
+    ):
+        for name in written:
+            mlflow.log_artifact(str(out_dir / name))
+        if figure is not None:
+            mlflow.log_artifact(str(figure), artifact_path="figures")
+        mlflow.log_metric("cells_filled", int(cells["accuracy"].notna().sum()))
+        mlflow.log_params({"ensemble_k": ensemble_k, "tta": tta})
+        mlflow.log_metrics(ensemble.summary(ensembles))
+        for r in ensembles:
+            mlflow.set_tag(f"members.{r.name}", ensemble.members_text(r.members)[:4000])
+
+
+def row_text(step_name: str, cells: pd.DataFrame | None = None) -> str:
+    """One step's row as a line of text, for the make targets."""
+    cells = collect() if cells is None else cells
+    row = cells[cells["step"] == step_name]
+    parts = [
+        f"{c['model']} {_fmt(c['accuracy']) or '—'}"
+        + (f" (ref {_fmt(c['reference'], 2)})" if pd.notna(c["reference"]) else "")
+        for _, c in row.iterrows()
+    ]
+    return f"{STEPS[step_name].row_label}: " + ", ".join(parts)

@@ -1,0 +1,541 @@
+"""The driver: one dispatcher runs every kind of step, for `search`, `train` and the workers.
+
+| kind        | `run_step` does                                                      |
+|-------------|----------------------------------------------------------------------|
+| `search`    | the study (trials), then its best trial retrained (`final`)          |
+| `fine_tune` | the same, from the source step's model, in the fine-tuning space     |
+| `retrain`   | the source study's best trial retrained with the step's settings     |
+| `reuse`     | the source step's study (its runs hold this step's cells)            |
+
+Every run's settings come from `settings.resolve` (defaults < base < searched
+< role < the step's fixed settings < the user's `--set`). The objective and
+every choice read only the validation split of the training set; evaluation
+sets are scored after training, for the record.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from experiments.core import config
+from experiments.core.settings import TrainConfig
+from experiments.core.steps import Step, get_step, training_step
+from experiments.search import study
+from experiments.search.configs import (
+    base_settings,
+    baseline_config,
+    baseline_key,
+    check_settings,
+    default_trial_params,
+    pinned,
+    run_config,
+    run_key,
+    train_images,
+)
+from experiments.search.space import Budget, Pinned, suggest, suggest_fine_tune
+from experiments.tracking import results, store
+from experiments.training.runner import RunOutcome, StepData, load_step_data, train_and_log
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    parent_run_id: str
+    best_trial: int
+    best_params: dict[str, Any]
+    best_val_acc: float
+    final_run_id: str | None
+    final_metrics: dict[str, float]
+
+
+def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
+    return {"pretrained_run": cfg.init_from, "freeze": cfg.freeze} if cfg.init_from else {}
+
+
+def warm_start(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    parent: str,
+) -> None:
+    """Enqueue the best params of the related step's study (if it exists) as trial 1."""
+    if step.warm_start is None:
+        return
+    name = study.study_name(step.warm_start, model)
+    try:
+        source = optuna.load_study(study_name=name, storage=study.make_storage(storage_url))
+    except KeyError:
+        return
+    best = study.best_complete_trial(source)
+    if best is None or best.user_attrs.get("defaults"):  # the defaults are trial 0 already
+        return
+    keep = pinned(step, model, budget)
+    params = {k: v for k, v in best.params.items() if k not in keep}
+    handle.enqueue_trial(params, user_attrs={"warm_start_from": f"{name}#{best.number}"})
+    MlflowClient().set_tag(parent, "warm_start_from", f"{name} trial {best.number}")
+    print(f"[{handle.study_name}] warm start: {name} trial {best.number} enqueued", flush=True)
+
+
+def make_objective(data: StepData, model: str, parent: str, budget: Budget, base: dict[str, Any]):
+    """A trial: suggest (pinned settings kept), resolve, train on the subset, report per epoch."""
+    suggest_fn = suggest_fine_tune if data.step.kind == "fine_tune" else suggest
+    keep = pinned(data.step, model, budget)
+    images = train_images(data, model, budget)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_fn(Pinned(trial, keep), model)
+        role = budget.trial_role(params, images, trial.number)
+        cfg = run_config(data.step, model, budget, base, params, role)
+
+        def report(row: dict[str, float]) -> None:
+            trial.report(row["val_acc"], int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {int(row['epoch'])}")
+
+        outcome = train_and_log(
+            data,
+            cfg,
+            run_name=f"trial-{trial.number}",
+            parent_run_id=parent,
+            extra_tags={
+                "study": study.study_name(data.step.name, model),
+                "trial_number": str(trial.number),
+                "role": "trial",
+                **_transfer_tags(cfg),
+            },
+            on_epoch=[report],
+            log_figures=False,
+            score=budget.score_trials,
+            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+        )
+        return outcome.result.best_val_acc
+
+    return objective
+
+
+def train_final(
+    data: StepData,
+    cfg: TrainConfig,
+    name: str,
+    trial: int | None,
+    parent: str | None = None,
+    **tags: str,
+) -> RunOutcome:
+    """The `final` run of a study: train, log tags that the report finds it by, log the model
+    once. `trial`: the retrained trial's number (None: a recipe, no trial)."""
+    outcome = train_and_log(
+        data,
+        cfg,
+        run_name="final",
+        parent_run_id=parent,
+        extra_tags={
+            "study": name,
+            "role": "final",
+            "best": "true",
+            **({"retrain_of_trial": str(trial)} if trial is not None else {}),
+            **_transfer_tags(cfg),
+            **tags,
+        },
+        log_model=True,
+    )
+    return outcome
+
+
+def run_step(
+    step_name: str,
+    model: str,
+    budget: Budget | None = None,
+    storage_url: str | None = None,
+    data: StepData | None = None,
+    final: bool = True,
+    workers: int = 1,
+) -> StudyResult:
+    """Run (or resume) what step `step_name` declares for `model`; see the module's table."""
+    budget = budget or Budget()
+    step = training_step(step_name)
+    if step is not get_step(step_name):
+        print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
+    # everything is checked before anything exists: settings, storage, then the data
+    check_settings(step, model, budget)
+    study.check_storage(storage_url)
+    data = data or load_step_data(step)
+    if step.kind == "retrain":
+        return retrain_best(step, model, budget, storage_url, data)
+    if step.kind == "recipe":
+        return train_recipe(step, model, budget, data, storage_url)
+    return search_step(step, model, budget, storage_url, data, final, workers)
+
+
+def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | None):
+    """Create or load the study and its parent run, and fail trials left RUNNING by a dead process.
+
+    Runs once in the launcher, before any worker starts, so that the database,
+    the experiment, the study and the parent run are created by one process.
+    """
+    store.init()
+    handle = study.load_or_create_study(step.name, model, study.make_storage(storage_url), budget)
+    stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
+    if stale:
+        print(f"[{handle.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
+    orphans = [] if study.is_rdb(storage_url) else end_orphans(step, handle.study_name)
+    if orphans:
+        print(f"[{handle.study_name}] ended interrupted runs {orphans} as KILLED", flush=True)
+    parent = study.ensure_parent_run(
+        handle, step.name, model, config.study_storage(storage_url), budget
+    )
+    return handle, parent
+
+
+def end_orphans(step: Step, name: str) -> list[str]:
+    """End the study's parent, `final` and `baseline` runs left RUNNING by a process that died.
+
+    Called by the launcher before it starts anything, like `fail_stale_trials`, and
+    only with the single-machine journal storage: then no other process of this
+    study is alive (trials are handled there). With a shared RDB another machine's
+    launcher may be running them, so they are left alone.
+    """
+    client = MlflowClient()
+    ended = []
+    for _, run in results.running(step.name, name).iterrows():
+        if results.tag(run, "role") in ("final", "study", "baseline"):
+            store.mark_interrupted(client, run["run_id"])
+            ended.append(f"{results.tag(run, 'role')} {run['run_id'][:8]}")
+    return ended
+
+
+def search_step(
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    data: StepData,
+    final: bool,
+    workers: int,
+) -> StudyResult:
+    """A study until it holds `budget.trials` finished trials, then its best trial retrained."""
+    handle, parent = prepare_study(step, model, budget, storage_url)
+    try:
+        check_data(handle, data)
+        check_profile(handle, budget)
+        base = study_base(handle, step, model, budget, parent)  # before any worker starts
+        enqueue_starts(handle, step, model, budget, storage_url, parent, base)
+        finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
+        remaining = max(0, budget.trials - finished)
+        print(
+            f"[{handle.study_name}] {finished} finished trials, running {remaining} more",
+            flush=True,
+        )
+        if remaining and workers > 1:
+            entry = [sys.executable, "-m", "experiments", "worker"]  # runs `worker_main`
+            study.spawn_workers(entry, step.name, model, budget, storage_url, remaining, workers)
+        elif remaining:
+            objective = make_objective(data, model, parent, budget, base)
+            study.optimize(handle, objective, remaining, budget.timeout)
+        return finish_study(handle, step, model, parent, budget, data, base, final)
+    except BaseException as exc:
+        study.end_parent(parent, exc)
+        raise
+
+
+def check_data(handle: optuna.Study, data: StepData) -> None:
+    """A study's trials are comparable only on one training and validation set: a study is
+    resumed on the data it started with, never on other data."""
+    recorded = handle.user_attrs.get("data_key")
+    if recorded is None and not handle.trials:
+        handle.set_user_attr("data_key", data.data_key)
+    elif recorded != data.data_key:
+        known = f"data key {recorded}" if recorded else "a study from before data keys"
+        raise ValueError(
+            f"study {handle.study_name}: its trials were scored on other data ({known}, now "
+            f"{data.data_key}); use another store (MLRUNS_DIR) or delete the study"
+        )
+
+
+def check_profile(handle: optuna.Study, budget: Budget) -> None:
+    """A study's trials are comparable only at one budget profile (their subsets and epochs):
+    a study started at one profile is never continued at another (`auto` differs by machine)."""
+    # a study from before profiles ran at the one budget there was then: cpu's
+    recorded = handle.user_attrs.get("budget_profile", "cpu" if handle.trials else None)
+    if recorded is None:
+        handle.set_user_attr("budget_profile", budget.profile)
+    elif recorded != budget.profile:
+        raise ValueError(
+            f"study {handle.study_name}: its trials ran at the {recorded} budget profile, now "
+            f"{budget.profile}; use --profile {recorded} (PROFILE={recorded}) or another store "
+            "(MLRUNS_DIR)"
+        )
+
+
+def study_base(
+    handle: optuna.Study, step: Step, model: str, budget: Budget, parent: str
+) -> dict[str, Any]:
+    """The study's base settings; a fine-tune study keeps the pretrained run it started from."""
+    pretrained = handle.user_attrs.get("pretrained_run")
+    base = base_settings(step, model, budget, create=True, run_id=pretrained)
+    if base.get("init_from") and pretrained is None:
+        handle.set_user_attr("pretrained_run", base["init_from"])
+        MlflowClient().set_tag(parent, "pretrained_run", base["init_from"])
+    return base
+
+
+def enqueue_starts(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    parent: str,
+    base: dict[str, Any],
+) -> None:
+    """Trial 0 is the hand-set defaults, then the warm start; each enqueued again if a crash
+    left it FAIL, so a resumed study never loses them."""
+    alive = [t for t in handle.trials if t.state != TrialState.FAIL]
+    if not any(t.user_attrs.get("defaults") for t in alive):
+        handle.enqueue_trial(
+            default_trial_params(step, model, budget, base), user_attrs={"defaults": True}
+        )
+    if not any(t.user_attrs.get("warm_start_from") for t in alive):
+        warm_start(handle, step, model, budget, storage_url, parent)
+
+
+def worker_main(
+    step_name: str, model: str, quota: int, threads: int, index: int, budget: Budget
+) -> int:
+    """One worker process: join the prepared study and add `quota` finished trials."""
+    torch.set_num_threads(threads)
+    store.init()
+    step = training_step(step_name)
+    handle = study.join_study(step.name, model, budget, index)
+    parent = handle.user_attrs["mlflow_parent_run_id"]
+    base = base_settings(step, model, budget, False, handle.user_attrs.get("pretrained_run"))
+    objective = make_objective(load_step_data(step), model, parent, budget, base)
+    return study.optimize(handle, objective, quota, budget.timeout)
+
+
+def finish_study(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    parent: str,
+    budget: Budget,
+    data: StepData,
+    base: dict[str, Any],
+    final: bool,
+) -> StudyResult:
+    """Tag the best trial, retrain it on the full split (once), train the baseline (once),
+    select the better of the two by validation accuracy, fill the parent run."""
+    best = study.best_complete_trial(handle)
+    if best is None:
+        states = {t.number: t.state.name for t in handle.trials}
+        raise RuntimeError(
+            f"study {handle.study_name} has no COMPLETE trial ({states}); "
+            "see the fail_reason tags of its trial runs in MLflow"
+        )
+    study.tag_best_trials(handle, best)
+    final_run_id = handle.user_attrs.get("final_run_id")
+    final_metrics: dict[str, float] = {}
+    role = budget.final_role(best.params, train_images(data, model, budget))
+    cfg = run_config(step, model, budget, base, best.params, role)
+    key = run_key(cfg, data)  # a new budget, seed, --set or data: a new final
+    if final and (final_run_id is None or handle.user_attrs.get("final_key") != key):
+        print(
+            f"[{handle.study_name}] retraining trial {best.number} on the full training split",
+            flush=True,
+        )
+        tags = {}
+        if best.user_attrs.get("defaults") and baseline_key(step, model, budget, data, base) == key:
+            tags = {"baseline_key": key, "also_baseline": "true"}  # trial 0 won: one run
+        outcome = train_final(data, cfg, handle.study_name, best.number, parent, **tags)
+        handle.set_user_attr("final_run_id", outcome.run_id)
+        handle.set_user_attr("final_of_trial", best.number)
+        handle.set_user_attr("final_key", key)
+        final_run_id, final_metrics = outcome.run_id, outcome.metrics
+    elif final_run_id:
+        final_metrics = results.run_metrics(final_run_id)
+    if final and final_run_id:
+        baseline_id, baseline_metrics = train_baseline(
+            handle, step, model, parent, budget, data, base
+        )
+        select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
+    study.log_parent(handle, best, parent)
+    return StudyResult(
+        handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
+    )
+
+
+def train_baseline(
+    handle: optuna.Study,
+    step: Step,
+    model: str,
+    parent: str,
+    budget: Budget,
+    data: StepData,
+    base: dict[str, Any],
+) -> tuple[str, dict[str, float]]:
+    """The hand-set defaults trained exactly like a final (`role=baseline`), once per settings
+    and data: trial 0's settings (each default as the search space holds it, e.g. a weight
+    decay of 0 at the range's lower bound), so that when trial 0 wins, final and baseline
+    are one run (the final, tagged `also_baseline`)."""
+    cfg = baseline_config(step, model, budget, data, base)
+    key = run_key(cfg, data)
+    found = results.runs(step.name, model=model, role="baseline", baseline_key=key)
+    if found.empty:  # the defaults trial won: its final is the baseline
+        found = results.runs(step.name, model=model, role="final", baseline_key=key)
+    if not found.empty:
+        return found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
+    print(f"[{handle.study_name}] training the baseline (hand-set defaults)", flush=True)
+    outcome = train_and_log(
+        data,
+        cfg,
+        run_name="baseline",
+        parent_run_id=parent,
+        extra_tags={
+            "study": handle.study_name,
+            "role": "baseline",
+            "baseline_key": key,
+            **_transfer_tags(cfg),
+        },
+        log_model=True,
+    )
+    return outcome.run_id, outcome.metrics
+
+
+def _answers(frame) -> set[str]:
+    """Run ids of a study's earlier finals and baselines (candidates of an earlier selection)."""
+    if frame.empty or "tags.role" not in frame:
+        return set()
+    return set(frame.loc[frame["tags.role"].isin(["final", "baseline"]), "run_id"])
+
+
+def select(
+    handle: optuna.Study,
+    parent: str,
+    final_id: str,
+    final_metrics: dict[str, float],
+    baseline_id: str,
+    baseline_metrics: dict[str, float],
+) -> str:
+    """The study's model: the best trial's retrain or the baseline, whichever has the higher
+    validation accuracy on the same full validation split (ties: the searched one).
+
+    Reads validation only; evaluation sets are never consulted.
+    """
+    searched = final_metrics.get("best_val_acc", -1.0)
+    defaults = baseline_metrics.get("best_val_acc", -1.0)
+    chosen = final_id if searched >= defaults else baseline_id
+    client = MlflowClient()
+    step_name, model = handle.study_name.split("/", 1)
+    earlier = results.runs(step_name, model=model, state=None, study=handle.study_name)
+    for run_id in _answers(earlier) | {final_id, baseline_id}:  # one selected run per study
+        client.set_tag(run_id, "selected", "true" if run_id == chosen else "false")
+    client.set_tag(parent, "selected_run", chosen)
+    client.set_tag(parent, "selected_role", "final" if chosen == final_id else "baseline")
+    client.set_tag(parent, "baseline_run", baseline_id)
+    client.set_tag(parent, "final_run", final_id)
+    handle.set_user_attr("selected_run_id", chosen)
+    print(
+        f"[{handle.study_name}] selected the {'searched final' if chosen == final_id else 'baseline'}"
+        f" (validation {max(searched, defaults):.4f}; final {searched:.4f}, baseline {defaults:.4f})",
+        flush=True,
+    )
+    return chosen
+
+
+def retrain_best(
+    step: Step, model: str, budget: Budget, storage_url: str | None, data: StepData
+) -> StudyResult:
+    """A `retrain` step: the best trial of the source study retrained with the step's settings.
+
+    The run is the step's `final` (tags study, role=final, best=true, params_from,
+    retrain_of_trial); it is made once per source trial and found again after.
+    """
+    store.init()
+    source_name = study.study_name(step.source, model)
+    try:
+        source = optuna.load_study(study_name=source_name, storage=study.make_storage(storage_url))
+    except KeyError:
+        raise RuntimeError(
+            f"{step.name} retrains the best trial of {source_name}, which does not exist yet: "
+            f"run `make {step.source} MODELS={model}` first"
+        ) from None
+    check_data(source, data)  # the source's trials were scored on the data this step trains on
+    best = study.best_complete_trial(source)
+    if best is None:
+        raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")
+    name = study.study_name(step.name, model)
+    if not study.is_rdb(storage_url):
+        end_orphans(step, name)
+    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
+    cfg = run_config(step, model, budget, {}, best.params, role)
+    run_id, metrics = final_once(
+        step, model, name, cfg, data, f"retraining {source_name} trial {best.number}",
+        best.number, params_from=source_name,
+    )  # fmt: skip
+    return StudyResult(name, "", best.number, best.params, best.value, run_id, metrics)
+
+
+def final_once(
+    step: Step,
+    model: str,
+    name: str,
+    cfg: TrainConfig,
+    data: StepData,
+    what: str,
+    trial: int | None,
+    **tags: str,
+) -> tuple[str, dict[str, float]]:
+    """A retrain's or a recipe's `final`, made once: found again by its resolved settings and
+    data (`retrain_key`, and `tags`), else trained. Returns (run id, metrics)."""
+    key = run_key(cfg, data)  # other settings (a --set, a seed) or data: another run
+    found = results.runs(step.name, model=model, role="final", study=name, retrain_key=key, **tags)
+    if not found.empty:
+        run = found.iloc[0]
+        print(f"[{name}] already trained: run {run['run_id']}", flush=True)
+        return run["run_id"], results.metrics_of(run)
+    flat = cfg.flat()  # model knobs included
+    shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))  # as resolved
+    print(f"[{name}] {what}: {shown}", flush=True)
+    outcome = train_final(data, cfg, name, trial, retrain_key=key, **tags)
+    return outcome.run_id, outcome.metrics
+
+
+def train_recipe(
+    step: Step, model: str, budget: Budget, data: StepData, storage_url: str | None = None
+) -> StudyResult:
+    """A `recipe` step: no search; the step's settings for `model` trained once on the whole
+    split as the step's `final` (tag `recipe=true`), found again by its settings and data."""
+    store.init()
+    name = study.study_name(step.name, model)
+    if not study.is_rdb(storage_url):  # with a shared RDB, another machine may be training it
+        end_orphans(step, name)
+    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.settings_for(model)}
+    cfg = run_config(step, model, budget, {}, {}, role)
+    run_id, metrics = final_once(
+        step, model, name, cfg, data, "training the recipe", None, recipe="true"
+    )
+    return StudyResult(name, "", -1, {}, metrics.get("best_val_acc", float("nan")), run_id, metrics)
+
+
+def train_once(
+    step_name: str, model: str, user: dict[str, Any], data_dir: str | None = None
+) -> tuple[Step, RunOutcome]:
+    """The `train` command: one run of `step_name` with its defaults, settings and the user's."""
+    step = training_step(step_name)
+    budget = Budget(overrides=user)
+    role = step.settings_for(model) if step.kind in ("retrain", "recipe") else {}
+    check_settings(step, model, budget)
+    data = load_step_data(step, data_dir)
+    base = base_settings(step, model, budget, create=True)
+    if base.get("init_from"):
+        print(f"fine-tuning the pretrained run {base['init_from']}")
+    cfg = run_config(step, model, budget, base, {}, role)
+    return step, train_and_log(data, cfg, run_name=f"train-{cfg.model}")

@@ -1,0 +1,1 @@
+"""Serving: the Model Registry's champions, the pyfunc model, `predict`."""

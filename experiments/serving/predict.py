@@ -1,0 +1,109 @@
+"""`python -m experiments predict`: a trained model applied to new `.npy` files.
+
+The model is an MLflow model URI (`models:/glyph-task2@champion`, `runs:/<id>/model`)
+or a run id (its logged model, else its checkpoint). Inputs pass the same strict
+reader as the datasets (`data_tools.reader.read_inputs`): a bad file is one error
+line and nothing is written. The output CSV has one row per image: path,
+predicted class (the class folder name, 1..6), its probability, and where the
+model carries a new-script detector, its score and `unknown`. With class
+folders the labels are known, and accuracy, coverage and accuracy on the
+answered images are printed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from data_tools.reader import read_inputs
+from experiments.core.steps import STEPS, training_step
+from experiments.serving.pyfunc_model import classify
+from experiments.tracking import results, store
+from experiments.training.checkpoint import RUN_ID, load_checkpoint
+
+BATCH = 2048
+
+
+def model_uri(source: str) -> str:
+    """An MLflow model URI for `source`: a URI as given, or a run id's logged model."""
+    if source.startswith(("models:/", "runs:/")) or "://" in source:
+        return source
+    if RUN_ID.fullmatch(source):
+        return f"runs:/{source}/model"
+    raise ValueError(f"--model {source}: expected an MLflow model URI, a run id or STEP/MODEL")
+
+
+class _CheckpointModel:
+    """A run without a logged MLflow model (a trial, a `train` run): its checkpoint, same output."""
+
+    def __init__(self, run_id: str):
+        self.loaded = load_checkpoint(run_id)
+
+    def predict(self, images: np.ndarray) -> pd.DataFrame:
+        return classify(self.loaded, images)
+
+
+def load_model(source: str):
+    """The model behind `source` (its MLflow model, else a run's checkpoint); one-line errors."""
+    uri = model_uri(source)  # a malformed source fails before any store is opened or made
+    store.init()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises several types for a missing model, run or alias
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if RUN_ID.fullmatch(source):
+            try:
+                return _CheckpointModel(source)
+            except (OSError, ValueError):
+                pass
+        raise ValueError(f"--model {source}: cannot load {uri} ({first[:200]})") from None
+
+
+def predict_files(paths: list[str], source: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Predictions for every image under `paths`, and the known labels (-1: none)."""
+    raw = read_inputs(paths)  # every file checked before anything is predicted or written
+    model = load_model(source)
+    images = raw.images[:, None]
+    parts = [model.predict(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    frame.insert(0, "path", list(raw.files))
+    return frame, raw.labels
+
+
+def summary(frame: pd.DataFrame, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, coverage and accuracy on the answered images, over the labelled rows."""
+    known = labels >= 0
+    if not known.any():
+        return {}
+    right = frame["predicted"].to_numpy()[known] == labels[known] + 1
+    out = {"labelled": int(known.sum()), "accuracy": float(right.mean())}
+    if "unknown" in frame:
+        answered = ~frame["unknown"].to_numpy(dtype=bool)[known]
+        out["coverage"] = float(answered.mean())
+        out["answered_accuracy"] = float(right[answered].mean()) if answered.any() else float("nan")
+    return out
+
+
+def write_csv(frame: pd.DataFrame, out: Path) -> None:
+    """Write atomically: a half-written CSV never appears under `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        frame.to_csv(tmp.name, index=False)
+    os.replace(tmp.name, out)
+
+
+def resolve_source(source: str) -> str:
+    """`STEP/MODEL` (a declared step's study answer) as a run id; anything else as given."""
+    step, slash, model = source.partition("/")
+    if not slash or step not in STEPS or source.startswith(("models:", "runs:")):
+        return source
+    run = results.final_run(training_step(step).name, model)
+    if run is None:
+        raise ValueError(f"--model {source}: no finished study of that step and model")
+    return run["run_id"]

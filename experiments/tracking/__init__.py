@@ -1,0 +1,1 @@
+"""Tracking: the MLflow plumbing (store.py) and the one module that queries runs (results.py)."""

@@ -1,0 +1,1 @@
+"""Training: the loop, inference, scoring, self-describing checkpoints, one tracked run."""

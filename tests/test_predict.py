@@ -101,3 +101,42 @@ def test_every_experiment_carries_its_step_description(tmp_path):
         experiment = MlflowClient().get_experiment(experiment_id)
         note = experiment.tags["mlflow.note.content"]
         assert note and (name not in STEPS or note.startswith(STEPS[name].description))
+
+
+OLD_LAYOUT_MODEL = """
+import mlflow
+
+
+class Old(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from experiments.checkpoint import load_checkpoint  # the module before the move
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+mlflow.models.set_model(Old())
+"""
+
+
+def test_a_model_registered_by_the_older_layout_says_how_to_re_promote(tmp_path, capsys):
+    import mlflow
+
+    from experiments.cli import main
+    from experiments.tracking import store
+
+    store.init()
+    code = tmp_path / "old_model.py"
+    code.write_text(OLD_LAYOUT_MODEL)
+    with mlflow.start_run(experiment_id=store.experiment_id("old")) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=str(code))
+    images = tmp_path / "in"
+    images.mkdir()
+    np.save(images / "a.npy", np.zeros((28, 28), np.float32))
+    status = main(
+        ["predict", str(images), "--model", run.info.run_id, "--out", str(tmp_path / "p.csv")]
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
+    assert status == 2 and last.startswith("error: ") and "Traceback" not in last
+    assert "experiments.checkpoint" in last and "make promote" in last
+    assert not (tmp_path / "p.csv").exists()

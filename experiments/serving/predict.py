@@ -56,6 +56,12 @@ def load_model(source: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises several types for a missing model, run or alias
+        moved = _moved_module(exc)
+        if moved:
+            raise ValueError(
+                f"--model {source}: {uri} was registered by an older layout of this project "
+                f"(its code imports {moved}, which has moved); re-promote it with `make promote`"
+            ) from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if RUN_ID.fullmatch(source):
             try:
@@ -63,6 +69,16 @@ def load_model(source: str):
             except (OSError, ValueError):
                 pass
         raise ValueError(f"--model {source}: cannot load {uri} ({first[:200]})") from None
+
+
+def _moved_module(exc: BaseException) -> str | None:
+    """The project module a stored model's code imports but this layout lacks, if that is why
+    loading failed (models registered before experiments/ became subpackages)."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("experiments."):
+            return exc.name
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def predict_files(paths: list[str], source: str) -> tuple[pd.DataFrame, np.ndarray]:

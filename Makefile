@@ -20,7 +20,8 @@ SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOC
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
 # the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
 STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
-# `make reproduce` runs one job per chain: a model's studies of one task, each after the study it
+# `make reproduce` runs one job per chain: a model's studies of one task in one process (imports,
+# data and caches set up once), each after the study it
 # builds on (task1: task1-step1, then task1-step2 warm-started from it and the reuse step
 # task2-step1 that reads it; task2: task2-step3, then task2-step2 warm-started from it; a test
 # checks the chains against experiments/core/steps.py). JOBS chains at a time (default: one per core,
@@ -61,8 +62,7 @@ study.$(1).$(2): $$(STAMP) $(if $(AFTER_$(1)),study.$(AFTER_$(1)).$(2))
 endef
 define chain_rule
 chain.$(1).$(2): $$(STAMP)
-	$(foreach s,$(CHAIN_$(1)),$$(call search_command,$(s),$(2))
-	)
+	$$(call search_command,$(firstword $(CHAIN_$(1)))$(foreach s,$(wordlist 2,9,$(CHAIN_$(1))), --step $(s)),$(2))
 endef
 RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/core/steps.py)
 $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
@@ -72,7 +72,7 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets
@@ -174,6 +174,9 @@ levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elasti
 
 bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, depthwise weight gradient, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
 	$(PY) -m experiments bench
+
+gpu-bench: $(STAMP) ## on a GPU (<= 8 min): training images/s per model at batch 128 and 512, make reproduce PROFILE=gpu, utilisation; appends to reports/gpu.md (GPU_BENCH_FLAGS=--tiny on a CPU)
+	$(PY) -m experiments gpu-bench $(GPU_BENCH_FLAGS)
 
 ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000
 	@mkdir -p $(or $(MLRUNS_DIR),mlruns)

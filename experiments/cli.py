@@ -72,24 +72,28 @@ def _search(args: argparse.Namespace) -> None:
         overrides=parse_overrides(args.set or []),
     )
     models = args.model or list(MODELS)
-    step = training_step(args.step)
-    for model in models:  # every model's settings are checked before the first study starts
-        check_settings(step, model, budget)
-    for model in models:
-        result = run_step(args.step, model, budget, storage_url=args.storage, workers=args.workers)
-        acc = {
-            k: v
-            for k, v in result.final_metrics.items()
-            if k.endswith("_acc") and k != "best_val_acc"
-        }
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
-        chosen = "no search" if result.best_trial < 0 else f"best trial {result.best_trial}"
-        print(
-            f"[{result.study_name}] {chosen} val acc {result.best_val_acc:.4f}; "
-            f"final run {result.final_run_id}: {shown}",
-            flush=True,
-        )
-    print(row_text(args.step))
+    steps = list(dict.fromkeys(args.step))  # in the order given: a chain, sources first
+    for name in steps:  # every study's settings are checked before the first one starts
+        for model in models:
+            check_settings(training_step(name), model, budget)
+    for name in steps:  # one process: imports, data cache and threads are set up once
+        for model in models:
+            result = run_step(name, model, budget, storage_url=args.storage, workers=args.workers)
+            _print_result(result)
+        print(row_text(name), flush=True)
+
+
+def _print_result(result) -> None:
+    acc = {
+        k: v for k, v in result.final_metrics.items() if k.endswith("_acc") and k != "best_val_acc"
+    }
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+    chosen = "no search" if result.best_trial < 0 else f"best trial {result.best_trial}"
+    print(
+        f"[{result.study_name}] {chosen} val acc {result.best_val_acc:.4f}; "
+        f"final run {result.final_run_id}: {shown}",
+        flush=True,
+    )
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -216,6 +220,12 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(args.out, sections=args.only)
 
 
+def _gpu_bench(args: argparse.Namespace) -> None:
+    from experiments.bench.gpu import run_gpu_bench
+
+    run_gpu_bench(args.out, tiny=args.tiny, reproduce_timeout=args.reproduce_timeout)
+
+
 def _fidelity(args: argparse.Namespace) -> None:
     from experiments.search.fidelity import write_fidelity
 
@@ -252,7 +262,13 @@ def _add_train(commands) -> None:
 
 def _add_search(commands) -> None:
     search = commands.add_parser("search", help="run or resume the Optuna study of (step, model)")
-    search.add_argument("--step", required=True, choices=list(STEPS))
+    search.add_argument(
+        "--step",
+        required=True,
+        action="append",
+        choices=list(STEPS),
+        help="repeatable: the steps' studies run in this order in one process (a chain)",
+    )
     search.add_argument(
         "--model",
         action="append",
@@ -406,6 +422,23 @@ def _add_bench(commands) -> None:
     bench.set_defaults(func=_bench)
 
 
+def _add_gpu_bench(commands) -> None:
+    gpu = commands.add_parser(
+        "gpu-bench", help="training images/s per model, make reproduce PROFILE=gpu, GPU use"
+    )
+    gpu.add_argument("--out", help="reports folder (default: reports/); appends to gpu.md")
+    gpu.add_argument(
+        "--tiny", action="store_true", help="a few images and `make -n reproduce`, for a CPU"
+    )
+    gpu.add_argument(
+        "--reproduce-timeout",
+        type=float,
+        default=300.0,
+        help="stop make reproduce after S seconds (default 300)",
+    )
+    gpu.set_defaults(func=_gpu_bench)
+
+
 def _add_fidelity(commands) -> None:
     fidelity = commands.add_parser(
         "fidelity", help="slow: trial-score vs final-score rank correlation per trial fidelity"
@@ -434,6 +467,7 @@ SUBCOMMANDS = (
     _add_report,
     _add_dashboard,
     _add_bench,
+    _add_gpu_bench,
     _add_fidelity,
     _add_levers,
 )

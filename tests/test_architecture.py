@@ -81,6 +81,14 @@ def test_a_model_added_as_one_file_trains_searches_and_reports(
     assert "Throwaway" in header  # a column of its own, titled from the model
 
 
+def _planned(text: str) -> list[tuple[str, str]]:
+    """The (step, model) studies that `make -n` output plans, in order (a chain per line)."""
+    planned = []
+    for found in re.finditer(r"search ((?:--step \S+ +)+)--model (\S+)", text):
+        planned += [(step, found.group(2)) for step in found.group(1).split()[1::2]]
+    return planned
+
+
 def _project_copy(tmp_path: Path) -> Path:
     """The parts of the checkout that make reads and imports, copied (no data, no venv)."""
     copy = tmp_path / "project"
@@ -113,10 +121,10 @@ def test_make_reproduce_plans_a_model_added_as_one_file(tmp_path):
     (copy / "models" / "throwaway.py").write_text(THROWAWAY)
     plan = _make(copy, "-n", "reproduce", "JOBS=1")
     assert plan.returncode == 0, plan.stderr
-    planned = set(re.findall(r"search --step (\S+) --model throwaway", plan.stdout))
-    assert planned == {"task1-step1", "task1-step2", "task2-step1", "task2-step3", "task2-step2"}
-    first = re.search(r"search --step \S+ --model (\S+)", plan.stdout).group(1)
-    assert first == "throwaway"  # cost=10: the most expensive model's chains start first
+    planned = _planned(plan.stdout)
+    steps = {step for step, model in planned if model == "throwaway"}
+    assert steps == {"task1-step1", "task1-step2", "task2-step1", "task2-step3", "task2-step2"}
+    assert planned[0][1] == "throwaway"  # cost=10: the most expensive model's chains start first
     (copy / "models" / "throwaway.py").unlink()
     again = _make(copy, "-n", "reproduce", "JOBS=1")
     assert again.returncode == 0 and "--model throwaway" not in again.stdout
@@ -162,7 +170,7 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources(tmp_path):
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     plan = _make(_project_copy(tmp_path), "-n", "studies", "JOBS=1")
     assert plan.returncode == 0, plan.stderr
-    planned = re.findall(r"search --step \S+ --model (\S+)", plan.stdout)
+    planned = [model for _, model in _planned(plan.stdout)]
     assert list(dict.fromkeys(planned)) == models.by_cost() and set(planned) == set(MODELS)
     reproduced = re.search(r"^STEPS := ([^#\n]*)", makefile, re.M).group(1).split()
     after = dict(re.findall(r"^AFTER_(\S+) := (\S+)", makefile, re.M))
@@ -220,9 +228,12 @@ def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(t
         subprocess.run([*command, "JOBS=3", *extra], check=True, capture_output=True, timeout=120)
         return trace.read_text().splitlines()
 
-    def study(line: str) -> tuple[str, str] | None:
-        found = re.search(r"search --step (\S+) --model (\S+)", line)
-        return found.groups() if found else None
+    def studies(line: str) -> list[tuple[str, str]]:
+        """The (step, model) studies of one process, in the order it runs them."""
+        found = re.search(r"search ((?:--step \S+ +)+)--model (\S+)", line)
+        if not found:
+            return []
+        return [(step, found.group(2)) for step in found.group(1).split()[1::2]]
 
     lines = run()
     sources = {
@@ -231,26 +242,29 @@ def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(t
         "task2-step2": "task2-step3",
     }
     ended: set[tuple[str, str]] = set()
-    running: set[tuple[str, str]] = set()
+    running: set[tuple[str, ...]] = set()
     started: list[tuple[str, str]] = []
     for line in lines:
-        key = study(line)
-        if key is None:
+        chain = studies(line)
+        if not chain:
             if "experiments report" in line:
                 assert not running and len(ended) == 20, (
                     "the report started before the studies ended"
                 )
             continue
-        step, model = key
+        key = tuple(step for step, _ in chain) + (chain[0][1],)
         if line.startswith("start"):
-            if step in sources:
-                assert (sources[step], model) in ended, f"{step}/{model} before its source"
+            for index, (step, model) in enumerate(chain):
+                earlier = chain[:index]  # run before it by the same process
+                if step in sources:
+                    source = (sources[step], model)
+                    assert source in ended or source in earlier, f"{step}/{model} before its source"
             running.add(key)
-            started.append(key)
-            assert len(running) <= 3, f"more than JOBS=3 studies at once: {running}"
+            started += chain
+            assert len(running) <= 3, f"more than JOBS=3 processes at once: {running}"
         else:
             running.remove(key)
-            ended.add(key)
+            ended.update(chain)
     assert sorted(started) == sorted(
         {
             (s, m)
@@ -258,20 +272,21 @@ def test_make_reproduce_runs_each_study_after_its_source_and_keeps_only_models(t
             for m in ("vgg", "resnet", "efficientnet", "hybrid")
         }
     )
-    only = [study(line) for line in run("MODELS=resnet") if line.startswith("start")]
-    models = {key[1] for key in only if key}
+    only = [s for line in run("MODELS=resnet") if line.startswith("start") for s in studies(line)]
+    models = {model for _, model in only}
     assert models == {"resnet"}
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_a_failed_study_stops_its_chain_and_make_reproduce(tmp_path):
-    """A study that fails: its dependants never start, make reproduce fails, no report."""
+    """A chain whose study fails: make reproduce fails and writes no report (inside the chain's
+    process the later studies never start: test_search's chain test)."""
     trace, command = _fake_reproduce(
-        tmp_path, 'case "$*" in *"task1-step1 --model resnet"*) exit 1;; esac'
+        tmp_path, 'case "$*" in *"--step task1-step1 "*"--model resnet"*) exit 1;; esac'
     )
     done = subprocess.run([*command, "JOBS=2"], capture_output=True, timeout=120)
     assert done.returncode != 0
     lines = trace.read_text().splitlines()
-    assert not any("--model resnet" in line and "task1-step2" in line for line in lines)
-    assert not any("--model resnet" in line and "task2-step1" in line for line in lines)
+    failed = [line for line in lines if "--step task1-step1 " in line and "--model resnet" in line]
+    assert failed and not any(line.startswith("end") for line in failed)
     assert not any("experiments report" in line for line in lines)

@@ -4,6 +4,7 @@ and levers experiments run and are tracked."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import runs_in
 
 import experiments.bench.kernels as kernels
@@ -69,15 +70,24 @@ def test_utilisation_is_measured_against_the_best_dense_kernel(study_data, monke
     from models import MODELS
 
     monkeypatch.setattr(training, "reference_throughput", lambda name, files, images: 100.0)
-    monkeypatch.setattr(training, "project_throughput", lambda name, train_set, images: (200.0, 8))
-    monkeypatch.setattr(timing, "matmul_peak", lambda: 1e9)
-    monkeypatch.setattr(timing, "conv_peak", lambda: 4e9)  # the convolution is the limit here
-    rows, peaks, results = training.bench_training(study_data, 16)
-    assert max(peaks.values()) == 4e9 and len(peaks) == 2 and len(rows) == len(MODELS)
-    for name, (speedup, mfu) in results.items():
-        assert speedup == 2.0
-        assert mfu == pytest.approx(step_flops(name, 8) / 8 * 200.0 / 4e9)
+    monkeypatch.setattr(training, "project_throughput", lambda name, ts, images, prec: (200.0, 8))
+    monkeypatch.setattr(timing, "matmul_peak", lambda dtype: 1e9 if dtype == "fp32" else 2e9)
+    monkeypatch.setattr(timing, "conv_peak", lambda dtype: 4e9 if dtype == "fp32" else 8e9)
+    from experiments.training import inference
+
+    for bf16, dtypes in ((False, {"fp32"}), (True, {"fp32", "bf16"})):
+        monkeypatch.setattr(inference, "cpu_has_bf16", lambda bf16=bf16: bf16)
+        rows, peaks, results = training.bench_training(study_data, 16)
+        assert {key.split()[0] for key in peaks} == dtypes and len(rows) == len(MODELS)
+        for name, (speedup, mfu) in results.items():
+            # each model against the best kernel (the convolution here) in its own precision
+            precision = inference.training_precision("auto", torch.device("cpu"), name)
+            assert precision == ("bf16" if bf16 and name != "efficientnet" else "fp32")
+            peak = 8e9 if precision == "bf16" else 4e9
+            assert speedup == 2.0
+            assert mfu == pytest.approx(step_flops(name, 8) / 8 * 200.0 / peak)
     assert 0 < conv_peak(channels=8, side=6, batch=4, repeats=1) < float("inf")  # the real one
+    assert 0 < conv_peak(channels=8, side=6, batch=4, repeats=1, dtype="bf16") < float("inf")
 
 
 def test_conv_peak_counts_two_flops_per_multiply_add(monkeypatch):
@@ -245,3 +255,23 @@ def test_depthwise_bench_compares_both_gradients_per_config_and_thread(
     used = {row.split("|")[1].strip(): row.split("|")[9].strip() for row in layer_rows}
     assert used == {"3x3": "no", "5x5": "yes"}  # the default model has both on 4x4 maps
     assert "Largest relative difference" in section and f"| {kernels.DEPTHWISE_TARGET} |" in text
+
+
+def test_gpu_bench_script_runs_in_tiny_cpu_mode_and_appends(study_data, tmp_path, capsys):
+    """`make gpu-bench`'s script, as it runs on a lent GPU, in its tiny CPU mode."""
+    from experiments.cli import main
+    from models import MODELS
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu.md").write_text("# GPU measurements\n\n## an earlier run\n\nkept\n")
+    assert main(["gpu-bench", "--tiny", "--out", str(out)]) == 0
+    text = (out / "gpu.md").read_text()
+    assert "## an earlier run\n\nkept" in text and text.count("(tiny mode)") == 1  # appended
+    section = text.rpartition("## ")[2]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    assert {(r[1].strip(), r[2].strip()) for r in rows} == {
+        (m, b) for m in MODELS for b in ("8", "16")
+    }
+    assert all(float(r[4]) > 0 for r in rows)  # images/s measured
+    assert "`make -n reproduce PROFILE=gpu`: dry run" in section

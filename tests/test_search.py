@@ -355,3 +355,32 @@ def test_a_study_from_before_profiles_counts_as_cpu():
     )
     check_profile(new, Budget(profile="gpu"))
     assert recorded == {"budget_profile": "gpu"}
+
+
+def test_one_search_process_runs_a_chain_in_order_and_stops_at_a_failed_study(
+    study_data, monkeypatch, capsys
+):
+    import experiments.search.driver as driver
+    from experiments.cli import main
+
+    ran = []
+    real = driver.run_step
+
+    def recorded(step, model, *args, **kwargs):
+        ran.append((step, model))
+        return real(step, model, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "run_step", recorded)
+    chain = ["search", "--step", "task2-step3", "--step", "task2-step2", "--model", "hybrid"]
+    assert main([*chain, "--trials", "1", "--epochs", "1", "--final-epochs", "1"]) == 0
+    assert ran == [("task2-step3", "hybrid"), ("task2-step2", "hybrid")]  # source first
+    assert runs_in("task2-step2", "tags.role = 'final'")  # warm-started from the first
+
+    def broken(step, model, *args, **kwargs):
+        ran.append((step, model))
+        raise ValueError(f"{step}: broken on purpose")
+
+    ran.clear()
+    monkeypatch.setattr(driver, "run_step", broken)
+    assert main([*chain, "--trials", "1"]) == 2
+    assert ran == [("task2-step3", "hybrid")]  # the chain stopped: its dependant never ran

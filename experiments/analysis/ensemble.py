@@ -105,7 +105,7 @@ def run_ensembles(
 ) -> list[EnsembleResult]:
     """Every ensemble of `ensemble_specs(k)` with and without TTA, scored on `dataset`
     (`cache`: probabilities on `dataset` already predicted, shared with the caller)."""
-    cache = cache or ProbabilityCache(dataset.images, load_checkpoint)
+    cache = cache or ProbabilityCache(dataset.images, load_checkpoint, dataset.fingerprint)
     results = []
     for name, steps, size in ensemble_specs(k):
         if size is None:

@@ -42,20 +42,24 @@ def alternately(ways: dict, repeats: int) -> tuple[dict, dict]:
     return best, results
 
 
-def matmul_peak(size: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 matrix-multiply FLOP/s of this process's threads."""
+def matmul_peak(size: int = 1024, repeats: int = 10, dtype: str = "fp32") -> float:
+    """Best matrix-multiply FLOP/s of this process's threads in `dtype` (fp32 or bf16)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
     for _ in range(3):
         a @ b
     seconds = timed(lambda: [a @ b for _ in range(repeats)], repeats=3) / repeats
     return 2 * size**3 / seconds
 
 
-def conv_peak(channels: int = 64, side: int = 14, batch: int = 128, repeats: int = 10) -> float:
-    """Best fp32 FLOP/s of one 3x3 convolution (same padding, channels-last, forward), the
-    dense kernel these models spend most of their time in; FLOPs counted as 2 x MACs."""
+def conv_peak(
+    channels: int = 64, side: int = 14, batch: int = 128, repeats: int = 10, dtype: str = "fp32"
+) -> float:
+    """Best FLOP/s of one 3x3 convolution (same padding, channels-last, forward) in `dtype`
+    (bf16: under autocast, as training runs), the dense kernel these models spend most of
+    their time in; FLOPs counted as 2 x MACs."""
     import torch
     from torch import nn
 
@@ -63,35 +67,26 @@ def conv_peak(channels: int = 64, side: int = 14, batch: int = 128, repeats: int
         memory_format=torch.channels_last
     )
     x = torch.randn(batch, channels, side, side).to(memory_format=torch.channels_last)
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with torch.no_grad(), autocast:
         for _ in range(3):
             conv(x)
         seconds = timed(lambda: [conv(x) for _ in range(repeats)], repeats=3) / repeats
     return 2.0 * batch * side * side * channels * channels * 9 / seconds
 
 
-def dense_peaks() -> dict[str, float]:
-    """FLOP/s of the dense kernels measured in this run; the utilisation limit is their best."""
+def dense_peaks(dtype: str = "fp32") -> dict[str, float]:
+    """FLOP/s of the dense kernels measured in this run in `dtype`; the utilisation limit is
+    their best."""
     return {
-        "fp32 matmul 1024x1024": matmul_peak(),
-        "fp32 3x3 conv, 64 channels, 14x14, batch 128, channels-last": conv_peak(),
+        f"{dtype} matmul 1024x1024": matmul_peak(dtype=dtype),
+        f"{dtype} 3x3 conv, 64 channels, 14x14, batch 128, channels-last": conv_peak(dtype=dtype),
     }
 
 
 def step_flops(model_name: str, batch: int, **model_kwargs) -> float:
-    """FLOPs of one training step at `batch`: 3 x the forward FLOPs counted by torch.
-
-    Backward costs two forwards (input and weight gradients). The backward is not
-    counted directly because `FlopCounterMode` overcounts a grouped convolution's
-    backward by its group count (96x for a 96-channel depthwise 3x3, measured with
-    torch 2.14), which would inflate EfficientNet's utilisation several-fold.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one training step at `batch`: 3 x the forward FLOPs (`forward_flops`)."""
+    from experiments.training.inference import forward_flops
     from models import create_model
 
-    model = create_model(model_name, **model_kwargs)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(batch, 1, 28, 28))
-    return 3.0 * float(counter.get_total_flops())
+    return 3.0 * batch * forward_flops(create_model(model_name, **model_kwargs))

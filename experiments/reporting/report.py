@@ -49,6 +49,7 @@ CELL_COLUMNS = [
     "searched_minus_baseline",
     "selected",
     "trials",
+    "study_tflop",
     "run_id",
     "source",
 ]
@@ -105,6 +106,8 @@ def _cell(step_name: str, model: str) -> dict:
     parent = results.metrics_of(results.study_parent(source.name, model))
     if parent:
         cell["trials"] = int(parent.get("trials_complete", 0) + parent.get("trials_pruned", 0))
+        if parent.get("study_flops"):
+            cell["study_tflop"] = parent["study_flops"] / 1e12  # trials, final and baseline
     return cell
 
 
@@ -145,7 +148,17 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(cells: pd.DataFrame) -> str:
     details = cells[
-        ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc", "trials", "run_id"]
+        [
+            "step",
+            "model",
+            "accuracy",
+            "black_acc",
+            "white_acc",
+            "best_val_acc",
+            "trials",
+            "study_tflop",
+            "run_id",
+        ]
     ].assign(run_id=cells["run_id"].fillna("").str[:12], source=cells["source"].fillna(""))
     baselines = cells[cells["baseline_acc"].notna()][
         ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
@@ -355,7 +368,7 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     ensembles = []
     test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
-    test2_cache = ProbabilityCache(test2.images, load_checkpoint)  # each run predicted once
+    test2_cache = ProbabilityCache(test2.images, load_checkpoint, test2.fingerprint)  # logged
     if ensemble_k > 0:
         tta_options = (False, True) if tta else (False,)
         ensembles = ensemble.run_ensembles(ensemble_k, tta_options, test2, test2_cache)

@@ -331,6 +331,8 @@ def log_parent(study: optuna.Study, best: optuna.trial.FrozenTrial, parent: str)
         count = len(study.get_trials(deepcopy=False, states=(state,)))
         client.log_metric(parent, f"trials_{state.name.lower()}", count)
     client.set_tag(parent, "best_trial", str(best.number))
+    experiment = study.study_name.split("/")[0]  # a study's experiment is its step
+    client.log_metric(parent, "study_flops", results.study_flops(experiment, parent))
     if study.user_attrs.get("final_run_id"):
         client.set_tag(parent, "final_run_id", study.user_attrs["final_run_id"])
     with tempfile.TemporaryDirectory() as tmp:

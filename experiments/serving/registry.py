@@ -98,6 +98,14 @@ class Champion:
         return [r["run_id"] for r in self.runs]
 
 
+def parameters_of(run: pd.Series) -> int:
+    """The run's parameter count: logged when it trained, else counted on its checkpoint."""
+    logged = run.get("metrics.parameters")
+    if logged is not None and pd.notna(logged):
+        return int(logged)
+    return count_parameters(load_checkpoint(run["run_id"]).model)
+
+
 def choose(task: int, candidates: list[Champion] | None = None) -> Champion:
     """The champion of `task` by its rule (validation only; ties: the smaller candidate).
     `candidates`: Task 2's field when the caller has already scored it."""
@@ -107,10 +115,7 @@ def choose(task: int, candidates: list[Champion] | None = None) -> Champion:
     frame = results.study_models(step)
     if frame.empty:
         raise RuntimeError(f"no {step} study has finished: run `make {step}` first")
-    sizes = {
-        model: count_parameters(load_checkpoint(row["run_id"]).model)
-        for model, row in frame.iterrows()
-    }
+    sizes = {model: parameters_of(row) for model, row in frame.iterrows()}
     ranked = sorted(
         frame.index, key=lambda m: (-float(frame.loc[m, "metrics.best_val_acc"]), sizes[m], m)
     )
@@ -133,7 +138,7 @@ def best_of(candidates: list[Champion]) -> Champion:
 def accuracy_on(champion: Champion, split: str) -> float:
     """The champion's accuracy on `split`, measured after it was chosen (never used to choose)."""
     dataset = load_split(split, config.data_dir(), config.cache_dir())
-    cache = ProbabilityCache(dataset.images, load_checkpoint)
+    cache = ProbabilityCache(dataset.images, load_checkpoint, dataset.fingerprint)
     return cache.accuracy(champion.run_ids, champion.tta, dataset.labels)
 
 
@@ -155,7 +160,7 @@ def candidates_table(
     champion = best_of(candidates)
     if cache is None:
         dataset = load_split(split, config.data_dir(), config.cache_dir())
-        cache = ProbabilityCache(dataset.images, load_checkpoint)
+        cache = ProbabilityCache(dataset.images, load_checkpoint, dataset.fingerprint)
         labels = dataset.labels
     else:
         labels = load_split(split, config.data_dir(), config.cache_dir()).labels
@@ -218,9 +223,8 @@ def task2_candidates() -> list[Champion]:
     if not answers:
         return []
     selection = load_split(SELECTION, config.data_dir(), config.cache_dir())
-    loaded = {row["run_id"]: load_checkpoint(row["run_id"]) for row in answers}
-    sizes = {run_id: count_parameters(item.model) for run_id, item in loaded.items()}
-    cache = ProbabilityCache(selection.images, loaded.__getitem__)
+    sizes = {row["run_id"]: parameters_of(row) for row in answers}
+    cache = ProbabilityCache(selection.images, load_checkpoint, selection.fingerprint)
 
     groups: list[tuple[str, list[pd.Series]]] = [
         (f"{results.tag(r, 'step')}/{results.tag(r, 'model')}", [r]) for r in answers

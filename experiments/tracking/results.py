@@ -126,6 +126,14 @@ def study_parent(step: str, model: str) -> pd.Series | None:
     return None if frame.empty else frame.iloc[0]
 
 
+def study_flops(experiment: str, parent_run_id: str) -> float:
+    """The model FLOPs of every run a study's parent holds (trials, final, baseline)."""
+    frame = search(experiment, {"mlflow.parentRunId": parent_run_id})
+    if frame.empty or "metrics.total_flops" not in frame:
+        return 0.0
+    return float(frame["metrics.total_flops"].fillna(0).sum())
+
+
 def run_metrics(run_id: str) -> dict[str, float]:
     """The summary metrics of one run."""
     store.init()

@@ -32,6 +32,7 @@ class Evaluation:
     white: np.ndarray
     metrics: dict[str, float]
     confusion: np.ndarray
+    probabilities: np.ndarray | None = None  # softmax, one row per image
 
 
 def score(
@@ -48,6 +49,7 @@ def score(
         predictions,
         white,
         *metrics_of(dataset.name, labels, predictions, white),
+        probabilities=logits.softmax(1).numpy(),
     )
 
 

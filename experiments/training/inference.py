@@ -16,6 +16,25 @@ from experiments.core.machine import cpu_has_bf16
 from models import cpu_bf16
 
 
+def forward_flops(model: nn.Module) -> float:
+    """FLOPs of one image's forward pass (torch's `FlopCounterMode`, 2 per multiply-add).
+
+    A training image costs 3x that (the backward's input and weight gradients are counted
+    as two more forwards: `FlopCounterMode` overcounts a grouped convolution's backward by
+    its group count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 1, 28, 28, device=device).to(memory_format=torch.channels_last))
+    finally:
+        model.train(training)
+    return float(counter.get_total_flops())
+
+
 def training_precision(precision: str, device: torch.device, model: str | None = None) -> str:
     """The precision a run trains in: `auto` is bf16 where the device has it natively, else
     fp32; on CPU also fp32 for a model that declares bf16 slower there (`models.cpu_bf16`)."""
@@ -90,17 +109,33 @@ def probabilities(loaded, images: torch.Tensor, tta: bool = False) -> torch.Tens
 
 class ProbabilityCache:
     """Softmax probabilities of runs on one image set: each (run, TTA) pair is predicted once,
-    however many ensembles or candidates share it. `load(run_id)` gives a loaded checkpoint."""
+    however many ensembles or candidates share it, and not at all when the run logged them
+    for this set (`fingerprint`, see `predictions.py`). `load(run_id)` gives a loaded
+    checkpoint."""
 
-    def __init__(self, images: torch.Tensor, load):
-        self.images, self.load = images, load
+    def __init__(self, images: torch.Tensor, load, fingerprint: str | None = None):
+        self.images, self.load, self.fingerprint = images, load, fingerprint
         self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self.predicted = 0  # (run, TTA) pairs that had to be predicted here
 
     def __call__(self, run_id: str, tta: bool) -> torch.Tensor:
         key = (run_id, tta)
         if key not in self._cache:
-            self._cache[key] = probabilities(self.load(run_id), self.images, tta)
+            self._cache[key] = self._logged(run_id, tta)
+            if self._cache[key] is None:
+                self._cache[key] = probabilities(self.load(run_id), self.images, tta)
+                self.predicted += 1
         return self._cache[key]
+
+    def _logged(self, run_id: str, tta: bool) -> torch.Tensor | None:
+        if self.fingerprint is None:
+            return None
+        from experiments.training import predictions
+
+        found = predictions.logged(run_id).get(predictions.key(self.fingerprint, tta))
+        if found is None or len(found) != len(self.images):
+            return None
+        return torch.from_numpy(found)
 
     def accuracy(self, run_ids: list[str], tta: bool, labels: torch.Tensor) -> float:
         """Accuracy of the members' averaged probabilities (one member: the model itself)."""

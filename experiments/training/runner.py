@@ -27,10 +27,13 @@ from experiments.core import config
 from experiments.core.settings import TrainConfig
 from experiments.core.steps import Step
 from experiments.tracking import store
+from experiments.training import predictions
 from experiments.training.checkpoint import make_checkpoint
 from experiments.training.evaluation import plot_confusion, plot_curves, plot_misclassified
 from experiments.training.evaluation import score as score_set
+from experiments.training.inference import forward_flops, probabilities
 from experiments.training.train import Diverged, FitResult, dataset_split, fit
+from models import count_parameters
 
 
 @dataclass
@@ -205,6 +208,7 @@ def _score(data: StepData, result, score: bool) -> tuple[dict[str, float], dict]
         "best_val_loss": result.best_val_loss,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
+        "parameters": count_parameters(result.model),
     }
     evaluations = {
         name: score_set(result.model, result.preprocessing, ds, result.device)
@@ -212,7 +216,23 @@ def _score(data: StepData, result, score: bool) -> tuple[dict[str, float], dict]
     }
     for evaluation in evaluations.values():
         metrics.update(evaluation.metrics)
+    metrics.update(compute(result, sum(len(data.eval_sets[name]) for name in evaluations)))
     return metrics, evaluations
+
+
+def compute(result: FitResult, scored_images: int) -> dict[str, float]:
+    """The run's model FLOPs: per image (one forward), training (3x a forward for every image
+    of every epoch run), validation (every epoch) and scoring, and their total."""
+    per_image = forward_flops(result.model)
+    epochs = len(result.history)
+    train = 3 * per_image * result.split["train_images"] * epochs
+    evaluate = per_image * (result.split["val_images"] * epochs + scored_images)
+    return {
+        "flops_per_image": per_image,
+        "train_flops": train,
+        "eval_flops": evaluate,
+        "total_flops": train + evaluate,
+    }
 
 
 def _log_artifacts(
@@ -243,6 +263,8 @@ def _log_artifacts(
         (folder / "preprocessing.json").write_text(
             json.dumps(result.preprocessing.to_dict(), indent=1)
         )
+        if evaluations:  # a scored run: what the report, ensembles and champions read back
+            predictions.write(folder, _predictions(data, result, evaluations))
         if log_figures:
             figures = folder / "figures"
             figures.mkdir()
@@ -255,6 +277,20 @@ def _log_artifacts(
         mlflow.log_artifacts(tmp)
         if log_model:
             log_pyfunc_model(folder / "checkpoint" / "model.pt")
+
+
+def _predictions(data: StepData, result, evaluations: dict) -> dict[str, np.ndarray]:
+    """Probabilities on every evaluation set, and on a named validation set (SELECT2) with and
+    without TTA, keyed by each set's fingerprint."""
+    entries = {
+        predictions.key(data.eval_sets[name].fingerprint, False): evaluation.probabilities
+        for name, evaluation in evaluations.items()
+    }
+    if data.val_set is not None:
+        for tta in (False, True):
+            probs = probabilities(result, data.val_set.images, tta).numpy()
+            entries[predictions.key(data.val_set.fingerprint, tta)] = probs
+    return entries
 
 
 MODEL_CODE = Path(__file__).parents[1] / "serving" / "pyfunc_model.py"  # the served model

@@ -4,17 +4,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+#: STEP=task1-step1      the step of `make train` (python -m experiments steps)
 STEP ?= task1-step1
-MODEL ?= vgg
-MODELS ?=# empty: every registered model (python -m models list)
-ARGS ?=
+#: MODELS="vgg resnet"    the models of a command (default: every registered one); MODEL is the same
+MODEL ?=
+MODELS ?= $(MODEL)
+#: TRIALS= EPOCHS=        a study's trials and epochs per trial (default: the budget profile's)
 TRIALS ?=
 EPOCHS ?=
+#: PROFILE=cpu|gpu        the default budget (default: gpu where CUDA is available, else cpu)
+PROFILE ?=
+#: JOBS=2                 studies run at once by reproduce (default: one per core, at most 8)
+#: WORKERS=1              processes sharing one study
 WORKERS ?=
-ENSEMBLE ?= 3
-TTA ?=
-REPORT_FLAGS = --ensemble $(ENSEMBLE) $(if $(TTA),--tta)
-PROFILE ?=# the default budget: cpu, gpu, or empty (auto: gpu where CUDA is available)
+#: ENSEMBLE=3 TTA=0|1     the report's ensembles (best K of each step) and their TTA twins
+ENSEMBLE ?=
+TTA ?= 0
+#: ARGS='--set lr=3e-3'   more flags for train and the study commands
+ARGS ?=
+#: IN= OUT= MODEL_URI=    predict's input, output CSV and model (default: the Task 2 champion)
+#: CACHE_DIR= DATA_DIR= MLRUNS_DIR= REPORTS_DIR=   where the cache, the data, the store and reports live
+yes_no = $(if $(filter 1 yes true,$(1)),1,$(if $(filter 0 no false,$(1)),,$(error $(2)=$(1): expected 1 or 0)))
+REPORT_FLAGS = $(if $(ENSEMBLE),--ensemble $(ENSEMBLE)) $(if $(call yes_no,$(TTA),TTA),--tta)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
@@ -72,12 +83,15 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train search report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
-help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
-	@echo "  task steps (each a target, e.g. make task2-step3 MODELS=resnet): see python -m experiments steps"
+help: ## list the targets by workflow, then the variables
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} \
+	  /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  <step>           any declared step, e.g. make task2-step3 MODELS=resnet: $(DECLARED_STEPS)"
+	@printf "\nVariables (make TARGET VAR=value)\n"
+	@awk '/^#: / {printf "  %s\n", substr($$0, 4)}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,20 +99,98 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
+##@ Start
+
+# reproduce's steps run in sub-makes, which read the registry once `make setup` has run
+reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
+	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
+	$(MAKE) --no-print-directory report
+
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
 
-lock: ## refresh requirements.lock from a fresh resolve of pyproject.toml's ranges
-	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet --upgrade pip
-	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
-	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^glyph-shift' > requirements.lock
-	rm -rf .venv-lock
+data: $(STAMP) ## check TRAIN, TEST, TEST2 and fill the dataset cache
+	$(PY) -m data_tools prepare
 
 test: $(STAMP) ## run the fast test suite on two processes, one thread each (slow tests: make test-all)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
-test-all: $(STAMP) ## run every test, slow ones included
-	$(PY) -m pytest -q -m ''
+##@ Study steps (each declared step is also a target: make task2-step3 MODELS=resnet)
+
+WITH_STUDIES ?=# goals run beside the studies (reproduce: analysis)
+studies: $(STAMP) ## every study of reproduce as its chains, JOBS chains at a time, sources first (MODELS=... filters)
+	$(CHECK_MODELS)
+	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
+	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) $(WITH_STUDIES) STUDY_THREADS=$(PARALLEL_THREADS)
+
+train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODELS=vgg ARGS='--set lr=3e-3'
+	$(if $(filter 1,$(words $(MODELS))),,$(error train: MODELS=$(MODELS): name exactly one model))
+	$(PY) -m experiments train --step $(STEP) --model $(MODELS) $(ARGS)
+
+task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
+	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory task2-champion-studies
+	$(PY) -m experiments promote --task 2
+
+task2-champion-studies: $(STAMP)
+	$(CHECK_MODELS)
+	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
+	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
+	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
+
+task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, self-training, label-efficiency curve
+	$(PY) -m experiments shift $(MODEL_FLAGS)
+
+task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on TRAIN3 (to_black) -> TEST2
+	$(PY) -m experiments search --step task2-transfer $(MODEL_FLAGS) $(SEARCH_FLAGS)
+	$(PY) -m experiments search --step task2-transfer-white $(MODEL_FLAGS) $(SEARCH_FLAGS)
+
+task2-long: task2-step3-long ## the task2-step3 winners retrained for 40 epochs (no search)
+
+beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
+	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift
+	$(MAKE) --no-print-directory report TTA=1
+
+##@ Results and models
+
+report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=K, default 3; TTA=1 adds TTA), Task 1/2 findings into reports/
+	$(PY) -m experiments report $(REPORT_FLAGS)
+
+promote: $(STAMP) ## register each task's champion in the MLflow Model Registry (glyph-task1/2 @champion)
+	$(PY) -m experiments promote
+
+IN ?=
+MODEL_URI ?= models:/glyph-task2@champion
+predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> with MODEL_URI (default the Task 2 champion)
+	$(PY) -m experiments predict $(IN) --model $(MODEL_URI) --out $(or $(OUT),predictions.csv)
+
+##@ Inspect
+
+ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000
+	@mkdir -p $(or $(MLRUNS_DIR),mlruns)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri "$$($(PY) -c 'from experiments import config; print(config.tracking_uri())')"
+
+dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
+	$(PY) -m experiments dashboard
+
+analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow run)
+	$(PY) -m experiments analyze
+
+bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, depthwise weight gradient, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
+	$(PY) -m experiments bench
+
+gpu-bench: $(STAMP) ## on a GPU (<= 8 min): training images/s per model at batch 128 and 512, make reproduce PROFILE=gpu, utilisation; appends to reports/gpu.md (GPU_BENCH_FLAGS=--tiny on a CPU)
+	$(PY) -m experiments gpu-bench $(GPU_BENCH_FLAGS)
+
+fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/fidelity.md and MLflow
+	$(PY) -m experiments fidelity
+
+LEVER_ROUND ?= 2
+levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md and MLflow
+	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments levers
+
+##@ Develop
 
 lint: $(STAMP) ## ruff format check and lint, and the import-layer contracts (lint-imports)
 	$(PY) -m ruff format --check .
@@ -109,26 +201,21 @@ format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-data: $(STAMP) ## check TRAIN, TEST, TEST2 and fill the dataset cache
-	$(PY) -m data_tools prepare
+test-all: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest -q -m ''
 
-analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow run)
-	$(PY) -m experiments analyze
+lock: ## refresh requirements.lock from a fresh resolve of pyproject.toml's ranges
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^glyph-shift' > requirements.lock
+	rm -rf .venv-lock
 
-train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODEL=vgg ARGS='--set lr=3e-3'
-	$(PY) -m experiments train --step $(STEP) --model $(MODEL) $(ARGS)
+cluster-test: $(STAMP) ## PostgreSQL + MLflow server + 2 workers on a tiny study (installs PostgreSQL if absent)
+	$(PY) -m pytest -q -m slow tests/test_cluster.py
 
-search: $(STAMP) ## one study: make search STEP=task2-step3 MODEL=resnet [TRIALS=5 EPOCHS=3 WORKERS=2]
-	$(PY) -m experiments search --step $(STEP) --model $(MODEL) $(SEARCH_FLAGS)
-
-task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, self-training, label-efficiency curve
-	$(PY) -m experiments shift $(MODEL_FLAGS)
-
-task2-transfer: $(STAMP) ## studies fine-tuning the TRAIN models on TEST, and on TRAIN3 (to_black) -> TEST2
-	$(PY) -m experiments search --step task2-transfer $(MODEL_FLAGS) $(SEARCH_FLAGS)
-	$(PY) -m experiments search --step task2-transfer-white $(MODEL_FLAGS) $(SEARCH_FLAGS)
-
-task2-long: task2-step3-long ## the task2-step3 winners retrained for 40 epochs (no search)
+clean-cache: ## delete the dataset cache ($$CACHE_DIR, default data/cache)
+	rm -rf $(or $(CACHE_DIR),data/cache)
 
 # every declared step is a target of its own: its studies for MODELS (search, reuse, retrain or
 # fine-tune); a name that is not a declared step is no target
@@ -142,68 +229,3 @@ $(REGISTRY_MK): $(STAMP) models $(wildcard models/*.py) experiments/core/steps.p
 	{ printf 'ALL_MODELS := '; $(REGISTRY_PY) -m models list --names; \
 	  printf 'DECLARED_STEPS := '; $(REGISTRY_PY) -m experiments steps --names; } > $@.$$$$ \
 	  && mv $@.$$$$ $@
-
-report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=3; TTA=1 adds TTA), Task 1/2 findings into reports/
-	$(PY) -m experiments report $(REPORT_FLAGS)
-
-promote: $(STAMP) ## register each task's champion in the MLflow Model Registry (glyph-task1/2 @champion)
-	$(PY) -m experiments promote
-
-task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
-	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory task2-champion-studies
-	$(PY) -m experiments promote --task 2
-
-task2-champion-studies: $(STAMP)
-	$(CHECK_MODELS)
-	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
-	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
-	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
-
-IN ?=
-MODEL_URI ?= models:/glyph-task2@champion
-predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> with MODEL_URI (default the Task 2 champion)
-	$(PY) -m experiments predict $(IN) --model $(MODEL_URI) --out $(or $(OUT),predictions.csv)
-
-fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/fidelity.md and MLflow
-	$(PY) -m experiments fidelity
-
-LEVER_ROUND ?= 2
-levers: $(STAMP) ## slow: one round of Task 2 levers (LEVER_ROUND=1: EMA, elastic; 2: mixup, cutmix, SWA, width 32) on the recipe, judged on SELECT2, into reports/levers.md and MLflow
-	LEVER_ROUND=$(LEVER_ROUND) $(PY) -m experiments levers
-
-bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pipeline, precision, prediction batch, depthwise weight gradient, MLflow share; reports/bench.md (BENCH_FULL=1 also times reproduce)
-	$(PY) -m experiments bench
-
-gpu-bench: $(STAMP) ## on a GPU (<= 8 min): training images/s per model at batch 128 and 512, make reproduce PROFILE=gpu, utilisation; appends to reports/gpu.md (GPU_BENCH_FLAGS=--tiny on a CPU)
-	$(PY) -m experiments gpu-bench $(GPU_BENCH_FLAGS)
-
-ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000
-	@mkdir -p $(or $(MLRUNS_DIR),mlruns)
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri "$$($(PY) -c 'from experiments import config; print(config.tracking_uri())')"
-
-dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
-	$(PY) -m experiments dashboard
-
-# reproduce's steps run in sub-makes, which read the registry once `make setup` has run
-reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
-	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
-	$(MAKE) --no-print-directory report
-
-WITH_STUDIES ?=# goals run beside the studies (reproduce: analysis)
-studies: $(STAMP) ## every study of reproduce as its chains, JOBS chains at a time, sources first (MODELS=... filters)
-	$(CHECK_MODELS)
-	@echo "$(words $(STUDY_GOALS)) goals, $(JOBS) job(s) at a time, $(PARALLEL_THREADS) thread(s) each"
-	$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_GOALS) $(WITH_STUDIES) STUDY_THREADS=$(PARALLEL_THREADS)
-
-beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, task1-shift, report with TTA
-	$(MAKE) --no-print-directory task2-mixed task2-long task2-transfer task1-shift
-	$(MAKE) --no-print-directory report TTA=1
-
-cluster-test: $(STAMP) ## PostgreSQL + MLflow server + 2 workers on a tiny study (installs PostgreSQL if absent)
-	$(PY) -m pytest -q -m slow tests/test_cluster.py
-
-clean-cache: ## delete the dataset cache (data/cache)
-	rm -rf data/cache

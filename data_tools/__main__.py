@@ -1,4 +1,4 @@
-"""`python -m data_tools check PATH | prepare | derive NAME --out DIR | analyze`."""
+"""`python -m data_tools fetch | check PATH | prepare | derive NAME --out DIR | analyze`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from data_tools.datasets import (
     load_splits,
     write_folder,
 )
+from data_tools.fetch import HOW_TO_GET, SOURCE, fetch, fingerprint_notes, source_url
 from data_tools.reader import DatasetError
 
 
@@ -36,11 +37,24 @@ def _check(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     """Check all three datasets first; cache entries are written only when every one passed."""
     root = config.data_dir(args.data_dir)
+    if not root.is_dir():
+        raise DatasetError(root, f"no datasets folder here: {HOW_TO_GET}")
     start = time.perf_counter()
     datasets = load_splits(RAW_SPLITS, root, config.cache_dir())
     for name, dataset in datasets.items():
         print(f"{name}: {len(dataset):,} images, fingerprint {dataset.fingerprint[:12]}")
     print(f"checked in {time.perf_counter() - start:.2f} s; cache: {config.cache_dir()}")
+    for note in fingerprint_notes({n: d.fingerprint for n, d in datasets.items()}):
+        print(f"warning: {note}", file=sys.stderr)
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    target = (
+        Path(args.out).expanduser().resolve() if args.out else config.PROJECT_ROOT / "data" / "raw"
+    )
+    print(f"fetching {source_url(args.source)} into {target} ...", flush=True)
+    fetch(target, args.source)
+    print(f"fetched TRAIN, TEST and TEST2 into {target}; next: make data")
 
 
 def _derive(args: argparse.Namespace) -> None:
@@ -66,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     parser.add_argument("--data-dir", help="datasets folder (default: $DATA_DIR, data/raw, shared)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    fetch_ = commands.add_parser(
+        "fetch", help="clone the published datasets into data/raw (never overwrites)"
+    )
+    fetch_.add_argument("--out", help="target folder (default: data/raw)")
+    fetch_.add_argument(
+        "--source", help=f"a URL git can clone (default: $GLYPH_DATA_SOURCE or {SOURCE})"
+    )
+    fetch_.set_defaults(func=_fetch)
 
     check = commands.add_parser("check", help="validate one dataset folder and print its numbers")
     check.add_argument("path", help="a dataset folder with class folders 1..6")

@@ -386,9 +386,10 @@ def _add_report(commands) -> None:
     report.add_argument(
         "--ensemble",
         type=int,
-        default=0,
+        default=3,
         metavar="K",
-        help="add ensemble rows: best K final runs of each TEST2 step, and all Task 2 runs (0: none)",
+        help="ensemble rows: best K final runs of each TEST2 step, and all Task 2 runs "
+        "(default 3; 0: none)",
     )
     report.add_argument(
         "--tta", action="store_true", help="also score the ensembles with test-time augmentation"

@@ -314,3 +314,65 @@ def test_without_removes_held_out_images_by_content(study_data):
         held = {image.numpy().tobytes() for image in selection.images}
         assert not any(image.numpy().tobytes() in held for image in kept.images)
         assert kept.fingerprint != load_split(name, study_data).fingerprint
+
+
+def _published_copy(tmp_path, study_data):
+    """A git repository laid out as the published one (TRAIN, TEST, TEST2 at its root)."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "published"
+    repo.mkdir()
+    for name in ("TRAIN", "TEST", "TEST2"):
+        shutil.copytree(study_data / name, repo / name)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "data"], check=True)
+    return repo
+
+
+def test_fetch_from_a_file_url_then_prepare_reports_other_fingerprints(
+    study_data, tmp_path, capsys
+):
+    repo = _published_copy(tmp_path, study_data)
+    raw = tmp_path / "project" / "data" / "raw"
+    assert data_main(["fetch", "--out", str(raw), "--source", f"file://{repo}"]) == 0
+    assert sorted(p.name for p in raw.iterdir()) == ["TEST", "TEST2", "TRAIN"]
+    assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # no scratch left behind
+    before = sorted(str(p) for p in raw.rglob("*.npy"))
+    capsys.readouterr()
+    assert data_main(["fetch", "--out", str(raw), "--source", f"file://{repo}"]) == 2
+    err = capsys.readouterr().err
+    assert "never overwrites" in err and err.count("\n") == 1
+    assert sorted(str(p) for p in raw.rglob("*.npy")) == before
+    assert data_main(["--data-dir", str(raw), "prepare"]) == 0
+    err = capsys.readouterr().err  # the synthetic sets are not the published ones
+    assert all(f"{name}: fingerprint" in err for name in ("TRAIN", "TEST", "TEST2"))
+    assert "not be comparable" in err
+
+
+def test_fetch_that_fails_leaves_nothing_and_a_missing_folder_says_how_to_get_the_data(
+    tmp_path, capsys
+):
+    raw = tmp_path / "data" / "raw"
+    assert data_main(["fetch", "--out", str(raw), "--source", f"file://{tmp_path}/none"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot clone" in err and err.count("\n") == 1
+    assert not raw.exists() and list((tmp_path / "data").iterdir()) == []
+    assert data_main(["--data-dir", str(raw), "prepare"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m data_tools fetch" in err and "DATA_DIR" in err and err.count("\n") == 1
+
+
+def test_the_published_datas_fingerprints_are_the_expected_ones():
+    """On the real data (where present), the committed fingerprints are its own."""
+    from data_tools import load_split
+    from data_tools import paths as config
+    from data_tools.fetch import EXPECTED_FINGERPRINTS
+
+    root = config.data_dir()
+    if not (root / "TRAIN").is_dir():
+        pytest.skip(f"the real datasets are not at {root}")
+    for name, expected in EXPECTED_FINGERPRINTS.items():
+        assert load_split(name, root, config.cache_dir()).fingerprint == expected

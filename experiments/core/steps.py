@@ -29,10 +29,10 @@ from data_tools import SELECTION
 KINDS = ("search", "reuse", "retrain", "fine_tune", "recipe")
 SOURCELESS = ("search", "recipe")  # the kinds that build on no other step
 
-# The Task 2 hand-set recipe: the `task2-recipe` step and the levers bench's baseline. Not a
-# blind choice: it grew out of exploratory hand-set runs (session 2) whose TEST2 accuracy was
-# seen, and it became a step after the levers bench showed it ahead of the searched answers
-# on SELECT2 and on TEST2. Champions whose field holds it say so (README, the step's text).
+# The Task 2 hand-set recipe: the `task2-recipe` step and the levers' baseline. Not a blind
+# choice: it grew out of exploratory hand-set runs whose TEST2 accuracy was seen, and it
+# became a step once the levers measurement showed it ahead of the searched answers on SELECT2
+# and on TEST2. Champions whose field holds it say so (README, the step's text).
 RECIPE: tuple[tuple[str, Any], ...] = (
     ("optimizer", "adamw"),
     ("lr", 2e-3),

@@ -276,7 +276,7 @@ def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
     return lines
 
 
-# the search issue's conditions on a `make reproduce` store, measured after the fact: on the
+# the study's quality conditions on a `make reproduce` store, measured after the fact: on the
 # searched steps that have a reference number (the 16 studies), the Task 2 ones (evaluated on
 # TEST2) against the reference, the Task 1 ones (on TEST) by their black half
 TOLERANCE = 0.005
@@ -301,7 +301,7 @@ def _listed(frame: pd.DataFrame, value: str, digits: int = 3, signed: bool = Fal
 
 
 def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
-    """The search issue's conditions on these cells, each counted and listed. Measured after
+    """The study's quality conditions on these cells, each counted and listed. Measured after
     the fact from evaluation accuracies: these numbers choose nothing."""
     steps = {s for s in cells.loc[cells["reference"].notna(), "step"] if STEPS[s].kind == "search"}
     on = {
@@ -338,7 +338,7 @@ def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
     table = pd.DataFrame(rows)
     return [
         "",
-        "## The search issue's conditions (measured after the fact)",
+        "## Quality conditions (measured after the fact)",
         "",
         "Counted on the cells above: evaluation accuracies, read after every choice was made "
         "(they choose nothing). *misses*: the row's difference to its baseline, its difference "

@@ -11,6 +11,7 @@ tables); the prose comes from `findings`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib
@@ -146,7 +147,22 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def provenance() -> str:
+    """Where a generated report's numbers come from: the store, the code and the date."""
+    commit = store.environment_tags().get("git_commit", "unknown")[:12]
+    where = config.mask_secrets(config.tracking_uri())
+    return f"Generated on {time.strftime('%Y-%m-%d %H:%M')} from the store {where}, code {commit}."
+
+
+def _missing_as_none(frame: pd.DataFrame) -> pd.DataFrame:
+    """NaN and NA as None, which tabulate writes as its `missingval` (it prints NaN as nan)."""
+    return frame.astype(object).where(frame.notna(), None)
+
+
 def to_markdown(cells: pd.DataFrame) -> str:
+    run = cells.groupby("step")["accuracy"].transform(lambda a: a.notna().any())
+    not_run = list(dict.fromkeys(cells.loc[~run, "step"]))
+    cells = cells[run]
     details = cells[
         [
             "step",
@@ -159,23 +175,35 @@ def to_markdown(cells: pd.DataFrame) -> str:
             "study_tflop",
             "run_id",
         ]
-    ].assign(run_id=cells["run_id"].fillna("").str[:12], source=cells["source"].fillna(""))
+    ].assign(
+        run_id=cells["run_id"].fillna("").str[:12],
+        source=cells["source"].fillna(""),
+        trials=cells["trials"].astype("Int64"),
+        study_tflop=cells["study_tflop"].map(lambda v: "" if pd.isna(v) else f"{v:,.1f}"),
+    )
     baselines = cells[cells["baseline_acc"].notna()][
         ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
     ]
     lines = [
         "# Comparison: best run of every study",
         "",
+        provenance(),
+        "",
         "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
         "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
         "whichever has the higher validation accuracy; in brackets the reference notebooks' number",
-        "and the difference. Empty: no finished study yet.",
+        "and the difference. Empty: no finished study yet."
+        + (
+            f" Not run here (`make beyond` and the step targets): {', '.join(not_run)}."
+            if not_run
+            else ""
+        ),
         "",
         comparison_table(cells).to_markdown(index=False),
         "",
         "## Details per cell",
         "",
-        details.to_markdown(index=False, floatfmt=".4f", missingval=""),
+        _missing_as_none(details).to_markdown(index=False, floatfmt=".4f", missingval="—"),
         "",
         "## Searched against the hand-set defaults",
         "",
@@ -185,7 +213,7 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "higher validation accuracy on the full validation split (*selected*). Evaluation",
         "accuracy on the step's evaluation set; measured after the fact, never used to choose.",
         "",
-        baselines.to_markdown(index=False, floatfmt=".4f", missingval="")
+        _missing_as_none(baselines).to_markdown(index=False, floatfmt=".4f", missingval="—")
         if not baselines.empty
         else "No baseline runs yet.",
         "",
@@ -344,7 +372,15 @@ def write_shift_report(out: str | Path | None = None) -> Path:
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "task1_shift.md"
-    path.write_text(findings.shift_markdown(shift_metrics()))
+    frame = results.runs(SHIFT_EXPERIMENT, state=None, newest=True, step=SHIFT_EXPERIMENT)
+    runs = ", ".join(
+        f"{row['tags.model']} {row['run_id'][:12]} ({row['start_time']:%Y-%m-%d})"
+        for _, row in frame.iterrows()
+    )
+    text = findings.shift_markdown(shift_metrics())
+    title, _, body = text.partition("\n")
+    note = f"{provenance()} The `task1-shift` runs it describes: {runs or 'none yet'}."
+    path.write_text(f"{title}\n\n{note}\n{body}")
     return path
 
 

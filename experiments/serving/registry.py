@@ -235,7 +235,7 @@ def task2_candidates() -> list[Champion]:
         if len(members) > 1:
             groups.append((f"{step}: all {len(members)} answers", members))
     if len(steps) > 1:
-        groups.append((f"Task 2: all {len(answers)} answers", answers))
+        groups.append((f"all {len(answers)} Task 2 answers", answers))
     candidates = []
     for label, members in groups:
         for tta in (False, True):

@@ -83,7 +83,7 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets by workflow, then the variables
@@ -108,6 +108,9 @@ reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JO
 	$(MAKE) --no-print-directory report
 
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
+
+fetch: $(STAMP) ## clone the datasets published with the original study into data/raw (never overwrites)
+	$(PY) -m data_tools fetch
 
 data: $(STAMP) ## check TRAIN, TEST, TEST2 and fill the dataset cache
 	$(PY) -m data_tools prepare

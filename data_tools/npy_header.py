@@ -145,7 +145,9 @@ def _dtype(descr: object) -> np.dtype:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             return np.dtype(descr)
-    except Exception:  # TypeError, or a deprecation turned into an error: not a dtype we read
+    except (
+        Exception
+    ):  # TypeError, or a deprecation turned into an error: not a dtype this reader reads
         raise HeaderError(f"unsupported dtype {descr!r}") from None
 
 

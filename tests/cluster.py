@@ -45,7 +45,7 @@ def postgres_bin() -> Path | None:
 
 
 def _as_postgres(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to the `postgres` user when we are root."""
+    """PostgreSQL refuses to run as root: drop to the `postgres` user when running as root."""
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 

@@ -202,7 +202,7 @@ def write_levers(out: str | None = None) -> Path:
     path = folder / "levers.md"
     old = markdown_sections(path.read_text())[1].values() if path.exists() else []
     rounds = {_round_number(text): text for text in old if _round_number(text) is not None}
-    rounds[int(number)] = section  # this round replaces its own section, whatever its title
+    rounds[int(number)] = section  # a rerun replaces its own section, whatever its title
     path.write_text(head + "\n" + "".join(rounds[n] for n in sorted(rounds)))
     print(f"wrote {path}")
     params = {"round": number, "seeds": seeds, "recipe": LEVER_RECIPE, "models": LEVER_MODELS,

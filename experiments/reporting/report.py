@@ -147,6 +147,27 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+README_START = "<!-- results table: written by `make report` from reports/comparison.csv -->"
+README_END = "<!-- end of results table -->"
+
+
+def headline_table(cells: pd.DataFrame) -> str:
+    """The README's results table: the comparison table of the steps that were run."""
+    run = cells.groupby("step")["accuracy"].transform(lambda a: a.notna().any())
+    return comparison_table(cells[run]).to_markdown(index=False)
+
+
+def update_readme(path: Path, table: str) -> bool:
+    """Rewrite the table between the README's markers (False: no markers, nothing written)."""
+    text = path.read_text() if path.exists() else ""
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not (start and end):
+        return False
+    path.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    return True
+
+
 def provenance() -> str:
     """Where a generated report's numbers come from: the store, the code and the date."""
     commit = store.environment_tags().get("git_commit", "unknown")[:12]
@@ -427,6 +448,8 @@ def build_report(
     (out_dir / "comparison.md").write_text(text + "\n")
     cells.to_csv(out_dir / "comparison.csv", index=False)
     plot_heatmap(cells, out_dir / "comparison.png")
+    if out_dir == config.reports_dir():  # the project's own reports: the README follows them
+        update_readme(config.PROJECT_ROOT / "README.md", headline_table(cells))
     written = ["comparison.md", "comparison.csv", "comparison.png"]
     if ensembles:
         frame.drop(columns="members_text").to_csv(out_dir / "ensembles.csv", index=False)

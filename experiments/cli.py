@@ -156,8 +156,15 @@ def _shift(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from experiments.serving.predict import predict_files, resolve_source, summary, write_csv
+    from experiments.serving.predict import (
+        check_out,
+        predict_files,
+        resolve_source,
+        summary,
+        write_csv,
+    )
 
+    check_out(Path(args.out), args.paths)  # before any model is loaded or image read
     frame, labels = predict_files(args.paths, resolve_source(args.model))
     write_csv(frame, Path(args.out))
     print(f"wrote {args.out}: {len(frame):,} predictions")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -140,3 +142,80 @@ def test_a_model_registered_by_the_older_layout_says_how_to_re_promote(tmp_path,
     assert status == 2 and last.startswith("error: ") and "Traceback" not in last
     assert "experiments.checkpoint" in last and "make promote" in last
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_out_never_writes_over_or_inside_its_inputs(
+    final_run, study_data, tmp_path, capsys
+):
+    image = study_data / "TEST2" / "1"
+    one = sorted(image.glob("*.npy"))[0]
+    before = one.read_bytes()
+    run_id = final_run.final_run_id
+    for paths, out in (
+        ([str(one)], one),  # its own input file
+        ([str(study_data / "TEST2")], image / "pred.csv"),  # inside a dataset folder
+        ([str(one)], tmp_path),  # a folder
+    ):
+        capsys.readouterr()
+        assert main(["predict", *paths, "--model", run_id, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: --out ") and str(out) in err
+    assert one.read_bytes() == before and not (image / "pred.csv").exists()
+
+
+def test_predict_out_is_spreadsheet_safe_respects_the_umask_and_names_its_path(
+    final_run, study_data, tmp_path, capsys
+):
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "=cmd.npy", np.zeros((28, 28), np.float32))
+    np.save(folder / "plain.npy", np.ones((28, 28), np.float32) * 0.5)
+    out = tmp_path / "pred.csv"
+    old = os.umask(0o022)
+    try:
+        assert (
+            main(["predict", str(folder), "--model", final_run.final_run_id, "--out", str(out)])
+            == 0
+        )
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    paths = pd.read_csv(out)["path"].tolist()
+    assert not any(str(p).startswith(("=", "+", "-", "@")) for p in paths)
+    assert any(str(p).endswith("=cmd.npy") for p in paths)
+    blocker = tmp_path / "a-file"  # a file where the output's folder should be: fails as root too
+    blocker.write_text("x")
+    target = blocker / "pred.csv"
+    capsys.readouterr()
+    code = main(["predict", str(folder), "--model", final_run.final_run_id, "--out", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("error: --out ") and str(target) in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_the_served_model_refuses_bad_images_and_answers_an_empty_batch(final_run, study_data):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"runs:/{final_run.final_run_id}/model")
+    good = np.full((3, 1, 28, 28), 0.5, np.float32)
+    assert len(model.predict(good)) == 3
+    bad = {
+        "NaN or infinite": np.where(np.arange(28) == 3, np.nan, 0.5).astype(np.float32)
+        * np.ones((2, 1, 28, 28), np.float32),
+        "divide by 255": np.full((2, 1, 28, 28), 200.0, np.float32),  # 8-bit values
+        "expected [0, 1]": np.full((2, 1, 28, 28), -0.5, np.float32),
+    }
+    for problem, images in bad.items():
+        with pytest.raises(MlflowException, match=re.escape(problem)) as refused:
+            model.predict(images)
+        assert refused.value.get_http_status_code() == 400  # what serving answers
+    empty = model.predict(np.zeros((0, 1, 28, 28), np.float32))
+    assert len(empty) == 0 and {"predicted", "probability", "prob_6"} <= set(empty.columns)
+    from experiments.serving.pyfunc_model import checked_images
+
+    assert checked_images(np.zeros((2, 28, 28), np.uint8)).shape == (2, 1, 28, 28)  # (N, 28, 28)
+    with pytest.raises(MlflowException, match="shape"):
+        checked_images(np.zeros((2, 3, 28, 28), np.float32))

@@ -106,12 +106,47 @@ def summary(frame: pd.DataFrame, labels: np.ndarray) -> dict[str, float]:
     return out
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula
+
+
+def check_out(out: Path, inputs: list[str]) -> None:
+    """Refuse an output path that is one of the inputs or lies inside an input folder."""
+    target = out.expanduser().resolve()
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if target == source or (source.is_dir() and target.is_relative_to(source)):
+            raise ValueError(f"--out {out}: would write over or inside the input {given}")
+    if target.is_dir():
+        raise ValueError(f"--out {out}: is a folder, expected a CSV file path")
+
+
+def _spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula, prefixed with a quote."""
+    safe = frame.copy()
+    for column in safe.select_dtypes(include="object").columns:
+        safe[column] = safe[column].map(
+            lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+        )
+    return safe
+
+
 def write_csv(frame: pd.DataFrame, out: Path) -> None:
-    """Write atomically: a half-written CSV never appears under `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        frame.to_csv(tmp.name, index=False)
-    os.replace(tmp.name, out)
+    """Write atomically with the umask's mode: a half-written CSV never appears under `out`,
+    a failure leaves no temporary file, and every error names the path."""
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            _spreadsheet_safe(frame).to_csv(f, index=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
+        os.replace(tmp, out)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise ValueError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
 
 
 def resolve_source(source: str) -> str:

@@ -5,9 +5,12 @@ code, the project's weights-only checkpoint as its artifact. Loading runs
 `load_checkpoint` (`torch.load(weights_only=True)`), so an artifact store can
 hand back weights, never code to run.
 
-`predict` takes raw images `(N, 1, 28, 28)` (or `(N, 28, 28)`) float32 in [0, 1]
-and returns one row per image: `predicted` (the class folder name, 1..6),
-`probability` (of that class) and `prob_1` .. `prob_6`. An ensemble's model carries
+`predict` takes raw images `(N, 1, 28, 28)` float32 in [0, 1] (in Python also `(N, 28,
+28)`; the logged signature, which serving enforces, is the 4-D one); anything else,
+NaN or values outside [0, 1] (8-bit images, say) is refused with an error (HTTP 400
+when served), and an empty batch gives an empty frame. It returns one row per image:
+`predicted` (the class folder name, 1..6), `probability` (of that class) and `prob_1` ..
+`prob_6`. An ensemble's model carries
 one checkpoint per member (`checkpoint_0`, ...) and `ensemble.json` (`tta`): their
 softmax probabilities are averaged, over the one-pixel shifts too with TTA. A checkpoint that
 carries a new-script detector (`detector` entry: name and threshold) adds
@@ -24,17 +27,46 @@ import pandas as pd
 import torch
 
 
+def checked_images(model_input) -> np.ndarray:
+    """The input as float32 `(N, 1, 28, 28)`, or an error a client can act on (HTTP 400 when
+    served): a real-valued array of that shape or `(N, 28, 28)`, finite, in [0, 1]."""
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    def refuse(problem: str) -> MlflowException:
+        return MlflowException(f"invalid images: {problem}", error_code=INVALID_PARAMETER_VALUE)
+
+    array = np.asarray(model_input)
+    if array.dtype.kind not in "fiu":
+        raise refuse(f"dtype {array.dtype}, expected real numbers (float32 in [0, 1])")
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4 or tuple(array.shape[1:]) != (1, 28, 28):
+        raise refuse(f"shape {tuple(array.shape)}, expected (N, 1, 28, 28) or (N, 28, 28)")
+    array = array.astype(np.float32)
+    if array.size == 0:
+        return array
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise refuse(f"{bad} values are NaN or infinite")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        hint = "; 8-bit images: divide by 255" if high > 1 else ""
+        raise refuse(f"values in [{low:g}, {high:g}], expected [0, 1]{hint}")
+    return array
+
+
 def classify(loaded, model_input, tta: bool = False) -> pd.DataFrame:
     """One row per image of `model_input` (raw, in [0, 1]) for a loaded checkpoint, or for an
     ensemble (a list of them: their softmax probabilities averaged), with or without TTA."""
     from experiments.training.inference import probabilities as member_probabilities
 
     members = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
-    images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected images (N, 1, 28, 28), got {tuple(images.shape)}")
+    images = torch.as_tensor(checked_images(model_input))
+    if len(images) == 0:
+        columns = ["predicted", "probability", *[f"prob_{k}" for k in range(1, 7)]]
+        if members[0].checkpoint.get("detector"):
+            columns += ["detector_score", "unknown"]
+        return pd.DataFrame(columns=columns)
     probabilities = (
         torch.stack([member_probabilities(m, images, tta) for m in members]).mean(0).numpy()
     )

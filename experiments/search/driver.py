@@ -183,6 +183,9 @@ def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | Non
     """
     store.init()
     handle = study.load_or_create_study(step.name, model, study.make_storage(storage_url), budget)
+    # a refused resume changes nothing: checked before any trial, run or parent is touched
+    check_profile(handle, budget)
+    study.check_pinned(handle, pinned(step, model, budget))
     stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
     if stale:
         print(f"[{handle.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
@@ -222,10 +225,22 @@ def search_step(
     workers: int,
 ) -> StudyResult:
     """A study until it holds `budget.trials` finished trials, then its best trial retrained."""
+    with study.study_lock(study.study_name(step.name, model), storage_url):
+        return _search_locked(step, model, budget, storage_url, data, final, workers)
+
+
+def _search_locked(
+    step: Step,
+    model: str,
+    budget: Budget,
+    storage_url: str | None,
+    data: StepData,
+    final: bool,
+    workers: int,
+) -> StudyResult:
     handle, parent = prepare_study(step, model, budget, storage_url)
     try:
         check_data(handle, data)
-        check_profile(handle, budget)
         base = study_base(handle, step, model, budget, parent)  # before any worker starts
         enqueue_starts(handle, step, model, budget, storage_url, parent, base)
         finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))

@@ -12,16 +12,20 @@ MLflow layout, inside the step's experiment:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -366,3 +370,58 @@ def _study_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 file=sys.stderr,
             )
     return written
+
+
+@contextlib.contextmanager
+def study_lock(name: str, storage_url: str | None) -> Iterator[None]:
+    """Hold the study for this process (an OS file lock beside the store, released when the
+    process ends, however it ends): a second launcher of the same study is refused in one
+    line naming the process that holds it, instead of failing that process's live trial.
+    Workers of one launcher (`--workers`) join through the launcher, not this lock. A shared
+    RDB storage (several machines) is not locked here: its trials have heartbeats."""
+    if is_rdb(storage_url):
+        yield
+        return
+    folder = config.mlruns_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name.replace("/", "__") + ".lock")
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RuntimeError(
+                f"study {name} is being run by {holder}; wait for it to end, or stop it "
+                "(an interrupted study resumes where it stopped)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def check_pinned(handle: optuna.Study, pinned: dict[str, Any]) -> None:
+    """A study's trials and final are comparable only under one set of fixed settings (the
+    step's and the user's `--set`): a study is never resumed with others. Recorded when the
+    study first runs; a resume with other values is an error naming both."""
+    current = {key: str(value) for key, value in sorted(pinned.items())}
+    recorded = handle.user_attrs.get("pinned_settings")
+    if recorded is None:
+        handle.set_user_attr("pinned_settings", current)
+        return
+    changed = sorted(set(recorded) | set(current))
+    changed = [k for k in changed if recorded.get(k) != current.get(k)]
+    if changed:
+        both = "; ".join(
+            f"{k}: {recorded.get(k, '(not set)')} then, {current.get(k, '(not set)')} now"
+            for k in changed
+        )
+        raise ValueError(
+            f"study {handle.study_name} ran with other fixed settings ({both}): resume it "
+            "with the same --set values, or use another store (MLRUNS_DIR)"
+        )

@@ -1,0 +1,64 @@
+"""A study held by a live process is refused, a crashed one's is reclaimed, and a study is
+never resumed with other fixed settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+from conftest import runs_in
+
+from experiments.cli import main
+from experiments.search import study
+from experiments.search.driver import run_step
+from experiments.search.space import Budget
+
+TINY = dict(trials=1, epochs=1, train_subset=0, final_epochs=1)
+
+
+def test_a_study_a_live_process_runs_is_refused_in_one_line(study_data, capsys):
+    with study.study_lock("task2-step3/vgg", None):  # another launcher holds it
+        code = main(["search", "--step", "task2-step3", "--model", "vgg", "--trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: study task2-step3/vgg is being run by")
+    assert f"process {os.getpid()}" in err[-1]
+    assert runs_in("task2-step3") == []  # nothing started, nothing marked failed
+
+
+def test_a_crashed_processs_lock_is_released(study_data, tmp_path):
+    code = (
+        "import os, signal\n"
+        "from experiments.search import study\n"
+        "with study.study_lock('task2-step3/vgg', None):\n"
+        "    print('held', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    held = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
+    )
+    assert held.stdout.strip() == "held" and held.returncode == -signal.SIGKILL
+    with study.study_lock("task2-step3/vgg", None):  # free again: the holder is gone
+        pass
+
+
+def test_a_study_is_never_resumed_with_other_fixed_settings(study_data):
+    run_step("task2-step3", "vgg", Budget(**TINY, overrides={"lr": "0.003"}))
+    handle = optuna.load_study(study_name="task2-step3/vgg", storage=study.make_storage())
+    before = (len(handle.trials), len(runs_in("task2-step3")))
+    (parent,) = runs_in("task2-step3", "tags.role = 'study'")
+    with pytest.raises(ValueError, match=r"lr: 0\.003 then, 0\.5 now"):
+        run_step("task2-step3", "vgg", Budget(**TINY, overrides={"lr": "0.5"}))
+    handle = optuna.load_study(study_name="task2-step3/vgg", storage=study.make_storage())
+    assert (len(handle.trials), len(runs_in("task2-step3"))) == before  # nothing changed
+    (still,) = runs_in("task2-step3", "tags.role = 'study'")
+    assert still.info.status == parent.info.status == "FINISHED"
+    finals = runs_in("task2-step3", "tags.role = 'final'")
+    assert [r.data.params["lr"] for r in finals] == ["0.003"]  # the final names its settings
+    run_step("task2-step3", "vgg", Budget(**TINY, overrides={"lr": "0.003"}))  # same: resumes
+    handle = optuna.load_study(study_name="task2-step3/vgg", storage=study.make_storage())
+    assert len(handle.trials) == before[0]  # complete already: no trial, no new final
+    assert len(runs_in("task2-step3", "tags.role = 'final'")) == 1

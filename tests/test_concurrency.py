@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -62,3 +63,21 @@ def test_a_study_is_never_resumed_with_other_fixed_settings(study_data):
     handle = optuna.load_study(study_name="task2-step3/vgg", storage=study.make_storage())
     assert len(handle.trials) == before[0]  # complete already: no trial, no new final
     assert len(runs_in("task2-step3", "tags.role = 'final'")) == 1
+
+
+def test_an_unreachable_tracking_server_is_one_masked_line_within_30_s(study_data, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://alice:s3cret pass@127.0.0.1:{port}"}
+    for command in (["train", "--step", "task2-step3", "--model", "vgg", "--epochs", "1"],
+                    ["search", "--step", "task2-step3", "--model", "vgg", "--trials", "1"]):  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "experiments", *command], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert time.perf_counter() - start < 30
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1 and "unreachable" in err[0]
+        assert "s3cret" not in done.stderr + done.stdout and "alice:***@" in err[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -42,7 +43,42 @@ def init() -> str:
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _OPENED:
         _open_sqlite_store(uri)
+    if uri.startswith(("http://", "https://")) and uri not in _OPENED:
+        _check_server(uri)
     return uri
+
+
+# MLflow retries an unreachable server for minutes by default (7 retries, 120 s each):
+# a command fails within about 30 s instead, unless the user sets these
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def _check_server(uri: str) -> None:
+    """Reach the tracking server once, quickly; an unreachable one is one line, URL masked."""
+    import urllib.error
+    import urllib.request
+
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    parsed = urllib.parse.urlsplit(uri)
+    netloc = parsed.netloc.rpartition("@")[2]  # credentials go in a header, never a log line
+    health = urllib.parse.urlunsplit(
+        (parsed.scheme, netloc, parsed.path.rstrip("/") + "/health", "", "")
+    )
+    try:
+        with urllib.request.urlopen(health, timeout=10):
+            pass
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = type(getattr(exc, "reason", exc)).__name__
+        raise RuntimeError(
+            f"tracking server {config.mask_url(uri)} is unreachable ({reason}); start it or "
+            "unset MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+    _OPENED.add(uri)
 
 
 def _open_sqlite_store(uri: str) -> None:

@@ -17,6 +17,14 @@ from models import MODELS
 PROFILE_CHOICES = ["auto", "cpu", "gpu"]  # experiments.search.space.PROFILES (a test checks)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
 def _steps(args: argparse.Namespace) -> None:
     if args.names:
         print(" ".join(STEPS))
@@ -314,7 +322,7 @@ def _add_search(commands) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="fixed setting for every trial"
     )
     search.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the study (default 1)"
+        "--workers", type=_at_least_one, default=1, help="processes sharing the study (default 1)"
     )
     search.add_argument(
         "--score-trials",

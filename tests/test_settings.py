@@ -105,3 +105,27 @@ def test_train_and_search_give_set_the_same_meaning(study_data, capsys):
     )
     run = runs_in("task2-step3", "tags.mlflow.runName = 'train-vgg'")[0]
     assert run.data.params["lr"] == "0.004"
+
+
+@pytest.mark.parametrize(
+    "setting", ["width=0", "dropout=1.5", "val_subset=5", f"seed={2**64}", "val_fraction=0.999"]
+)
+def test_every_setting_is_checked_before_any_run_exists(study_data, setting, capsys):
+    from conftest import runs_in
+
+    from experiments.cli import main
+
+    for command in (["train", "--epochs", "1"], ["search", "--trials", "1"]):
+        code = main([*command, "--step", "task2-step3", "--model", "vgg", "--set", setting])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error: ") and len(err) == 1
+        assert setting.split("=")[0] in err[-1]
+    assert runs_in("task2-step3") == []  # no run, FAILED or otherwise
+
+
+def test_workers_must_be_at_least_one(study_data, capsys):
+    from experiments.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--step", "task2-step3", "--model", "vgg", "--workers", "0"])
+    assert exited.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err

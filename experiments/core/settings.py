@@ -21,6 +21,7 @@ Every value is validated before any run exists (`TrainConfig.__post_init__`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -92,7 +93,8 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, low=0.0)
         _check_range("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _check_range("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
-        _check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        # at least one image per class on each side of a split: 6 of TRAIN's smallest subsets
+        _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
         _check_range("crop_scale", self.crop_scale, low=0.05, high=1.0)
         _check_range("affine_strength", self.affine_strength, low=0.0, high=3.0)
         _check_range("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
@@ -106,14 +108,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected an integer >= 1")
-        for name in ("train_subset", "val_subset", "seed", "split_seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected an integer >= 0")
+        for name in ("train_subset", "val_subset"):
+            value = getattr(self, name)
+            if value < 0 or 0 < value < MIN_SUBSET:
+                raise ValueError(f"{name}={value}: expected 0 (all) or at least {MIN_SUBSET}")
+        for name in ("seed", "split_seed"):  # numpy's and torch's seeds are 32-bit
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ValueError(f"{name}={getattr(self, name)}: expected an integer in [0, 2**32)")
         if self.freeze != "none" and not self.init_from:
             raise ValueError(f"freeze={self.freeze} needs init_from (a pretrained checkpoint)")
         _check_device(self.device)
         _check_choice("precision", self.precision, PRECISIONS)
         self.model_kwargs = {**hyperparameters(self.model), **self.model_kwargs}
+        _check_model(self.model, tuple(sorted(self.model_kwargs.items())))
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
@@ -259,3 +266,24 @@ def resolve(
     kwargs = {k: v for k, v in merged.items() if k in knobs}
     values = {k: v for k, v in merged.items() if k not in knobs}
     return TrainConfig(model=model, model_kwargs=kwargs, **values)
+
+
+MIN_SUBSET = 60  # a subset smaller than this leaves classes with no image in a split
+
+
+@functools.lru_cache(maxsize=256)
+def _check_model(name: str, knobs: tuple[tuple[str, Any], ...]) -> None:
+    """Build the model and run one forward pass on the meta device (shapes only, no memory):
+    a knob the model cannot take (width=0, dropout=1.5) is one error before any data, run or
+    study exists."""
+    import torch
+
+    from models import create_model
+
+    kwargs = dict(knobs)
+    try:
+        with torch.device("meta"):
+            create_model(name, **kwargs).eval()(torch.zeros(2, 1, 28, 28))
+    except Exception as exc:  # whatever the model raises for knobs it cannot take
+        knobs = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise ValueError(f"model {name} cannot be built with {knobs}: {exc}") from None

@@ -190,10 +190,20 @@ def _predict(args: argparse.Namespace) -> None:
 def _promote(args: argparse.Namespace) -> None:
     from experiments.serving.registry import ALIAS, promote
 
+    promoted = 0
     for task in args.task or (1, 2):
-        champion, version, created = promote(task)
+        try:
+            champion, version, created = promote(task)
+        except RuntimeError as exc:  # no finished study for this task's rule
+            if args.task:  # asked for by name: an error
+                raise
+            print(f"skipped Task {task}: {exc}", flush=True)
+            continue
+        promoted += 1
         state = "new version" if created else "already registered"
         print(f"{champion.name} v{version} @{ALIAS} ({state}): {results_line(champion)}")
+    if not promoted:
+        raise RuntimeError("no task has a finished study to promote: run `make reproduce` first")
 
 
 def results_line(champion) -> str:
@@ -498,7 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (a `kill`, a scheduler, make stopping its jobs) ends runs as Ctrl-C does:
+    KILLED and tagged interrupted, never left RUNNING."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from experiments.core.config import mask_secrets
 
+    signal.signal(signal.SIGTERM, _terminated)
     return run(build_parser(), argv, redact=mask_secrets)

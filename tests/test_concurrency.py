@@ -81,3 +81,40 @@ def test_an_unreachable_tracking_server_is_one_masked_line_within_30_s(study_dat
         err = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(err) == 1 and "unreachable" in err[0]
         assert "s3cret" not in done.stderr + done.stdout and "alice:***@" in err[0]
+
+
+def test_a_damaged_journal_line_is_named_with_its_repair(study_data, capsys):
+    from experiments.core import config
+
+    run_step("task2-step3", "vgg", Budget(**TINY))
+    journal = config.mlruns_dir() / "optuna.journal"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:2] + ["garbage{not json\n"] + lines[2:]))
+    code = main(["search", "--step", "task2-step3", "--model", "vgg", "--trials", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{journal}: line 3 is not a study journal record" in err
+    assert f"sed -i '3d' {journal}" in err
+    journal.write_text("".join(lines))  # repaired as the message says: the study resumes
+    assert main(["search", "--step", "task2-step3", "--model", "vgg", "--trials", "2"]) == 0
+
+
+def test_sigterm_during_train_ends_its_run_killed(study_data):
+    from mlflow.tracking import MlflowClient
+
+    from experiments.tracking import store
+
+    command = [sys.executable, "-m", "experiments", "train", "--step", "task2-step3",
+               "--model", "vgg", "--epochs", "500", "--set", "patience=500"]  # fmt: skip
+    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # the first epoch's line: its run exists and trains
+            if " epoch " in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 130
+    finally:
+        process.kill()
+    store.init()
+    (run,) = runs_in("task2-step3")
+    assert run.info.status == "KILLED" and run.data.tags["interrupted"] == "true"
+    assert MlflowClient().get_run(run.info.run_id).info.end_time is not None

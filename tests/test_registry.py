@@ -276,3 +276,33 @@ def test_the_recipe_step_trains_its_settings_once_and_joins_the_task2_field(
     assert "task2-recipe/hybrid" in {c.label for c in task2_candidates()}
     with pytest.raises(ValueError, match="task2-recipe has no recipe for vgg"):
         run_step("task2-recipe", "vgg", Budget(**TINY))
+
+
+def test_promote_skips_a_task_without_studies_and_ends_orphaned_promote_runs(study_data, capsys):
+    from experiments.cli import main
+
+    run_step("task2-step3", "hybrid", Budget(**TINY))  # Task 2 only: no task1-step1 study
+    store.init()
+    client = MlflowClient()
+    orphan = client.create_run(store.experiment_id(registry.REGISTRY_EXPERIMENT))  # kill -9'd
+    assert main(["promote"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped Task 1: no task1-step1 study has finished" in out and "glyph-task2 v1" in out
+    ended = client.get_run(orphan.info.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["interrupted"] == "true"
+    assert main(["promote", "--task", "1"]) == 2  # asked for by name: an error
+
+
+def test_two_promotes_at_once_register_one_version(studies):
+    env = {**os.environ}
+    command = [sys.executable, "-m", "experiments", "promote", "--task", "2"]
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    versions = MlflowClient().search_model_versions("name = 'glyph-task2'")
+    assert len(versions) == 1  # the second saw the first's version by its promotion key
+    said = b"".join(o[0] for o in outs)
+    assert said.count(b"(new version)") == 1 and said.count(b"(already registered)") == 1

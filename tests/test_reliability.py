@@ -98,7 +98,9 @@ def test_kill_9_then_resume_finishes_the_requested_trials(study_data):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    resumed = subprocess.run(_search_command(3, 2), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(  # the same fixed settings: a study never resumes with others
+        _search_command(3, 2, 1, "--set", "patience=1000"), env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"marked interrupted trials [{running.number}] as FAIL" in resumed.stdout
     study = optuna.load_study(study_name="task2-step3/vgg", storage=make_storage())

@@ -106,15 +106,15 @@ def _reproduce_section(measured_on: str, old: str) -> tuple[list[str], list[Targ
 
 
 def _gpu_section(out: str | None) -> list[str]:
-    """reports/gpu.md when a GPU run wrote it, else a line saying where GPU figures come from."""
-    import torch
-
+    """Where the GPU figures are: reports/gpu.md (`make gpu-bench`), or not measured yet."""
     gpu = config.reports_dir(out) / "gpu.md"
-    if gpu.exists():  # measured on a lent GPU, kept across runs
-        return [gpu.read_text().rstrip("\n"), ""]
-    if torch.cuda.is_available():
-        return []
-    return ["## GPU", "", "No CUDA device in this run: the GPU figures come from a run on one.", ""]
+    if gpu.exists():
+        text = "GPU measurements (`make gpu-bench` on a lent GPU): reports/gpu.md."
+    else:
+        text = (
+            "No GPU measurement yet: `make gpu-bench` on a machine with one writes reports/gpu.md."
+        )
+    return ["## GPU", "", text, ""]
 
 
 def _target_rows(targets: list[Target]) -> list[str]:

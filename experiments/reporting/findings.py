@@ -343,7 +343,7 @@ def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
         "Counted on the cells above: evaluation accuracies, read after every choice was made "
         "(they choose nothing). *misses*: the row's difference to its baseline, its difference "
         "to the reference, or its black-half accuracy. The wall time of `make reproduce` is not "
-        "in the store: the README's Results give it with the machine it was measured on.",
+        "in the store: docs/reproduce.md gives it with the CPU it was measured on.",
         "",
         table.to_markdown(index=False),
     ]

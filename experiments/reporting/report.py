@@ -170,8 +170,12 @@ def update_readme(path: Path, table: str) -> bool:
 
 def provenance() -> str:
     """Where a generated report's numbers come from: the store, the code and the date."""
-    commit = store.environment_tags().get("git_commit", "unknown")[:12]
+    commit = store.environment_tags().get("git_commit", "unknown")
+    commit = commit[:12] + (" with uncommitted changes" if commit.endswith("-dirty") else "")
     where = config.mask_secrets(config.tracking_uri())
+    root = f"sqlite:///{config.PROJECT_ROOT.as_posix()}/"
+    if where.startswith(root):  # the project's own store: named the same on every machine
+        where = where[len(root) :]
     return f"Generated on {time.strftime('%Y-%m-%d %H:%M')} from the store {where}, code {commit}."
 
 
@@ -180,35 +184,30 @@ def _missing_as_none(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
-def to_markdown(cells: pd.DataFrame) -> str:
-    run = cells.groupby("step")["accuracy"].transform(lambda a: a.notna().any())
-    not_run = list(dict.fromkeys(cells.loc[~run, "step"]))
-    cells = cells[run]
-    details = cells[
-        [
-            "step",
-            "model",
-            "accuracy",
-            "black_acc",
-            "white_acc",
-            "best_val_acc",
-            "trials",
-            "study_tflop",
-            "run_id",
-        ]
-    ].assign(
+DETAIL_COLUMNS = ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc",
+                  "trials", "study_tflop", "run_id"]  # fmt: skip
+
+
+def _details(cells: pd.DataFrame) -> pd.DataFrame:
+    """The per-cell details table: integers as integers, short run ids, TFLOP to one decimal."""
+    return cells[DETAIL_COLUMNS].assign(
         run_id=cells["run_id"].fillna("").str[:12],
         source=cells["source"].fillna(""),
         trials=cells["trials"].astype("Int64"),
         study_tflop=cells["study_tflop"].map(lambda v: "" if pd.isna(v) else f"{v:,.1f}"),
     )
+
+
+def to_markdown(cells: pd.DataFrame) -> str:
+    run = cells.groupby("step")["accuracy"].transform(lambda a: a.notna().any())
+    not_run = list(dict.fromkeys(cells.loc[~run, "step"]))
+    cells = cells[run]
+    details = _details(cells)
     baselines = cells[cells["baseline_acc"].notna()][
         ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
     ]
     lines = [
         "# Comparison: best run of every study",
-        "",
-        provenance(),
         "",
         "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
         "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
@@ -437,6 +436,8 @@ def build_report(
     text = "\n".join(
         [
             title_line,
+            "",
+            provenance(),
             *champions_markdown(test2_cache, tta),
             body.rstrip("\n"),
             *findings.search_conditions(cells, len(MODELS)),
@@ -448,7 +449,7 @@ def build_report(
     (out_dir / "comparison.md").write_text(text + "\n")
     cells.to_csv(out_dir / "comparison.csv", index=False)
     plot_heatmap(cells, out_dir / "comparison.png")
-    if out_dir == config.reports_dir():  # the project's own reports: the README follows them
+    if out_dir.resolve() == (config.PROJECT_ROOT / "reports").resolve():  # the README's own
         update_readme(config.PROJECT_ROOT / "README.md", headline_table(cells))
     written = ["comparison.md", "comparison.csv", "comparison.png"]
     if ensembles:

@@ -87,11 +87,32 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
                 f"--storage {shown}: cannot open the study storage: {first}"
             ) from None
     path = Path(target)
+    check_journal(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(target))
     except OSError as exc:
         raise RuntimeError(f"{shown}: cannot create the study journal: {exc.strerror}") from None
+
+
+def check_journal(path: Path) -> None:
+    """A damaged journal line (a disk fault, a stray edit) is one error naming the file, the
+    line and the repair, instead of a JSON traceback from Optuna at the study's next sync.
+    The last line may be partial (a writer stopped mid-line): Optuna skips that one itself."""
+    if not path.is_file():
+        return
+    with path.open("rb") as journal:
+        lines = journal.read().split(b"\n")
+    for number, line in enumerate(lines[:-1], 1):  # the text after the last newline: partial
+        try:
+            json.loads(line)
+        except ValueError:
+            shown = line[:40].decode("utf-8", "replace")
+            raise ValueError(
+                f"{path}: line {number} is not a study journal record ({shown!r}); keep a copy "
+                f"of the file, delete that line (sed -i '{number}d' {path}) and run again: the "
+                "trials it recorded are redone"
+            ) from None
 
 
 def check_storage(url: str | None = None) -> None:

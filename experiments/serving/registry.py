@@ -23,8 +23,10 @@ alias `champion` always points at the version of the current champion.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,6 +335,26 @@ def promote(task: int) -> tuple[Champion, str, bool]:
     """
     champion = choose(task)
     store.init()
+    with promotion_lock():
+        return _promote_locked(champion)
+
+
+@contextlib.contextmanager
+def promotion_lock() -> Iterator[None]:
+    """One promote at a time per store (a file lock beside it, freed when its holder dies):
+    two at once cannot both register a version of one promotion key. A promote run left
+    RUNNING by a process that died (kill -9) is ended KILLED by the next holder."""
+    from filelock import FileLock
+
+    folder = config.mlruns_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / "promote.lock")):
+        for run_id in results.running_runs(REGISTRY_EXPERIMENT):
+            store.mark_interrupted(MlflowClient(), run_id)
+        yield
+
+
+def _promote_locked(champion: Champion) -> tuple[Champion, str, bool]:
     client = MlflowClient()
     key = _key(champion)
     existing = [

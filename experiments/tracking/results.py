@@ -126,6 +126,12 @@ def study_parent(step: str, model: str) -> pd.Series | None:
     return None if frame.empty else frame.iloc[0]
 
 
+def running_runs(experiment: str) -> list[str]:
+    """Ids of the experiment's runs still RUNNING."""
+    frame = search(experiment, status="RUNNING")
+    return [] if frame.empty else list(frame["run_id"])
+
+
 def study_flops(experiment: str, parent_run_id: str) -> float:
     """The model FLOPs of every run a study's parent holds (trials, final, baseline)."""
     frame = search(experiment, {"mlflow.parentRunId": parent_run_id})

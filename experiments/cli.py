@@ -355,12 +355,17 @@ def _add_worker(commands) -> None:
     worker.set_defaults(func=_worker)
 
 
+def _reports_command(commands, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """A subcommand whose only option is the reports folder it writes into."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("--out", help="reports folder (default: reports/)")
+    command.set_defaults(func=func)
+    return command
+
+
 def _add_analyze(commands) -> None:
-    analyze = commands.add_parser(
-        "analyze", help="data figures and data_summary.md, logged as a data-analysis MLflow run"
-    )
-    analyze.add_argument("--out", help="reports folder (default: reports/)")
-    analyze.set_defaults(func=_analyze)
+    help_text = "data figures and data_summary.md, logged as a data-analysis MLflow run"
+    _reports_command(commands, "analyze", help_text, _analyze)
 
 
 def _add_shift(commands) -> None:
@@ -466,19 +471,13 @@ def _add_gpu_bench(commands) -> None:
 
 
 def _add_fidelity(commands) -> None:
-    fidelity = commands.add_parser(
-        "fidelity", help="slow: trial-score vs final-score rank correlation per trial fidelity"
-    )
-    fidelity.add_argument("--out", help="reports folder (default: reports/)")
-    fidelity.set_defaults(func=_fidelity)
+    help_text = "slow: trial-score vs final-score rank correlation per trial fidelity"
+    _reports_command(commands, "fidelity", help_text, _fidelity)
 
 
 def _add_levers(commands) -> None:
-    levers = commands.add_parser(
-        "levers", help="slow: one round of Task 2 levers on the recipe, judged on SELECT2"
-    )
-    levers.add_argument("--out", help="reports folder (default: reports/)")
-    levers.set_defaults(func=_levers)
+    help_text = "slow: one round of Task 2 levers on the recipe, judged on SELECT2"
+    _reports_command(commands, "levers", help_text, _levers)
 
 
 SUBCOMMANDS = (

@@ -224,41 +224,32 @@ def search_step(
     final: bool,
     workers: int,
 ) -> StudyResult:
-    """A study until it holds `budget.trials` finished trials, then its best trial retrained."""
+    """A study until it holds `budget.trials` finished trials, then its best trial retrained;
+    the study is held by this process throughout (`study.study_lock`)."""
     with study.study_lock(study.study_name(step.name, model), storage_url):
-        return _search_locked(step, model, budget, storage_url, data, final, workers)
-
-
-def _search_locked(
-    step: Step,
-    model: str,
-    budget: Budget,
-    storage_url: str | None,
-    data: StepData,
-    final: bool,
-    workers: int,
-) -> StudyResult:
-    handle, parent = prepare_study(step, model, budget, storage_url)
-    try:
-        check_data(handle, data)
-        base = study_base(handle, step, model, budget, parent)  # before any worker starts
-        enqueue_starts(handle, step, model, budget, storage_url, parent, base)
-        finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
-        remaining = max(0, budget.trials - finished)
-        print(
-            f"[{handle.study_name}] {finished} finished trials, running {remaining} more",
-            flush=True,
-        )
-        if remaining and workers > 1:
-            entry = [sys.executable, "-m", "experiments", "worker"]  # runs `worker_main`
-            study.spawn_workers(entry, step.name, model, budget, storage_url, remaining, workers)
-        elif remaining:
-            objective = make_objective(data, model, parent, budget, base)
-            study.optimize(handle, objective, remaining, budget.timeout)
-        return finish_study(handle, step, model, parent, budget, data, base, final)
-    except BaseException as exc:
-        study.end_parent(parent, exc)
-        raise
+        handle, parent = prepare_study(step, model, budget, storage_url)
+        try:
+            check_data(handle, data)
+            base = study_base(handle, step, model, budget, parent)  # before any worker starts
+            enqueue_starts(handle, step, model, budget, storage_url, parent, base)
+            finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
+            remaining = max(0, budget.trials - finished)
+            print(
+                f"[{handle.study_name}] {finished} finished trials, running {remaining} more",
+                flush=True,
+            )
+            if remaining and workers > 1:
+                entry = [sys.executable, "-m", "experiments", "worker"]  # runs `worker_main`
+                study.spawn_workers(
+                    entry, step.name, model, budget, storage_url, remaining, workers
+                )
+            elif remaining:
+                objective = make_objective(data, model, parent, budget, base)
+                study.optimize(handle, objective, remaining, budget.timeout)
+            return finish_study(handle, step, model, parent, budget, data, base, final)
+        except BaseException as exc:
+            study.end_parent(parent, exc)
+            raise
 
 
 def check_data(handle: optuna.Study, data: StepData) -> None:

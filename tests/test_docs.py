@@ -41,7 +41,7 @@ def test_no_text_narrates_the_development_timeline():
 
 def test_the_wording_check_can_fail():
     samples = [
-        "Until " + "this round, I measured it.",
+        "Until th" + "is rou" + "nd, I measured it.",
         "fixed in #13",
         "the last three runs",
         "our run",

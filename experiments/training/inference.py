@@ -116,6 +116,7 @@ class ProbabilityCache:
     def __init__(self, images: torch.Tensor, load, fingerprint: str | None = None):
         self.images, self.load, self.fingerprint = images, load, fingerprint
         self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self._files: dict[str, dict] = {}  # each run's predictions.npz, downloaded once
         self.predicted = 0  # (run, TTA) pairs that had to be predicted here
 
     def __call__(self, run_id: str, tta: bool) -> torch.Tensor:
@@ -132,7 +133,9 @@ class ProbabilityCache:
             return None
         from experiments.training import predictions
 
-        found = predictions.logged(run_id).get(predictions.key(self.fingerprint, tta))
+        if run_id not in self._files:
+            self._files[run_id] = predictions.logged(run_id)
+        found = self._files[run_id].get(predictions.key(self.fingerprint, tta))
         if found is None or len(found) != len(self.images):
             return None
         return torch.from_numpy(found)

@@ -15,6 +15,7 @@ reproduce` instead of the real one), so the test suite knows it works before a G
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -119,20 +120,44 @@ def training_rate(name: str, batch: int, images: int, device) -> tuple[float, st
 
 
 def time_reproduce(tiny: bool, timeout: float) -> tuple[str, float]:
-    """(what ran, seconds) of `make reproduce PROFILE=gpu` into a throw-away store."""
+    """(what ran, seconds) of `make reproduce PROFILE=gpu` into a throw-away store. At the bound
+    the whole process group is stopped (SIGTERM, which ends its runs KILLED, then SIGKILL), so no
+    study keeps the GPU after the bench has moved on."""
     command = ["make", "-n" if tiny else "-s", "reproduce", "PROFILE=gpu"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLRUNS_DIR": f"{tmp}/mlruns", "REPORTS_DIR": f"{tmp}/reports"}
         start = time.perf_counter()
+        output = subprocess.DEVNULL if tiny else None
         try:
-            subprocess.run(command, cwd=config.PROJECT_ROOT, env=env, check=True,
-                           timeout=timeout, capture_output=tiny)  # fmt: skip
-            state = "dry run (`make -n`, tiny mode)" if tiny else "finished"
+            process = subprocess.Popen(command, cwd=config.PROJECT_ROOT, env=env, stdout=output,
+                                       stderr=output, start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            return f"`{' '.join(command)}`: could not start ({exc.strerror})", 0.0
+        try:
+            code = process.wait(timeout=timeout)
+            state = (
+                ("dry run (`make -n`, tiny mode)" if tiny else "finished")
+                if code == 0
+                else f"failed (exit {code})"
+            )
         except subprocess.TimeoutExpired:
+            _stop_group(process)
             state = f"stopped at the {timeout:.0f} s bound, not finished"
-        except subprocess.CalledProcessError as exc:
-            state = f"failed (exit {exc.returncode})"
     return f"`{' '.join(command)}`: {state}", time.perf_counter() - start
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group, then SIGKILL to what is left after 20 s."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_gpu_bench(
@@ -141,10 +166,12 @@ def run_gpu_bench(
     """Measure, print and append one section to `reports/gpu.md`; returns its path."""
     import torch
 
+    from experiments.core.settings import resolve_device
     from experiments.training.inference import forward_flops
     from models import MODELS, create_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU: the CPU"
     batches, images = ((8, 16), 128) if tiny else ((128, 512), 51_200)
     sampler = Sampler().start()

@@ -168,6 +168,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
+        # static 28x28 shapes: cuDNN's autotuner picks each convolution's fastest kernel once
+        torch.backends.cudnn.benchmark = True
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")

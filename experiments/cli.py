@@ -448,7 +448,8 @@ def _add_bench(commands) -> None:
         choices=list(SECTIONS),
         help="repeatable: run only these sections (predict: prediction batch 1,024 vs the "
         "default, logits compared; depthwise: EfficientNet's depthwise weight gradient, oneDNN "
-        "vs batched matmul; compile: torch.compile vs eager, compile time included)",
+        "vs batched matmul; compile: torch.compile vs eager, compile time included; study: one whole study by a "
+        "baseline commit and by this tree, utilisation side by side, BENCH_BASELINE=ref)",
     )
     bench.set_defaults(func=_bench)
 

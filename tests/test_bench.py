@@ -273,3 +273,52 @@ def test_gpu_bench_script_runs_in_tiny_cpu_mode_and_appends(study_data, tmp_path
     }
     assert all(float(r[4]) > 0 for r in rows)  # images/s measured
     assert "`make -n reproduce PROFILE=gpu`: dry run" in section
+
+
+def test_study_flops_from_store_count_what_the_runs_trained(study_data):
+    """The A/B count, read back from params and metrics, equals the training and validation
+    FLOPs each run logged when it trained (scoring excluded)."""
+    from experiments.bench.study import study_flops_from_store
+    from experiments.cli import main
+    from experiments.tracking import store
+
+    args = ["--trials", "2", "--epochs", "1", "--final-epochs", "1"]
+    assert main(["search", "--step", "task2-step3", "--model", "vgg", *args]) == 0
+    trained = [r for r in runs_in("task2-step3") if "epochs_run" in r.data.metrics]
+    assert len(trained) >= 3  # trials and the final
+    expected = sum(
+        r.data.metrics["train_flops"]
+        + r.data.metrics["flops_per_image"]
+        * int(r.data.params["split.val_images"])
+        * r.data.metrics["epochs_run"]
+        for r in trained
+    )
+    flops, counted = study_flops_from_store(store.init())
+    assert counted == len(trained)
+    assert flops == pytest.approx(expected, rel=1e-9)
+
+
+def test_study_section_divides_flops_by_wall_time_and_the_peak(monkeypatch):
+    import experiments.bench.study as study
+
+    monkeypatch.setattr(timing, "dense_peaks", lambda dtype: {"k1": 1e11, "k2": 2e11})
+    results = {
+        "A: old": {"seconds": 100.0, "flops": 2e12, "runs": 5},  # 10 % of 2e11
+        "B: this tree": {"seconds": 50.0, "flops": 3e12, "runs": 6},  # 30 %
+    }
+    monkeypatch.setattr(study, "bench_study", lambda baseline, extra: results)
+    lines, [(name, measured, met)] = study.study_section("Measured on a test CPU.")
+    text = "\n".join(lines)
+    assert "| A: old | 100 | 5 | 2.00 | 20.0 | 10.0% |" in text
+    assert "| B: this tree | 50 | 6 | 3.00 | 60.0 | 30.0% |" in text
+    assert measured.startswith("3.00x") and met  # 30 % / 10 %
+    results["B: this tree"]["seconds"] = 100.0  # 15 %: 1.5x, under the 2x target
+    assert not study.study_section("Measured on a test CPU.")[1][0][2]
+
+
+def test_study_baseline_that_git_cannot_check_out_is_one_line(tmp_path):
+    from experiments.bench.study import checkout
+
+    with pytest.raises(SystemExit, match="cannot check out baseline 'no-such-ref'"):  # noqa: SIM117
+        with checkout("no-such-ref", tmp_path / "wt"):
+            pass

@@ -26,6 +26,7 @@ from experiments.bench.overhead import (
     bench_reproduce,
     logging_section,
 )
+from experiments.bench.study import STUDY_SECTION, STUDY_TARGET, study_section
 from experiments.bench.training import precision_section, training_section
 from experiments.core import config
 from experiments.core.machine import describe_machine
@@ -40,12 +41,13 @@ SECTIONS: dict[str, SectionFn] = {
     "depthwise": depthwise_section,
     "logging": logging_section,
     "compile": compile_section,
+    "study": study_section,
 }
 DEFAULT_SECTIONS = ("data", "train", "precision", "predict", "depthwise", "logging")
 HISTORY_SECTION = "## What was tried"
-# measured only by `--only compile` / BENCH_FULL=1: a default run keeps them and their targets
-KEPT_SECTIONS = (COMPILE_SECTION, REPRODUCE_SECTION)
-KEPT_TARGETS = (COMPILE_TARGET, REPRODUCE_TARGET)
+# measured only by `--only compile` / `--only study` / BENCH_FULL=1: a default run keeps them and their targets
+KEPT_SECTIONS = (COMPILE_SECTION, REPRODUCE_SECTION, STUDY_SECTION)
+KEPT_TARGETS = (COMPILE_TARGET, REPRODUCE_TARGET, STUDY_TARGET)
 HEAD = """# Benchmarks
 
 Written by `python -m experiments bench`; its last run: {machine}. Each section names the

@@ -48,21 +48,27 @@ def run(
     parser: argparse.ArgumentParser,
     argv: list[str] | None = None,
     redact: Callable[[str], str] = str,
+    explain: Callable[[BaseException], str | None] = lambda exc: None,
 ) -> int:
     """Parse `argv`, run the chosen command, turn user errors into `error: ...` and status 2.
 
-    `redact` rewrites the message before it is printed (the study CLI masks passwords).
+    `redact` rewrites the message before it is printed (the study CLI masks passwords);
+    `explain` turns other exceptions the user can act on (a broken store, say) into their
+    one line, or returns None for a bug, which keeps its traceback.
     """
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as exc:
-        if os.environ.get("GLYPH_TRACEBACK") == "1":  # where it came from, for a bug report
-            lines = redact(traceback.format_exc()).rstrip().splitlines()
-            print("\n".join(one_line(line) for line in lines), file=sys.stderr)
-        print(f"error: {one_line(redact(str(exc)))}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, USER_ERRORS) else explain(exc)
+        if message is None:
+            raise
+        if os.environ.get("GLYPH_TRACEBACK") == "1":  # where it came from, for a bug report
+            lines = redact(traceback.format_exc()).rstrip().splitlines()
+            print("\n".join(one_line(line) for line in lines), file=sys.stderr)
+        print(f"error: {one_line(redact(message))}", file=sys.stderr)
+        return 2
     return 0

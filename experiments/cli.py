@@ -410,6 +410,27 @@ def _add_promote(commands) -> None:
     promote.set_defaults(func=_promote)
 
 
+def _relocate(args: argparse.Namespace) -> None:
+    from experiments.core import config
+    from experiments.tracking.relocate import relocate
+
+    changed = relocate(config.mlruns_dir())
+    if not changed:
+        print(f"{config.mlruns_dir()}: every artifact location already lies inside it")
+        return
+    counts = ", ".join(f"{n} {table}" for table, n in changed.items())
+    print(f"{config.mlruns_dir()}: artifact locations pointed into it ({counts})")
+
+
+def _add_relocate(commands) -> None:
+    relocate = commands.add_parser(
+        "relocate",
+        help="after copying or moving the store (MLRUNS_DIR): point its experiments', runs' and "
+        "models' artifact locations into it",
+    )
+    relocate.set_defaults(func=_relocate)
+
+
 def _add_report(commands) -> None:
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")
@@ -490,6 +511,7 @@ SUBCOMMANDS = (
     _add_shift,
     _add_predict,
     _add_promote,
+    _add_relocate,
     _add_report,
     _add_dashboard,
     _add_bench,
@@ -520,4 +542,52 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.core.config import mask_secrets
 
     signal.signal(signal.SIGTERM, _terminated)
-    return run(build_parser(), argv, redact=mask_secrets)
+    _quiet_store_errors()
+    return run(build_parser(), argv, redact=mask_secrets, explain=store_fault)
+
+
+def _quiet_store_errors() -> None:
+    """MLflow logs a traceback for a database error before raising it; `store_fault` turns the
+    raised error into one line, so the logged traceback is dropped (GLYPH_TRACEBACK=1 keeps
+    it)."""
+    import logging
+
+    if os.environ.get("GLYPH_TRACEBACK") == "1":
+        return
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _DropDatabaseErrors) for f in logger.filters):
+        logger.addFilter(_DropDatabaseErrors())
+
+
+class _DropDatabaseErrors:
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+def store_fault(exc: BaseException) -> str | None:
+    """One line for a tracking store that is damaged or locked (a SQLite or SQLAlchemy error
+    anywhere in the exception's chain), naming the database; None for anything else."""
+    import sqlite3
+
+    from experiments.core import config
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, sqlite3.Error) or type(exc).__module__ == "sqlalchemy.exc":
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            uri = config.tracking_uri()
+            where = (
+                uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else config.mask_url(uri)
+            )
+            if "locked" in reason or "busy" in reason:
+                return (
+                    f"tracking store {where} is locked by another process ({reason}); wait "
+                    "for it to finish, or stop it, then rerun"
+                )
+            return (
+                f"tracking store {where} cannot be read as an MLflow store ({reason}); restore "
+                "it from a copy, or move it aside to start a new store"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -238,7 +238,8 @@ def test_final_models_are_logged_without_pickles_and_load_to_the_same_prediction
     assert "MLmodel" in files and not any(
         n.endswith((".pkl", ".pickle", ".cloudpickle")) for n in files
     )
-    assert "python_model.pkl" not in files and "model.pt" in files
+    assert "python_model.pkl" not in files and "checkpoint.pt" in files
+    assert not any(n.endswith(".py") for n in files)  # the code is the installed package's
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.final_run_id}/model")
     test2 = load_split("TEST2", study_data)
     frame = pyfunc.predict(test2.images.numpy())

@@ -105,14 +105,18 @@ def test_every_experiment_carries_its_step_description(tmp_path):
         assert note and (name not in STEPS or note.startswith(STEPS[name].description))
 
 
-OLD_LAYOUT_MODEL = """
+PLANTED = """
+from pathlib import Path
+Path({marker!r}).write_text("ran")
+"""
+
+OLD_CODE_MODEL = """
 import mlflow
+from pathlib import Path
+Path({marker!r}).write_text("ran")  # code stored with the model runs on load
 
 
 class Old(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        from experiments.checkpoint import load_checkpoint  # the module before the move
-
     def predict(self, context, model_input, params=None):
         return model_input
 
@@ -121,27 +125,66 @@ mlflow.models.set_model(Old())
 """
 
 
-def test_a_model_registered_by_the_older_layout_says_how_to_re_promote(tmp_path, capsys):
+def _one_image_folder(tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    np.save(images / "a.npy", np.full((28, 28), 0.5, np.float32))
+    return images
+
+
+def test_a_model_logged_as_code_is_refused_unrun_with_how_to_re_promote(tmp_path, capsys):
     import mlflow
 
-    from experiments.cli import main
     from experiments.tracking import store
 
     store.init()
+    marker = tmp_path / "ran.txt"
     code = tmp_path / "old_model.py"
-    code.write_text(OLD_LAYOUT_MODEL)
+    code.write_text(OLD_CODE_MODEL.format(marker=str(marker)))
     with mlflow.start_run(experiment_id=store.experiment_id("old")) as run:
         mlflow.pyfunc.log_model(name="model", python_model=str(code))
-    images = tmp_path / "in"
-    images.mkdir()
-    np.save(images / "a.npy", np.zeros((28, 28), np.float32))
-    status = main(
-        ["predict", str(images), "--model", run.info.run_id, "--out", str(tmp_path / "p.csv")]
-    )
+    marker.unlink(missing_ok=True)  # logging ran it here, on purpose; loading must not
+    out = tmp_path / "p.csv"
+    args = ["predict", str(_one_image_folder(tmp_path)), "--model", run.info.run_id]
+    status = main([*args, "--out", str(out)])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
     assert status == 2 and last.startswith("error: ") and "Traceback" not in last
-    assert "experiments.checkpoint" in last and "make promote" in last
-    assert not (tmp_path / "p.csv").exists()
+    assert "would run code from the store" in last and "make promote" in last
+    assert not marker.exists() and not out.exists()
+
+
+def test_code_planted_in_the_store_beside_a_model_is_never_run(final_run, tmp_path, capsys):
+    """The logged model is data and an MLmodel naming the installed loader: Python files put
+    into its folder are not imported, and an MLmodel edited to carry code is refused."""
+    import yaml
+
+    from experiments.core import config
+
+    marker = tmp_path / "ran.txt"
+    planted = PLANTED.format(marker=str(marker))
+    mlmodels = list(config.artifacts_dir().rglob("MLmodel"))
+    assert mlmodels
+    for mlmodel in mlmodels:
+        folder = mlmodel.parent
+        for relative in ("code/experiments/__init__.py",
+                         "code/experiments/serving/pyfunc_model.py",
+                         "data/model/__init__.py", "data/model/sitecustomize.py",
+                         "python_model.py", "pyfunc_model.py"):  # fmt: skip
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            (folder / relative).write_text(planted)
+    out = tmp_path / "p.csv"
+    args = ["predict", str(_one_image_folder(tmp_path)), "--model", final_run.final_run_id]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.exists() and not marker.exists()
+    for mlmodel in mlmodels:  # now the MLmodel itself says "put code/ on sys.path"
+        spec = yaml.safe_load(mlmodel.read_text())
+        spec["flavors"]["python_function"]["code"] = "code"
+        mlmodel.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "q.csv")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "carries code" in last and "make promote" in last
+    assert not marker.exists() and not (tmp_path / "q.csv").exists()
 
 
 def test_predict_out_never_writes_over_or_inside_its_inputs(

@@ -92,7 +92,7 @@ def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, mon
         registry, "load_split", lambda name, *a, **k: seen.append(name) or real(name, *a, **k)
     )
     champion = choose(1)
-    assert seen == ["TRAIN"]  # the detector and its threshold never read TEST or TEST2
+    assert set(seen) == {"TRAIN"}  # the detector and its threshold never read TEST or TEST2
     detector = champion.detector
     assert set(detector["proxy_auroc"]) == set(MODEL_DETECTORS)
     # the rule, on scripted proxy AUROCs (one per detector, in MODEL_DETECTORS order), for a
@@ -306,3 +306,25 @@ def test_two_promotes_at_once_register_one_version(studies):
     assert len(versions) == 1  # the second saw the first's version by its promotion key
     said = b"".join(o[0] for o in outs)
     assert said.count(b"(new version)") == 1 and said.count(b"(already registered)") == 1
+
+
+def test_promote_refuses_candidates_selected_on_other_data(studies, tmp_path, monkeypatch, capsys):
+    """DATA_DIR pointing at other data than the studies were selected on: one line, nothing
+    registered, for either task."""
+    import shutil
+
+    from experiments.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(studies, other)
+    permute_labels(other / "TEST")  # SELECT2 (TEST's white half) now differs
+    permute_labels(other / "TRAIN")  # and so does TRAIN, Task 1's selection data
+    monkeypatch.setenv("DATA_DIR", str(other))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "other-cache"))
+    for task in ("1", "2"):
+        capsys.readouterr()
+        assert main(["promote", "--task", task]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: promote: ") and "was selected on" in last
+        assert ("TRAIN" if task == "1" else "SELECT2") in last and str(other) in last
+    assert MlflowClient().search_registered_models() == []

@@ -234,3 +234,126 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
             e.strip().splitlines()[-1] for p, e in zip(procs, errors, strict=True) if p.returncode
         ]
         assert not failed, failed
+
+
+def test_a_copied_store_is_refused_in_one_line_until_relocated(study_data, tmp_path, monkeypatch,
+                                                                capsys):  # fmt: skip
+    """`cp -a mlruns copy` + MLRUNS_DIR=copy: refused (nothing written into the original);
+    `relocate` points every location into the copy, whose artifacts then serve and grow."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from experiments.cli import main
+    from experiments.tracking import store
+
+    train = ["train", "--step", "task1-step1", "--model", "vgg", "--epochs", "1"]
+    assert main(train) == 0
+    original = tmp_path / "mlruns"
+    (run,) = runs_in("task1-step1")
+    copy = tmp_path / "moved" / "mlruns"
+    shutil.copytree(original, copy)
+    before = sorted(p for p in original.rglob("*") if p.is_file() and "locks" not in p.parts)
+    monkeypatch.setenv("MLRUNS_DIR", str(copy))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # set by MLflow for this process: a new one has not
+    store._OPENED.clear()
+    capsys.readouterr()
+    assert main(train) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: store {copy} was copied or moved: experiment ")
+    assert "python -m experiments relocate" in last and str(original) in last
+    assert (
+        sorted(p for p in original.rglob("*") if p.is_file() and "locks" not in p.parts) == before
+    )
+
+    assert main(["relocate"]) == 0
+    assert "artifact locations pointed into it" in capsys.readouterr().out
+    assert main(["relocate"]) == 0  # a second time: nothing left to move
+    assert "already lies inside it" in capsys.readouterr().out
+    store._OPENED.clear()
+    moved = MlflowClient(store.init()).get_run(run.info.run_id)
+    assert moved.info.artifact_uri.startswith(copy.as_uri())
+    assert main(train) == 0  # the copy is a store of its own now
+    after = sorted(p for p in original.rglob("*") if p.is_file() and "locks" not in p.parts)
+    assert after == before  # the original got nothing
+    out = tmp_path / "p.csv"
+    predict = ["predict", str(study_data / "TEST2"), "--model", run.info.run_id, "--out", str(out)]
+    assert main(predict) == 0 and out.exists()  # the old run's checkpoint, read from the copy
+
+
+def test_relocate_refuses_a_location_of_another_layout(tmp_path, monkeypatch):
+    import sqlite3
+
+    from experiments.tracking import store
+    from experiments.tracking.relocate import relocate
+
+    store.experiment_id("task2-step1")
+    database = tmp_path / "mlruns" / "mlflow.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = 'file:///elsewhere/bucket/x' "
+            "WHERE name = 'task2-step1'"
+        )
+    with pytest.raises(ValueError, match="not of this project's layout"):
+        relocate(tmp_path / "mlruns")
+
+
+def _last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_damaged_store_database_is_one_line_naming_it(tmp_path, capsys):
+    from experiments.cli import main
+
+    database = tmp_path / "mlruns" / "mlflow.db"
+    database.parent.mkdir()
+    database.write_bytes(b"this is not an SQLite file" * 100)
+    assert main(["report", "--out", str(tmp_path / "reports")]) == 2
+    last = _last_error(capsys)
+    assert last.startswith(f"error: tracking store {database} cannot be read as an MLflow store")
+    assert database.read_bytes() == b"this is not an SQLite file" * 100  # left as it was
+
+
+def test_a_store_locked_by_another_process_is_one_line(study_data, tmp_path, capsys):
+    import sqlite3
+
+    from experiments.cli import main
+    from experiments.tracking import store
+
+    store.experiment_id("task2-step1")  # a store with its tables
+    store._OPENED.clear()
+    holder = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write, for good
+    try:
+        start = time.monotonic()
+        status = main(["train", "--step", "task2-step1", "--model", "vgg", "--epochs", "1"])
+        elapsed = time.monotonic() - start
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert status == 2 and elapsed < 30
+    assert "is locked by another process" in _last_error(capsys)
+
+
+def test_a_store_on_a_read_only_mount_can_still_be_read(study_data, tmp_path, monkeypatch):
+    """EROFS from the lock file (a read-only mount) is handled like EACCES: `predict` reads."""
+    import errno
+
+    import filelock
+
+    from experiments.cli import main
+    from experiments.tracking import store
+
+    assert main(["train", "--step", "task1-step1", "--model", "vgg", "--epochs", "1"]) == 0
+    (run,) = runs_in("task1-step1")
+    store._OPENED.clear()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.lock_file))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    out = tmp_path / "p.csv"
+    args = ["predict", str(study_data / "TEST2"), "--model", run.info.run_id]
+    assert main([*args, "--out", str(out)]) == 0 and out.exists()

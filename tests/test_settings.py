@@ -129,3 +129,11 @@ def test_workers_must_be_at_least_one(study_data, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["search", "--step", "task2-step3", "--model", "vgg", "--workers", "0"])
     assert exited.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_set_key_given_twice_with_two_values_is_refused():
+    from experiments.core.settings import parse_overrides
+
+    assert parse_overrides(["lr=0.1", "lr=0.1"]) == {"lr": "0.1"}  # the same value twice: fine
+    with pytest.raises(ValueError, match=r"--set lr given twice \(0.1 and 0.5\)"):
+        parse_overrides(["lr=0.1", "lr=0.5"])

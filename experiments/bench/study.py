@@ -36,18 +36,14 @@ def study_flops_from_store(tracking_uri: str) -> tuple[float, int]:
     training image of every epoch run, plus a forward for every validation image every epoch.
     Read from params and metrics both versions log (`model`, the model's knobs,
     `split.train_images`, `split.val_images`, `epochs_run`)."""
-    import mlflow
-
     from experiments.core.settings import coerce
+    from experiments.tracking.results import every_run_data
     from experiments.training.inference import forward_flops
     from models import create_model, hyperparameters
 
-    client = mlflow.MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
     per_image: dict[tuple, float] = {}
     total, counted = 0.0, 0
-    for run in client.search_runs(experiments, max_results=50_000):
-        params, metrics = run.data.params, run.data.metrics
+    for params, metrics in every_run_data(tracking_uri):
         needed = ("model", "split.train_images", "split.val_images")
         if not all(k in params for k in needed) or "epochs_run" not in metrics:
             continue

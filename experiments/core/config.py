@@ -51,8 +51,11 @@ def artifacts_dir() -> Path:
 def tracking_uri() -> str:
     """The MLflow tracking URI: a SQLite file with an absolute path, unless overridden."""
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
+    return env or default_tracking_uri()
+
+
+def default_tracking_uri() -> str:
+    """The project's own store: `mlflow.db` in the store folder (MLRUNS_DIR)."""
     return f"sqlite:///{(mlruns_dir() / 'mlflow.db').as_posix()}"
 
 

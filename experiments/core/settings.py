@@ -234,7 +234,10 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: expected key=value")
-        overrides[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--set {key} given twice ({overrides[key]} and {value}): keep one")
+        overrides[key] = value
     return overrides
 
 

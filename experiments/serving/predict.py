@@ -25,6 +25,7 @@ from experiments.core.steps import STEPS, training_step
 from experiments.serving.pyfunc_model import classify
 from experiments.tracking import results, store
 from experiments.training.checkpoint import RUN_ID, load_checkpoint
+from experiments.training.runner import LOADER_MODULE
 
 BATCH = 2048
 
@@ -54,7 +55,9 @@ def load_model(source: str):
     store.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        return mlflow.pyfunc.load_model(uri)
+        foreign = _foreign_code(uri)
+        if foreign is None:
+            return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises several types for a missing model, run or alias
         moved = _moved_module(exc)
         if moved:
@@ -69,6 +72,26 @@ def load_model(source: str):
             except (OSError, ValueError):
                 pass
         raise ValueError(f"--model {source}: cannot load {uri} ({first[:200]})") from None
+    raise ValueError(
+        f"--model {source}: {uri} is not loaded: its MLmodel {foreign}, so loading it would run "
+        "code from the store (models logged before models were loaded from the installed "
+        "package); re-promote with `make promote`, or retrain the run"
+    )
+
+
+def _foreign_code(uri: str) -> str | None:
+    """Why the model at `uri` would run code other than this installed package's loader (its
+    MLmodel is read first, nothing else is downloaded), or None when it would not."""
+    from mlflow.models import get_model_info
+
+    flavor = get_model_info(uri).flavors.get("python_function") or {}
+    if flavor.get("loader_module") != LOADER_MODULE:
+        return f"names loader {flavor.get('loader_module') or flavor.get('python_model')!r}"
+    if flavor.get("code") or flavor.get("python_model"):
+        return "carries code"
+    if flavor.get("predict_fn", "predict") != "predict":
+        return f"names predict_fn {flavor['predict_fn']!r}"
+    return None
 
 
 def _moved_module(exc: BaseException) -> str | None:

@@ -1,9 +1,11 @@
-"""The MLflow model of a trained classifier, logged as code (MLflow's "models from code").
+"""The MLflow model of a trained classifier: this module is its `loader_module`.
 
-Nothing in the logged model is a pickle: this file is stored as the model's
-code, the project's weights-only checkpoint as its artifact. Loading runs
-`load_checkpoint` (`torch.load(weights_only=True)`), so an artifact store can
-hand back weights, never code to run.
+A logged model holds data only: the project's weights-only checkpoints (`data/model/`) and
+its MLmodel, which names this module. MLflow imports the module from the installed package
+(no code is logged with the model, so none is put on `sys.path` from the store) and calls
+`_load_pyfunc`, which loads the checkpoints with `torch.load(weights_only=True)`: an artifact
+store can hand back weights, never code to run. `predict` (`serving/predict.py`) also refuses
+a model whose MLmodel names other code (models logged as code by older versions).
 
 `predict` takes raw images `(N, 1, 28, 28)` float32 in [0, 1] (in Python also `(N, 28,
 28)`; the logged signature, which serving enforces, is the 4-D one); anything else,
@@ -11,7 +13,7 @@ NaN or values outside [0, 1] (8-bit images, say) is refused with an error (HTTP 
 when served), and an empty batch gives an empty frame. It returns one row per image:
 `predicted` (the class folder name, 1..6), `probability` (of that class) and `prob_1` ..
 `prob_6`. An ensemble's model carries
-one checkpoint per member (`checkpoint_0`, ...) and `ensemble.json` (`tta`): their
+one checkpoint per member (`checkpoint_0.pt`, ...) and `ensemble.json` (`tta`): their
 softmax probabilities are averaged, over the one-pixel shifts too with TTA. A checkpoint that
 carries a new-script detector (`detector` entry: name and threshold) adds
 `detector_score` and `unknown` (True where the detector flags the image).
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -85,29 +86,26 @@ def classify(loaded, model_input, tta: bool = False) -> pd.DataFrame:
     return frame
 
 
-class GlyphClassifier(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
+class GlyphClassifier:
+    """The served model: the weights-only checkpoints of `data_path` (one, or an ensemble's
+    `checkpoint_<i>.pt` and `ensemble.json`), this module's code."""
+
+    def __init__(self, data_path: str | Path):
         import json
 
         from experiments.training.checkpoint import load_checkpoint
 
-        artifacts = context.artifacts  # "checkpoint", or an ensemble's "checkpoint_<i>"
-        names = (
-            ["checkpoint"]
-            if "checkpoint" in artifacts
-            else sorted(
-                (k for k in artifacts if k.startswith("checkpoint_")), key=lambda k: int(k[11:])
-            )
-        )
-        self.loaded = [load_checkpoint(artifacts[name]) for name in names]
-        spec = artifacts.get("ensemble")
-        self.tta = bool(json.loads(Path(spec).read_text()).get("tta")) if spec else False
+        folder = Path(data_path)
+        members = sorted(folder.glob("checkpoint_*.pt"), key=lambda p: int(p.stem[11:]))
+        paths = members or [folder / "checkpoint.pt"]
+        self.loaded = [load_checkpoint(path) for path in paths]
+        spec = folder / "ensemble.json"
+        self.tta = bool(json.loads(spec.read_text()).get("tta")) if spec.exists() else False
 
-    # An ndarray hint: MLflow validates nothing from it (the logged signature does) and, unlike
-    # no hint, does not print its advice on type hints at every load.
-    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+    def predict(self, model_input, params=None) -> pd.DataFrame:
         return classify(self.loaded, model_input, self.tta)
 
 
-if __name__ != "experiments.serving.pyfunc_model":  # run as a model file by MLflow, not imported
-    mlflow.models.set_model(GlyphClassifier())
+def _load_pyfunc(data_path: str) -> GlyphClassifier:
+    """MLflow's `loader_module` entry point: called with the logged model's data folder."""
+    return GlyphClassifier(data_path)

@@ -1,5 +1,6 @@
 """The Model Registry: each task's champion registered as `glyph-task1` / `glyph-task2`, alias
-`champion`, in a format that is safe to load (models from code + a weights-only checkpoint).
+`champion`, in a format that is safe to load: weights-only checkpoints and an MLmodel naming
+this package's loader (`serving/pyfunc_model.py`), no code from the store.
 
 Champion rules, written before any score is read (validation only, never TEST
 or TEST2 labels):
@@ -52,7 +53,7 @@ from experiments.core.steps import STEPS
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint
 from experiments.training.inference import ProbabilityCache, probabilities
-from experiments.training.runner import log_pyfunc_model
+from experiments.training.runner import log_pyfunc_model, short_digest
 from experiments.training.train import dataset_split
 from models import count_parameters
 
@@ -124,8 +125,25 @@ def choose(task: int, candidates: list[Champion] | None = None) -> Champion:
     run = frame.loc[ranked[0]]
     label = f"{step}/{run['tags.model']}"
     champion = Champion(task, [run], float(run["metrics.best_val_acc"]), label=label)
+    check_selected_on([run], load_split("TRAIN", config.data_dir(), config.cache_dir()))
     champion.detector = detector_of(run["run_id"])
     return champion
+
+
+def check_selected_on(runs: list[pd.Series], dataset) -> None:
+    """Refuse (ValueError, one line) to score or ship a candidate on data other than the data
+    it was selected on: its run's logged fingerprint of `dataset.name` against the set that
+    DATA_DIR gives now. Runs that logged none are not judged."""
+    now = short_digest(dataset.fingerprint)
+    for run in runs:
+        logged = run.get(f"tags.data.{dataset.name}_fingerprint")
+        if isinstance(logged, str) and logged and logged != now:
+            label = f"{results.tag(run, 'step')}/{results.tag(run, 'model')}"
+            raise ValueError(
+                f"promote: {label} (run {run['run_id'][:12]}) was selected on {dataset.name} "
+                f"{logged}, but {config.data_dir()} gives {dataset.name} {now}: point DATA_DIR "
+                "at the data its study used, or rerun the studies on these data"
+            )
 
 
 def best_of(candidates: list[Champion]) -> Champion:
@@ -225,6 +243,7 @@ def task2_candidates() -> list[Champion]:
     if not answers:
         return []
     selection = load_split(SELECTION, config.data_dir(), config.cache_dir())
+    check_selected_on(answers, selection)
     sizes = {row["run_id"]: parameters_of(row) for row in answers}
     cache = ProbabilityCache(selection.images, load_checkpoint, selection.fingerprint)
 

@@ -165,3 +165,12 @@ def metrics_of(row: pd.Series | None) -> dict[str, float]:
 def tag(row: pd.Series, key: str, default: str = "") -> str:
     value = row.get(f"tags.{key}")
     return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
+
+
+def every_run_data(tracking_uri: str) -> list[tuple[dict[str, str], dict[str, float]]]:
+    """(params, metrics) of every run of every experiment in the store at `tracking_uri`
+    (another store than the project's: the whole-study bench reads throw-away ones)."""
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=50_000)
+    return [(run.data.params, run.data.metrics) for run in runs]

@@ -10,6 +10,7 @@ the server decides where artifacts go.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.core import config
 from experiments.core.steps import PRETRAIN, STEPS
+from experiments.tracking.relocate import check_located
 
 DATA_ANALYSIS_EXPERIMENT = "data-analysis"
 
@@ -42,6 +44,8 @@ def init() -> str:
         config.artifacts_dir().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _OPENED:
+        if uri == config.default_tracking_uri():  # the project's own store: artifacts inside it
+            check_located(config.mlruns_dir() / "mlflow.db", config.mlruns_dir())
         _open_sqlite_store(uri)
     if uri.startswith(("http://", "https://")) and uri not in _OPENED:
         _check_server(uri)
@@ -96,8 +100,8 @@ def _open_sqlite_store(uri: str) -> None:
         lock = FileLock(f"{database}.lock")
         with lock:
             MlflowClient(uri)  # builds the store: creates and migrates the tables if needed
-    except PermissionError:
-        if not database.exists():
+    except OSError as exc:  # no lock file possible: no permission, or a read-only mount
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not database.exists():
             raise
         MlflowClient(uri)
     _OPENED.add(uri)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import traceback
 import warnings
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -28,7 +30,7 @@ from experiments.core.settings import TrainConfig
 from experiments.core.steps import Step
 from experiments.tracking import store
 from experiments.training import predictions
-from experiments.training.checkpoint import make_checkpoint
+from experiments.training.checkpoint import load_checkpoint, make_checkpoint
 from experiments.training.evaluation import plot_confusion, plot_curves, plot_misclassified
 from experiments.training.evaluation import score as score_set
 from experiments.training.inference import forward_flops, probabilities
@@ -293,40 +295,55 @@ def _predictions(data: StepData, result, evaluations: dict) -> dict[str, np.ndar
     return entries
 
 
-MODEL_CODE = Path(__file__).parents[1] / "serving" / "pyfunc_model.py"  # the served model
-PROJECT_PACKAGES = ("experiments", "models", "data_tools")
+LOADER_MODULE = "experiments.serving.pyfunc_model"  # the served model's code, never logged
 
 
 def log_pyfunc_model(checkpoints: Path | list[Path], tta: bool = False) -> None:
-    """Log the run's model for MLflow (UI, registry, serving) without any pickle.
+    """Log the run's model for MLflow (UI, registry, serving) as data only.
 
-    Models from code: `pyfunc_model.py` is the model, the weights-only checkpoint
-    (an ensemble: one per member, and `ensemble.json`) its artifacts, the project's
-    packages its code; loading never unpickles.
+    The model's folder holds the weights-only checkpoint (an ensemble: one per member, and
+    `ensemble.json`); its MLmodel names `LOADER_MODULE`, which MLflow imports from the installed
+    package. No code and no pickle is logged, so loading runs only this project's code.
     """
-    root = config.PROJECT_ROOT
+    from mlflow.models import infer_signature
+
+    first = checkpoints if isinstance(checkpoints, Path) else checkpoints[0]
+    detector = bool(load_checkpoint(first).checkpoint.get("detector"))
     with warnings.catch_warnings():  # advice on integer columns, at every model
         warnings.simplefilter("ignore", UserWarning)
         with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
             if isinstance(checkpoints, Path):
-                artifacts = {"checkpoint": str(checkpoints)}
+                shutil.copyfile(checkpoints, folder / "checkpoint.pt")
             else:
-                artifacts = {f"checkpoint_{i}": str(c) for i, c in enumerate(checkpoints)}
-                spec = Path(tmp) / "ensemble.json"
-                spec.write_text(json.dumps({"tta": tta, "members": len(checkpoints)}))
-                artifacts["ensemble"] = str(spec)
-            _log_pyfunc(root, artifacts)
+                for i, path in enumerate(checkpoints):
+                    shutil.copyfile(path, folder / f"checkpoint_{i}.pt")
+                spec = {"tta": tta, "members": len(checkpoints)}
+                (folder / "ensemble.json").write_text(json.dumps(spec))
+            example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+            output = _output_example(len(example), detector)
+            mlflow.pyfunc.log_model(
+                name="model",
+                loader_module=LOADER_MODULE,
+                data_path=str(folder),
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=store.requirements(),
+            )
 
 
-def _log_pyfunc(root: Path, artifacts: dict[str, str]) -> None:
-    mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(MODEL_CODE),
-        artifacts=artifacts,
-        code_paths=[str(root / package) for package in PROJECT_PACKAGES],
-        input_example=np.zeros((2, 1, 28, 28), dtype=np.float32),
-        pip_requirements=store.requirements(),
-    )
+def _output_example(rows: int, detector: bool) -> pd.DataFrame:
+    """The served model's output columns and types (`serving.pyfunc_model.classify`), for the
+    logged signature."""
+    frame = pd.DataFrame({"predicted": np.ones(rows, np.int64)})
+    frame["probability"] = np.ones(rows, np.float32)
+    for k in range(1, 7):
+        frame[f"prob_{k}"] = np.zeros(rows, np.float32)
+    if detector:
+        frame["detector_score"] = np.zeros(rows, np.float32)
+        frame["unknown"] = np.zeros(rows, bool)
+    return frame
 
 
 def _end_with(exc: BaseException) -> None:

@@ -189,7 +189,9 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _promote(args: argparse.Namespace) -> None:
     from experiments.serving.registry import ALIAS, promote
+    from experiments.tracking import store
 
+    store.init()  # an unreachable or broken store is its own error, not "no study"
     promoted = 0
     for task in args.task or (1, 2):
         try:

@@ -134,7 +134,8 @@ def run_cases(data: Path, tmp: Path) -> None:
     bad = {**env, "MLFLOW_TRACKING_URI": f"http://user:{SECRET}@127.0.0.1:9/"}
     for args in (("report",), ("promote",), (*STUDY, *TINY)):
         rc, out, s = cli(bad, *args)
-        record("4 unreachable server", " ".join(args[:1]), rc, out, s, store, expect_rc=2)
+        record("4 unreachable server", " ".join(args[:1]), rc, out, s, store, expect_rc=2,
+               needle="is unreachable")  # fmt: skip
     rc, out, s = cli(env, *STUDY, *TINY, "--storage",
                      f"postgresql://u:{SECRET} x@127.0.0.1:1/db")  # fmt: skip
     record("4 unreachable server", "--storage with a spaced password", rc, out, s, store,
@@ -188,8 +189,9 @@ def run_cases(data: Path, tmp: Path) -> None:
            time.monotonic() - start, store, expect_rc=0, needle="refused 400")  # fmt: skip
     if "ANSWERED" in out:
         TALLIES["3 served model"].broken.append("bad input answered")
-    for target in (inputs / "=cmd.npy", data / "TEST2" / "1" / "out.csv", inputs):
-        rc, out, s = cli(env, "predict", str(inputs / "=cmd.npy"), "--model", model,
+    copy_data = {**env, "DATA_DIR": str(other), "CACHE_DIR": str(tmp / "cache2")}
+    for target in (inputs / "=cmd.npy", other / "TEST2" / "1" / "out.csv", inputs):
+        rc, out, s = cli(copy_data, "predict", str(inputs / "=cmd.npy"), "--model", model,
                          "--out", str(target))  # fmt: skip
         record("7 predict --out", f"--out {target.name}", rc, out, s, store, expect_rc=2,
                watched=watched, before=before)  # fmt: skip

@@ -198,12 +198,14 @@ def test_predict_out_never_writes_over_or_inside_its_inputs(
         ([str(one)], one),  # its own input file
         ([str(study_data / "TEST2")], image / "pred.csv"),  # inside a dataset folder
         ([str(one)], tmp_path),  # a folder
+        ([str(one)], study_data / "TRAIN" / "2" / "pred.csv"),  # a dataset that is no input
     ):
         capsys.readouterr()
         assert main(["predict", *paths, "--model", run_id, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: --out ") and str(out) in err
     assert one.read_bytes() == before and not (image / "pred.csv").exists()
+    assert not (study_data / "TRAIN" / "2" / "pred.csv").exists()
 
 
 def test_predict_out_is_spreadsheet_safe_respects_the_umask_and_names_its_path(

@@ -357,3 +357,13 @@ def test_a_store_on_a_read_only_mount_can_still_be_read(study_data, tmp_path, mo
     out = tmp_path / "p.csv"
     args = ["predict", str(study_data / "TEST2"), "--model", run.info.run_id]
     assert main([*args, "--out", str(out)]) == 0 and out.exists()
+
+
+def test_a_storage_password_with_a_space_is_never_printed(capsys):
+    from experiments.cli import main
+
+    url = "postgresql://u:s3cr3t pw@127.0.0.1:1/db"
+    status = main(["search", "--step", "task2-step3", "--model", "vgg", "--storage", url])
+    err = capsys.readouterr().err
+    assert status == 2 and "s3cr3t" not in err and " pw@" not in err
+    assert err.strip().splitlines()[-1].startswith("error: --storage postgresql")

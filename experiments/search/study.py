@@ -122,7 +122,7 @@ def check_storage(url: str | None = None) -> None:
     and a journal's nearest existing folder must be writable.
     """
     target = config.study_storage(url)
-    shown = config.mask_secrets(target)
+    shown = config.mask_url(target)  # the whole value is one URL, spaces included
     credentials = target.partition("://")[2].rpartition("@")[0]
     if "@" in credentials:
         raise RuntimeError(

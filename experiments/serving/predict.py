@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from data_tools.reader import read_inputs
+from experiments.core import config
 from experiments.core.steps import STEPS, training_step
 from experiments.serving.pyfunc_model import classify
 from experiments.tracking import results, store
@@ -133,12 +134,17 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a
 
 
 def check_out(out: Path, inputs: list[str]) -> None:
-    """Refuse an output path that is one of the inputs or lies inside an input folder."""
+    """Refuse an output path that is one of the inputs, lies inside an input folder, or lies
+    inside one of the datasets (DATA_DIR's TRAIN, TEST, TEST2)."""
     target = out.expanduser().resolve()
     for given in inputs:
         source = Path(given).expanduser().resolve()
         if target == source or (source.is_dir() and target.is_relative_to(source)):
             raise ValueError(f"--out {out}: would write over or inside the input {given}")
+    for name in ("TRAIN", "TEST", "TEST2"):  # the datasets, inputs of this run or not
+        dataset = (config.data_dir() / name).resolve()
+        if target.is_relative_to(dataset):
+            raise ValueError(f"--out {out}: would write inside the dataset folder {dataset}")
     if target.is_dir():
         raise ValueError(f"--out {out}: is a folder, expected a CSV file path")
 

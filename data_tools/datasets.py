@@ -84,7 +84,9 @@ class Dataset:
         """This set minus every image that is also in `other` (compared by content), so no
         image of a held-out set is trained on, whichever files it came from."""
         held = {bytes(image.numpy().tobytes()) for image in other.images}
-        keep = torch.tensor([image.numpy().tobytes() not in held for image in self.images])
+        keep = torch.tensor(
+            [image.numpy().tobytes() not in held for image in self.images], dtype=torch.bool
+        )
         kept = self.subset(keep, f"{self.name}-{other.name}")
         kept.fingerprint = f"{self.fingerprint}|without|{other.fingerprint}"
         return kept
@@ -155,6 +157,26 @@ def _train_test(train: Dataset, test: Dataset) -> Dataset:
     )
 
 
+# why a derived split can come out empty, for the one-line error that says so
+NO_WHITE_HALF = (
+    f"TEST has no white-background image (border-ring mean above {WHITE_BORDER_THRESHOLD}), "
+    "and every Task 2 step trains on TEST's white half and validates on part of it"
+)
+EMPTY_BECAUSE = {
+    "TRAIN2": "TRAIN has no image",
+    "TRAIN3": NO_WHITE_HALF,
+    "TRAIN_TEST": "TRAIN and TEST have no image",
+    SELECTION: f"TEST's white half has too few images per class for a {SELECTION_FRACTION:.0%} "
+    "selection split, which every Task 2 step validates on",
+}
+
+
+def _empty_because(name: str, sources: Sequence[Dataset]) -> str:
+    if name in ("TRAIN3", SELECTION) and not bool(sources[0].white.any()):
+        return NO_WHITE_HALF
+    return EMPTY_BECAUSE[name]
+
+
 # derived name -> (raw sources, rule)
 DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., Dataset]]] = {
     "TRAIN2": (("TRAIN",), _train2),
@@ -191,7 +213,12 @@ def load_splits(
             splits[name] = raw[name]
         else:
             sources_of, rule = DERIVED[name]
-            splits[name] = rule(*(raw[source] for source in sources_of))
+            inputs = [raw[source] for source in sources_of]
+            splits[name] = rule(*inputs)
+            if len(splits[name]) == 0:
+                folder = Path(data_dir) / sources_of[0] if len(sources_of) == 1 else data_dir
+                why = _empty_because(name, inputs)
+                raise DatasetError(folder, f"{name} would be empty: {why}")
     return splits
 
 

@@ -176,6 +176,34 @@ def test_bad_data_leaves_nothing_in_mlflow(study_data):
     assert not os.path.exists(config.study_storage())
 
 
+@pytest.mark.parametrize(
+    ("white_per_class", "message"),
+    [
+        (0, "TEST has no white-background image"),  # the input rules allow it
+        (2, "SELECT2 would be empty: TEST's white half has too few images per class"),
+    ],
+)
+def test_a_test_folder_a_task2_step_cannot_use_is_one_line_before_any_run(
+    tmp_path, monkeypatch, capsys, white_per_class, message
+):
+    from experiments.cli import main
+
+    root = tmp_path / "data"
+    write_dataset(root / "TRAIN", 12, 0.0, seed=1)
+    write_dataset(root / "TEST", 12, white_per_class / 12, seed=2)
+    write_dataset(root / "TEST2", 12, 1.0, seed=3)
+    monkeypatch.setenv("DATA_DIR", str(root))
+    for command in (["train", "--epochs", "1"], ["search", "--trials", "1"]):
+        for step in ("task2-step2", "task2-step3"):
+            code = main([*command, "--step", step, "--model", "vgg"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1, err
+            assert err[0].startswith(f"error: {root / 'TEST'}: ") and message in err[0]
+    assert not (config.mlruns_dir() / "mlflow.db").exists()  # no store, so no run of any state
+    assert not os.path.exists(config.study_storage())
+    assert main(["train", "--step", "task1-step1", "--model", "vgg", "--epochs", "1"]) == 0
+
+
 def test_two_runs_logging_the_same_dataset_at_once_both_keep_it(tmp_path):
     """MLflow's SQL store checks, then inserts a dataset: two workers' trials logging the same
     set at the same moment broke the unique key and failed a trial (seen in CI with two

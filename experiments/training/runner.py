@@ -24,7 +24,7 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from data_tools import DERIVED, Dataset, load_splits
+from data_tools import DERIVED, Dataset, DatasetError, load_splits
 from experiments.core import config
 from experiments.core.settings import TrainConfig
 from experiments.core.steps import Step
@@ -84,6 +84,12 @@ def load_step_data(step: Step, data_dir: str | Path | None = None) -> StepData:
     val_set = loaded[step.val_set] if step.val_set else None
     if val_set is not None:
         train = train.without(val_set)  # no image of the selection split is trained on
+        if len(train) == 0:
+            raise DatasetError(
+                _source_folder(step.train_set),
+                f"{train.name} is empty: every image of {step.train_set} is also in "
+                f"{step.val_set}, which no step trains on",
+            )
     return StepData(step, train, {n: loaded[n] for n in step.eval_sets}, val_set)
 
 

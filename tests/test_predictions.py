@@ -29,7 +29,10 @@ def test_logged_predictions_equal_a_full_re_prediction(study_data, tmp_path):
         predictions.key(test2.fingerprint, False): probabilities(loaded, test2.images),
         predictions.key(select2.fingerprint, False): probabilities(loaded, select2.images),
         predictions.key(select2.fingerprint, True): probabilities(loaded, select2.images, True),
+        # the study's answer (trial 0 won, so the final is also the baseline): TTA on TEST2
+        predictions.key(test2.fingerprint, True): probabilities(loaded, test2.images, True),
     }
+    assert final.data.tags["selected"] == "true"
     assert set(logged) == set(expected)  # eval sets without TTA; SELECT2 both ways
     for name, probs in expected.items():
         np.testing.assert_allclose(logged[name], probs.numpy(), rtol=1e-5, atol=1e-6)
@@ -52,6 +55,33 @@ def test_readers_use_the_logged_predictions_and_not_other_datas(study_data, tmp_
     np.testing.assert_allclose(again.numpy(), logged.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_tta_champion_is_measured_from_the_answers_logged_views(study_data, monkeypatch):
+    """The Task 2 champion candidates include TTA ensembles of study answers; measuring one
+    on TEST2 after the choice reads the answers' logged TTA probabilities, and a damaged
+    file of them is predicted again rather than trusted."""
+    from mlflow.tracking import MlflowClient
+
+    for model in ("vgg", "hybrid"):
+        run_step("task2-step3", model, Budget(**TINY))
+    candidates = registry.task2_candidates()
+    ensemble = next(c for c in candidates if c.tta and len(c.runs) == 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(inference, "probabilities", lambda *a, **k: pytest.fail("re-predicted"))
+        measured = registry.accuracy_on(ensemble, "TEST2")
+    test2 = load_split("TEST2", study_data)
+    full = [probabilities(load_checkpoint(r), test2.images, True) for r in ensemble.run_ids]
+    assert measured == inference.ensemble_accuracy(full, test2.labels)
+
+    run_id = ensemble.run_ids[0]  # its answer file damaged: predicted, same number
+    folder = MlflowClient().download_artifacts(run_id, predictions.ANSWER_ARTIFACT)
+    with open(folder, "r+b") as damaged:
+        damaged.write(b"garbage")
+    MlflowClient().log_artifact(run_id, folder)
+    cache = ProbabilityCache(test2.images, load_checkpoint, test2.fingerprint)
+    assert cache.accuracy(ensemble.run_ids, True, test2.labels) == measured
+    assert cache.predicted == 1
+
+
 def test_every_scored_run_logs_its_compute_and_the_study_its_total(study_data, tmp_path):
     from experiments.reporting.report import build_report
     from experiments.training.inference import forward_flops
@@ -69,6 +99,8 @@ def test_every_scored_run_logs_its_compute_and_the_study_its_total(study_data, t
     )
     assert m["total_flops"] == m["train_flops"] + m["eval_flops"]
     total = sum(r.data.metrics["total_flops"] for r in children)
+    total += final.data.metrics["answer_flops"]  # the answer's TTA views of TEST2
+    assert final.data.metrics["answer_flops"] == 5 * per_image * 6 * 20  # 5 views, 120 images
     assert parent.data.metrics["study_flops"] == pytest.approx(total)
     _, cells = build_report(tmp_path / "report")
     cell = cells.set_index(["step", "model"]).loc[("task2-step3", "vgg")]

@@ -41,7 +41,13 @@ from experiments.search.configs import (
 )
 from experiments.search.space import Budget, Pinned, suggest, suggest_fine_tune
 from experiments.tracking import results, store
-from experiments.training.runner import RunOutcome, StepData, load_step_data, train_and_log
+from experiments.training.runner import (
+    RunOutcome,
+    StepData,
+    load_step_data,
+    log_answer_tta,
+    train_and_log,
+)
 
 
 @dataclass
@@ -371,7 +377,9 @@ def finish_study(
         baseline_id, baseline_metrics = train_baseline(
             handle, step, model, parent, budget, data, base
         )
-        select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
+        chosen = select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
+        if step.val_set is not None:  # a Task 2 champion candidate: its TTA views, once
+            log_answer_tta(chosen, data)
     study.log_parent(handle, best, parent)
     return StudyResult(
         handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics

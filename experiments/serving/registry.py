@@ -52,7 +52,7 @@ from experiments.core import config
 from experiments.core.steps import STEPS
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint
-from experiments.training.inference import ProbabilityCache, probabilities
+from experiments.training.inference import ProbabilityCache
 from experiments.training.runner import log_pyfunc_model, short_digest
 from experiments.training.train import dataset_split
 from models import count_parameters
@@ -328,7 +328,8 @@ def task1_measures(champion: Champion) -> dict[str, float]:
     test = load_split("TEST", config.data_dir(), config.cache_dir())
     loaded = load_checkpoint(champion.run_id)
     score = score_shipped(champion.detector, loaded, test.images).numpy()
-    predictions = probabilities(loaded, test.images).argmax(1)
+    logged = ProbabilityCache(test.images, lambda run_id: loaded, test.fingerprint)
+    predictions = logged(champion.run_id, False).argmax(1)  # read back, not predicted again
     correct = (predictions == test.labels).numpy()
     answered = score <= champion.detector["threshold"]
     is_new = test.white.numpy()

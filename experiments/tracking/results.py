@@ -133,11 +133,13 @@ def running_runs(experiment: str) -> list[str]:
 
 
 def study_flops(experiment: str, parent_run_id: str) -> float:
-    """The model FLOPs of every run a study's parent holds (trials, final, baseline)."""
+    """The model FLOPs of every run a study's parent holds (trials, final, baseline), the
+    answer's TTA predictions included (`answer_flops`)."""
     frame = search(experiment, {"mlflow.parentRunId": parent_run_id})
     if frame.empty or "metrics.total_flops" not in frame:
         return 0.0
-    return float(frame["metrics.total_flops"].fillna(0).sum())
+    answer = frame["metrics.answer_flops"].fillna(0).sum() if "metrics.answer_flops" in frame else 0
+    return float(frame["metrics.total_flops"].fillna(0).sum() + answer)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -21,6 +22,9 @@ import numpy as np
 from experiments.tracking import store
 
 ARTIFACT = "predictions.npz"
+# a study answer's TTA probabilities on its evaluation sets, logged when it is selected
+# (`runner.log_answer_tta`): the Task 2 champions are TTA ensembles of answers
+ANSWER_ARTIFACT = "predictions_answer_tta.npz"
 
 
 def key(fingerprint: str, tta: bool) -> str:
@@ -29,23 +33,30 @@ def key(fingerprint: str, tta: bool) -> str:
     return f"{digest}.tta{int(tta)}"
 
 
-def write(folder: Path, entries: dict[str, np.ndarray]) -> Path:
-    """`predictions.npz` in `folder` (logged with the run's other artifacts), float32."""
-    path = folder / ARTIFACT
+def write(folder: Path, entries: dict[str, np.ndarray], name: str = ARTIFACT) -> Path:
+    """`name` (default `predictions.npz`) in `folder`, to be logged as an artifact, float32."""
+    path = folder / name
     np.savez(path, **{name: np.asarray(p, dtype=np.float32) for name, p in entries.items()})
     return path
 
 
 def logged(run_id: str) -> dict[str, np.ndarray]:
-    """The run's logged probabilities by entry; empty when it logged none."""
+    """The run's logged probabilities by entry; empty when it logged none. A file that cannot
+    be read as a plain array archive counts as not logged (its sets are predicted again)."""
     store.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    entries: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="glyph-predictions-") as scratch:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=ARTIFACT, dst_path=scratch
-            )
-        except Exception:  # an older run without the artifact (MLflow raises several types)
-            return {}
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name].copy() for name in archive.files}
+        for name in (ARTIFACT, ANSWER_ARTIFACT):
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=name, dst_path=scratch
+                )
+            except Exception:  # a run without it (MLflow raises several types)
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as archive:
+                    entries.update({key: archive[key].copy() for key in archive.files})
+            except (OSError, ValueError, zipfile.BadZipFile):  # damaged: not trusted
+                continue
+    return entries

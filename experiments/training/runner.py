@@ -33,7 +33,7 @@ from experiments.training import predictions
 from experiments.training.checkpoint import load_checkpoint, make_checkpoint
 from experiments.training.evaluation import plot_confusion, plot_curves, plot_misclassified
 from experiments.training.evaluation import score as score_set
-from experiments.training.inference import forward_flops, probabilities
+from experiments.training.inference import SHIFTS, forward_flops, probabilities
 from experiments.training.train import Diverged, FitResult, dataset_split, fit
 from models import count_parameters
 
@@ -299,6 +299,25 @@ def _predictions(data: StepData, result, evaluations: dict) -> dict[str, np.ndar
             probs = probabilities(result, data.val_set.images, tta).numpy()
             entries[predictions.key(data.val_set.fingerprint, tta)] = probs
     return entries
+
+
+def log_answer_tta(run_id: str, data: StepData) -> None:
+    """A study answer's TTA probabilities on every evaluation set, logged once beside its
+    other predictions (`predictions.ANSWER_ARTIFACT`), with their FLOPs (`answer_flops`).
+    TTA ensembles of answers are Task 2's champion candidates: the report and `promote`
+    measure the chosen one on TEST2 after the choice, and read these instead of predicting
+    five views of TEST2 per member again. Probabilities only: no label is read."""
+    wanted = {predictions.key(s.fingerprint, True): s for s in data.eval_sets.values()}
+    if set(wanted) <= set(predictions.logged(run_id)):
+        return
+    loaded = load_checkpoint(run_id)
+    entries = {k: probabilities(loaded, s.images, tta=True).numpy() for k, s in wanted.items()}
+    flops = forward_flops(loaded.model) * len(SHIFTS) * sum(len(s) for s in wanted.values())
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = predictions.write(Path(tmp), entries, predictions.ANSWER_ARTIFACT)
+        client.log_artifact(run_id, str(path))
+    client.log_metric(run_id, "answer_flops", flops)
 
 
 LOADER_MODULE = "experiments.serving.pyfunc_model"  # the served model's code, never logged

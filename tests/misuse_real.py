@@ -102,6 +102,23 @@ def env_for(tmp: Path, name: str, data: Path) -> tuple[dict, Path]:
     return env, store
 
 
+def black_half_data(data: Path, root: Path) -> Path:
+    """A datasets folder whose TEST holds only the real TEST's black-background images (a
+    copy) beside links to the real TRAIN and TEST2: input the rules allow, that no Task 2
+    step can use."""
+    root.mkdir(parents=True)
+    for name in ("TRAIN", "TEST2"):
+        (root / name).symlink_to(data / name, target_is_directory=True)
+    for source in sorted((data / "TEST").glob("*/*.npy")):
+        x = np.load(source, allow_pickle=False).reshape(28, 28)
+        ring = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]]).mean()
+        if ring <= 0.5:  # the background rule: a black background
+            target = root / "TEST" / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return root
+
+
 def run_cases(data: Path, tmp: Path) -> None:
     env, store = env_for(tmp, "main", data)
     # 1. two launchers of one study
@@ -130,6 +147,14 @@ def run_cases(data: Path, tmp: Path) -> None:
     rc, out, s = cli(env, "train", "--step", "task2-step3", "--model", "vgg",
                      "--set", "lr=0.1", "--set", "lr=0.5")  # fmt: skip
     record("8 settings", "--set lr twice", rc, out, s, store, expect_rc=2, needle="twice")
+    # 8. a TEST folder the Task 2 steps cannot use: the real TEST's black half alone
+    black = black_half_data(data, tmp / "black-half-data")
+    benv, bstore = env_for(tmp, "black-half", black)
+    for args in (("train", "--step", "task2-step3", "--model", "vgg"),
+                 ("search", "--step", "task2-step2", "--model", "vgg", *TINY)):  # fmt: skip
+        rc, out, s = cli(benv, *args)
+        record("8 settings", f"{args[0]} {args[2]} on TEST without its white half", rc, out, s,
+               bstore, expect_rc=2, needle="has no white-background image")  # fmt: skip
     # 4. an unreachable tracking server with a password
     bad = {**env, "MLFLOW_TRACKING_URI": f"http://user:{SECRET}@127.0.0.1:9/"}
     for args in (("report",), ("promote",), (*STUDY, *TINY)):

@@ -26,7 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from data_tools import DERIVED, Dataset, DatasetError, load_splits
 from experiments.core import config
-from experiments.core.settings import TrainConfig
+from experiments.core.settings import TrainConfig, resolve_device
 from experiments.core.steps import Step
 from experiments.tracking import store
 from experiments.training import predictions
@@ -311,7 +311,13 @@ def log_answer_tta(run_id: str, data: StepData) -> None:
     if set(wanted) <= set(predictions.logged(run_id)):
         return
     loaded = load_checkpoint(run_id)
-    entries = {k: probabilities(loaded, s.images, tta=True).numpy() for k, s in wanted.items()}
+    device = resolve_device(loaded.checkpoint["config"].get("device", "auto"))  # as it trained
+    if device.type != "cpu":
+        loaded = load_checkpoint(run_id, device)
+    entries = {
+        k: probabilities(loaded, s.images.to(device), tta=True).cpu().numpy()
+        for k, s in wanted.items()
+    }
     flops = forward_flops(loaded.model) * len(SHIFTS) * sum(len(s) for s in wanted.values())
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,6 +82,14 @@ def test_a_tta_champion_is_measured_from_the_answers_logged_views(study_data, mo
     assert cache.predicted == 1
 
 
+def test_a_recipe_answer_logs_its_tta_views_too(study_data):
+    run_step("task2-recipe", "hybrid", Budget(**TINY))
+    (final,) = runs_in("task2-recipe", "tags.role = 'final'")
+    test2 = load_split("TEST2", study_data)
+    logged = predictions.logged(final.info.run_id, predictions.ANSWER_ARTIFACT)
+    assert list(logged) == [predictions.key(test2.fingerprint, True)]
+
+
 def test_every_scored_run_logs_its_compute_and_the_study_its_total(study_data, tmp_path):
     from experiments.reporting.report import build_report
     from experiments.training.inference import forward_flops
@@ -98,9 +106,11 @@ def test_every_scored_run_logs_its_compute_and_the_study_its_total(study_data, t
         final.data.params["split.train_images"]
     )
     assert m["total_flops"] == m["train_flops"] + m["eval_flops"]
+    (answer,) = [r for r in children if r.info.run_id == parent.data.tags["selected_run"]]
+    answer_per_image = forward_flops(load_checkpoint(answer.info.run_id).model)
+    assert answer.data.metrics["answer_flops"] == 5 * answer_per_image * 120  # 5 views of TEST2
     total = sum(r.data.metrics["total_flops"] for r in children)
-    total += final.data.metrics["answer_flops"]  # the answer's TTA views of TEST2
-    assert final.data.metrics["answer_flops"] == 5 * per_image * 6 * 20  # 5 views, 120 images
+    total += answer.data.metrics["answer_flops"]
     assert parent.data.metrics["study_flops"] == pytest.approx(total)
     _, cells = build_report(tmp_path / "report")
     cell = cells.set_index(["step", "model"]).loc[("task2-step3", "vgg")]

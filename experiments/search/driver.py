@@ -514,12 +514,16 @@ def final_once(
     if not found.empty:
         run = found.iloc[0]
         print(f"[{name}] already trained: run {run['run_id']}", flush=True)
-        return run["run_id"], results.metrics_of(run)
-    flat = cfg.flat()  # model knobs included
-    shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))  # as resolved
-    print(f"[{name}] {what}: {shown}", flush=True)
-    outcome = train_final(data, cfg, name, trial, retrain_key=key, **tags)
-    return outcome.run_id, outcome.metrics
+        run_id, metrics = run["run_id"], results.metrics_of(run)
+    else:
+        flat = cfg.flat()  # model knobs included
+        shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))  # as resolved
+        print(f"[{name}] {what}: {shown}", flush=True)
+        outcome = train_final(data, cfg, name, trial, retrain_key=key, **tags)
+        run_id, metrics = outcome.run_id, outcome.metrics
+    if step.val_set is not None:  # the step's answer, a Task 2 champion candidate
+        log_answer_tta(run_id, data)
+    return run_id, metrics
 
 
 def train_recipe(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -40,14 +41,16 @@ def write(folder: Path, entries: dict[str, np.ndarray], name: str = ARTIFACT) ->
     return path
 
 
-def logged(run_id: str) -> dict[str, np.ndarray]:
-    """The run's logged probabilities by entry; empty when it logged none. A file that cannot
-    be read as a plain array archive counts as not logged (its sets are predicted again)."""
+def logged(run_id: str, *names: str) -> dict[str, np.ndarray]:
+    """The run's logged probabilities by entry, from `names` (default: both files); empty
+    when it logged none. A file that cannot be read as a plain array archive counts as not
+    logged (one warning line; its sets are predicted again). An entry is read from the first
+    file that holds it."""
     store.init()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     entries: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="glyph-predictions-") as scratch:
-        for name in (ARTIFACT, ANSWER_ARTIFACT):
+        for name in names or (ARTIFACT, ANSWER_ARTIFACT):
             try:
                 path = mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=name, dst_path=scratch
@@ -56,7 +59,13 @@ def logged(run_id: str) -> dict[str, np.ndarray]:
                 continue
             try:
                 with np.load(path, allow_pickle=False) as archive:
-                    entries.update({key: archive[key].copy() for key in archive.files})
-            except (OSError, ValueError, zipfile.BadZipFile):  # damaged: not trusted
-                continue
+                    for key in archive.files:
+                        entries.setdefault(key, archive[key].copy())
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                print(
+                    f"warning: run {run_id}: {name} cannot be read ({type(exc).__name__}); "
+                    "its sets are predicted again",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return entries

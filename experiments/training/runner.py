@@ -318,7 +318,7 @@ def log_answer_tta(run_id: str, data: StepData) -> None:
     if not missing:
         return
     loaded = load_checkpoint(run_id)
-    device = resolve_device(loaded.checkpoint["config"].get("device", "auto"))  # as it trained
+    device = resolve_device("auto")  # this machine's (a store may move between machines)
     loaded.model.to(device)
     for k, s in missing.items():
         held[k] = probabilities(loaded, s.images.to(device), tta=True).cpu().numpy()

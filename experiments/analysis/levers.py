@@ -69,7 +69,7 @@ def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
 
     from experiments.core.settings import resolve
     from experiments.core.steps import get_step
-    from experiments.training.inference import ensemble_accuracy
+    from experiments.training.inference import ensemble_accuracy, probabilities
     from experiments.training.runner import load_step_data
     from experiments.training.train import fit
 
@@ -88,9 +88,9 @@ def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
                              val_set=data.val_set)  # fmt: skip
                 seconds += time.perf_counter() - start
                 select2.append(result.best_val_acc)
-                on_test2 = _probabilities(result, test2.images)  # once: run and ensemble
+                on_test2 = probabilities(result, test2.images)  # predicted once: run, ensemble
                 measured.append(ensemble_accuracy([on_test2], test2.labels))
-                members[lever].append((_probabilities(result, data.val_set.images), on_test2))
+                members[lever].append((probabilities(result, data.val_set.images), on_test2))
             rows.append(
                 {
                     "model": model,
@@ -108,13 +108,6 @@ def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
     frame = pd.DataFrame(rows)
     frame.attrs["select2_images"] = len(data.val_set)
     return frame
-
-
-def _probabilities(result, images):
-    """A fitted run's probabilities on CPU images, predicted on its model's device."""
-    from experiments.training.inference import probabilities
-
-    return probabilities(result, images.to(result.device)).cpu()
 
 
 def _ensemble_rows(members: dict, select2_labels, test2_labels) -> list[dict]:

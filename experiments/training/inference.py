@@ -97,14 +97,16 @@ def shifted_views(images: torch.Tensor, tta: bool) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def probabilities(loaded, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities of one loaded checkpoint (`.model`, `.preprocessing`) on raw
-    images, averaged over the one-pixel shifts with TTA."""
-    views = shifted_views(images, tta)
+    """Softmax probabilities of one loaded checkpoint or fitted run (`.model`,
+    `.preprocessing`) on raw images, averaged over the one-pixel shifts with TTA. The
+    images go to the model's device; the probabilities come back on the CPU."""
+    device = next(loaded.model.parameters(), images).device  # a model without weights: as given
+    views = shifted_views(images.to(device), tta)
     total = sum(
         predict_logits(loaded.model, loaded.preprocessing.transform(view)).softmax(1)
         for view in views
     )
-    return total / len(views)
+    return (total / len(views)).cpu()
 
 
 class ProbabilityCache:

@@ -296,8 +296,7 @@ def _predictions(data: StepData, result, evaluations: dict) -> dict[str, np.ndar
     }
     if data.val_set is not None:
         for tta in (False, True):
-            images = data.val_set.images.to(result.device)  # where the model is
-            probs = probabilities(result, images, tta).cpu().numpy()
+            probs = probabilities(result, data.val_set.images, tta).numpy()
             entries[predictions.key(data.val_set.fingerprint, tta)] = probs
     return entries
 
@@ -317,11 +316,9 @@ def log_answer_tta(run_id: str, data: StepData) -> None:
     }
     if not missing:
         return
-    loaded = load_checkpoint(run_id)
-    device = resolve_device("auto")  # this machine's (a store may move between machines)
-    loaded.model.to(device)
+    loaded = load_checkpoint(run_id, resolve_device("auto"))  # this machine's best device
     for k, s in missing.items():
-        held[k] = probabilities(loaded, s.images.to(device), tta=True).cpu().numpy()
+        held[k] = probabilities(loaded, s.images, tta=True).numpy()
     per_image = forward_flops(loaded.model)
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,35 +29,29 @@ REPORT_FLAGS = $(if $(ENSEMBLE),--ensemble $(ENSEMBLE)) $(if $(call yes_no,$(TTA
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 MODEL_FLAGS = $(foreach m,$(MODELS),--model $(m))
-# the steps of `make reproduce`; every declared step (python -m experiments steps) is a target
-STEPS := task1-step1 task1-step2 task2-step1 task2-step3 task2-step2
-# `make reproduce` runs one job per chain: a model's studies of one task in one process (imports,
-# data and caches set up once), each after the study it
-# builds on (task1: task1-step1, then task1-step2 warm-started from it and the reuse step
-# task2-step1 that reads it; task2: task2-step3, then task2-step2 warm-started from it; a test
-# checks the chains against experiments/core/steps.py). JOBS chains at a time (default: one per core,
+# `make reproduce` runs one job per chain (CHAIN_<name>, REPRODUCE_CHAINS in
+# experiments/core/steps.py): a model's studies of one task in one process (imports, data and
+# caches set up once), each after the study it builds on (AFTER_<step>). JOBS chains at a time (default: one per core,
 # at most 8), each on nproc / JOBS threads, in STUDY_ORDER (the slowest models first): a free
 # core takes the next chain, so the longest chains start first and the last ones end close
 # together. MODELS=... keeps only those models; JOBS=1: one at a time. Each study is also a
 # target of its own (study.<step>.<model>, after its source: AFTER_<step>), run on every core
 # (STUDY_THREADS). The jobs' lines interleave as they come (each names its study).
-# the registered models (most expensive first) and the declared steps, read from the code into
-# $(REGISTRY_MK), refreshed when a model file is added, removed or changed, or the steps change
-# (empty before `make setup`)
+# the registered models (most expensive first) and the steps (every declared step, reproduce's
+# STEPS, CHAINS, CHAIN_<name>, AFTER_<step>, RECIPE_STEPS and MODELS_<recipe step>), read from
+# the code (python -m experiments steps --make) into $(REGISTRY_MK), refreshed when a model
+# file is added, removed or changed, or the steps change (empty before `make setup`)
 REGISTRY_PY ?= $(VENV)/bin/python
 REGISTRY_MK := $(VENV)/registry.mk
 ALL_MODELS :=
 DECLARED_STEPS :=
+STEPS :=
+CHAINS :=
+RECIPE_STEPS :=
 ifneq ($(wildcard $(STAMP)),)
 -include $(REGISTRY_MK)
 endif
 STUDY_ORDER ?= $(ALL_MODELS)# slowest first: each model's `cost` in @register_model
-CHAINS := task1 task2# each CHAIN_<name>: steps run in order in one job (a test checks them)
-CHAIN_task1 := task1-step1 task1-step2 task2-step1
-CHAIN_task2 := task2-step3 task2-step2
-AFTER_task1-step2 := task1-step1
-AFTER_task2-step1 := task1-step1
-AFTER_task2-step2 := task2-step3
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 SELECTED := $(filter $(or $(MODELS),$(ALL_MODELS)),$(STUDY_ORDER))
 JOBS ?= $(shell n=$(NPROC); echo $$(( n > 8 ? 8 : (n > 0 ? n : 1) )))
@@ -75,15 +69,17 @@ define chain_rule
 chain.$(1).$(2): $$(STAMP)
 	$$(call search_command,$(firstword $(CHAIN_$(1)))$(foreach s,$(wordlist 2,9,$(CHAIN_$(1))), --step $(s)),$(2))
 endef
-RECIPE_MODELS := resnet hybrid# the models task2-recipe has a recipe for (experiments/core/steps.py)
+RECIPE_MODELS := $(foreach s,$(RECIPE_STEPS),$(MODELS_$(s)))
 $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),$(eval $(call study_rule,$(s),$(m)))))
-$(foreach m,$(RECIPE_MODELS),$(eval $(call study_rule,task2-recipe,$(m))))
+$(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),$(eval $(call study_rule,$(s),$(m)))))
 $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),$(eval $(call chain_rule,$(c),$(m)))))
 CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a registered model ($(ALL_MODELS))))\
-	$(if $(filter-out 0,$(JOBS)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
+	$(if $(filter-out $(SELECTED),$(MODELS)),$(error MODELS=$(MODELS): $(filter-out $(SELECTED),$(MODELS)) is not a registered model ($(ALL_MODELS))))\
+	$(if $(and $(filter-out 0 00,$(JOBS)),$(if $(call non_digits,$(JOBS)),,ok)),,$(error JOBS=$(JOBS): expected a number of jobs >= 1))
+non_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach m,$(RECIPE_MODELS),study.task2-recipe.$(m)) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),study.$(s).$(m))) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard serve check-args seeds \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets by workflow, then the variables
@@ -103,6 +99,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 # reproduce's steps run in sub-makes, which read the registry once `make setup` has run
 reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
+	$(MAKE) --no-print-directory check-args
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
 	$(MAKE) --no-print-directory report
@@ -114,6 +111,9 @@ fetch: $(STAMP) ## clone the datasets published with the original study into dat
 
 data: $(STAMP) ## check TRAIN, TEST, TEST2 and fill the dataset cache
 	$(PY) -m data_tools prepare
+
+check-args: $(STAMP)
+	@$(CHECK_MODELS)true
 
 test: $(STAMP) ## run the fast test suite on two processes, one thread each (slow tests: make test-all)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
@@ -130,7 +130,21 @@ train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODE
 	$(if $(filter 1,$(words $(MODELS))),,$(error train: MODELS=$(MODELS): name exactly one model))
 	$(PY) -m experiments train --step $(STEP) --model $(MODELS) $(ARGS)
 
+#: SEEDS=2                more seeds of each study answer (make seeds STEP=... MODELS=...)
+SEEDS ?= 2
+SEED_GOALS = $(foreach m,$(SELECTED),seeds.$(STEP).$(m))
+SEED_THREADS = $(shell j=$(JOBS); g=$(words $(SEED_GOALS)); j=$$(( j < g ? j : g )); \
+	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); echo $$(( t > 0 ? t : 1 )))
+seeds: $(STAMP) ## retrain STEP's study answers of MODELS with SEEDS more seeds, JOBS at a time (the report shows mean ± sd)
+	$(CHECK_MODELS)
+	$(if $(filter $(STEP),$(DECLARED_STEPS)),,$(error STEP=$(STEP): not a declared step ($(DECLARED_STEPS))))
+	$(MAKE) --no-print-directory -j$(JOBS) $(SEED_GOALS) STUDY_THREADS=$(SEED_THREADS)
+
+seeds.%: $(STAMP)
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PY) -m experiments seeds --step $(word 1,$(subst ., ,$*)) --model $(word 2,$(subst ., ,$*)) --seeds $(SEEDS)
+
 task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (task2-step3, task2-step2) and the hand-set recipe (task2-recipe), JOBS at a time, then the champion registered
+	$(MAKE) --no-print-directory check-args
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory task2-champion-studies
 	$(PY) -m experiments promote --task 2
@@ -138,7 +152,7 @@ task2-champion: $(STAMP) ## Task 2 end to end: the SELECT2-validated studies (ta
 task2-champion-studies: $(STAMP)
 	$(CHECK_MODELS)
 	$(MAKE) --no-print-directory -j$(JOBS) STUDY_THREADS=$(PARALLEL_THREADS) \
-	  $(foreach m,$(filter $(RECIPE_MODELS),$(SELECTED)),study.task2-recipe.$(m)) \
+	  $(foreach s,$(RECIPE_STEPS),$(foreach m,$(filter $(MODELS_$(s)),$(SELECTED)),study.$(s).$(m))) \
 	  $(foreach m,$(SELECTED),study.task2-step2.$(m))
 
 task1-shift: $(STAMP) ## Task 1: new-script detectors (AUROC), selective prediction, self-training, label-efficiency curve
@@ -169,13 +183,18 @@ predict: $(STAMP) ## predictions for IN=<.npy file, folder or dataset folder> wi
 
 ##@ Inspect
 
-ui: $(STAMP) ## open the MLflow UI on the project's store at http://127.0.0.1:5000
-	@mkdir -p $(or $(MLRUNS_DIR),mlruns)
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri "$$($(PY) -c 'from experiments import config; print(config.tracking_uri())')"
+#: UI_PORT=5000 DASHBOARD_PORT=8080 SERVE_PORT=5001   the ports of ui, dashboard and serve (on 127.0.0.1)
+UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+SERVE_PORT ?= 5001
+ui: $(STAMP) ## open the MLflow UI on the project's store (MLRUNS_DIR) at http://127.0.0.1:$(UI_PORT)
+	$(PY) -m experiments ui --port $(UI_PORT)
 
-dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:8080
-	$(PY) -m experiments dashboard
+dashboard: $(STAMP) ## open optuna-dashboard on the study storage at http://127.0.0.1:$(DASHBOARD_PORT)
+	$(PY) -m experiments dashboard --port $(DASHBOARD_PORT)
+
+serve: $(STAMP) ## serve MODEL_URI (default the Task 2 champion) at http://127.0.0.1:$(SERVE_PORT)/invocations, its files checked first
+	$(PY) -m experiments serve --model $(MODEL_URI) --port $(SERVE_PORT)
 
 analysis: $(STAMP) ## data figures and reports/data_summary.md (also an MLflow run)
 	$(PY) -m experiments analyze
@@ -224,11 +243,11 @@ clean-cache: ## delete the dataset cache ($$CACHE_DIR, default data/cache)
 # fine-tune); a name that is not a declared step is no target
 define step_rule
 $(1): $$(STAMP)
-	$$(PY) -m experiments search --step $(1) $$(MODEL_FLAGS) $$(SEARCH_FLAGS)
+	$$(PY) -m experiments search --step $(1) $$(foreach m,$$(or $$(MODELS),$$(MODELS_$(1))),--model $$(m)) $$(SEARCH_FLAGS)
 endef
 $(foreach s,$(filter-out task2-transfer,$(DECLARED_STEPS)),$(eval $(call step_rule,$(s))))
 
 $(REGISTRY_MK): $(STAMP) models $(wildcard models/*.py) experiments/core/steps.py
 	{ printf 'ALL_MODELS := '; $(REGISTRY_PY) -m models list --names; \
-	  printf 'DECLARED_STEPS := '; $(REGISTRY_PY) -m experiments steps --names; } > $@.$$$$ \
+	  $(REGISTRY_PY) -m experiments steps --make; } > $@.$$$$ \
 	  && mv $@.$$$$ $@

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from data_tools import paths as config
-from data_tools.cli import run
+from data_tools.cli import display_path, run
 from data_tools.datasets import (
     DERIVED,
     RAW_SPLITS,
@@ -17,7 +17,15 @@ from data_tools.datasets import (
     load_splits,
     write_folder,
 )
-from data_tools.fetch import HOW_TO_GET, SOURCE, fetch, fingerprint_notes, source_url
+from data_tools.fetch import (
+    HOW_TO_GET,
+    SOURCE,
+    fetch,
+    fingerprint_notes,
+    mask_secrets,
+    shown,
+    source_url,
+)
 from data_tools.reader import DatasetError
 
 
@@ -52,9 +60,9 @@ def _fetch(args: argparse.Namespace) -> None:
     target = (
         Path(args.out).expanduser().resolve() if args.out else config.PROJECT_ROOT / "data" / "raw"
     )
-    print(f"fetching {source_url(args.source)} into {target} ...", flush=True)
+    print(f"fetching {shown(source_url(args.source))} into {display_path(target)} ...", flush=True)
     fetch(target, args.source)
-    print(f"fetched TRAIN, TEST and TEST2 into {target}; next: make data")
+    print(f"fetched TRAIN, TEST and TEST2 into {display_path(target)}; next: make data")
 
 
 def _derive(args: argparse.Namespace) -> None:
@@ -109,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    return run(build_parser(), argv, redact=mask_secrets)  # no printed URL shows a password
 
 
 if __name__ == "__main__":

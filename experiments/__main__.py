@@ -1,4 +1,4 @@
-"""`python -m experiments`: the command line (experiments/cli.py)."""
+"""`python -m experiments`: the command line (experiments/cli/)."""
 
 import sys
 

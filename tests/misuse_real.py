@@ -235,9 +235,10 @@ def run_cases(data: Path, tmp: Path) -> None:
             (mlmodel.parent / rel).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     rc, out, s = cli(env, "predict", str(inputs / "=cmd.npy"), "--out", str(tmp / "q.csv"))
     record("10 code in the store", "predict the champion with planted files", rc, out, s,
-           store, expect_rc=0)  # fmt: skip
+           store, expect_rc=2, needle="was changed after it was promoted")  # fmt: skip
     if marker.exists():
         TALLIES["10 code in the store"].broken.append("planted code ran")
+    run_store_surface_cases(data, tmp, env, store, inputs)
     # 6. a copied store
     copy_env, copy = env_for(tmp, "copy", data)
     shutil.copytree(store, copy)
@@ -269,13 +270,157 @@ def run_cases(data: Path, tmp: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     record("9 store faults", "SIGTERM during train", proc.returncode, out, 0, store,
-           expect_rc=130)  # fmt: skip
+           expect_rc=143)  # fmt: skip
     journal = store / "optuna.journal"
     with journal.open("a") as handle:
         handle.write("{not json\n")
     rc, out, s = cli(env, *STUDY, *TINY)
     record("9 store faults", "damaged journal line", rc, out, s, store, expect_rc=2,
            needle=str(journal))  # fmt: skip
+
+
+def run_store_surface_cases(data: Path, tmp: Path, env: dict, store: Path, inputs: Path) -> None:
+    """The store's own files, URLs with secrets, tampered predictions, odd store paths and
+    tracking URIs, a terminated search, a SQLite study storage shared by two launchers."""
+    watched = [store / "mlflow.db", store / "optuna.journal"]
+    before = digest(watched)
+    fifo = tmp / "fifo"
+    os.mkfifo(fifo)
+    image = str(inputs / "=cmd.npy")
+    for target in (*watched, fifo, Path("/dev/null")):
+        rc, out, s = cli(env, "predict", image, "--model", "task2-step3/vgg", "--out", str(target))
+        record(
+            "11 predict --out onto the store",
+            f"--out {target.name}",
+            rc,
+            out,
+            s,
+            store,
+            expect_rc=2,
+            watched=watched,
+            before=before,
+        )
+    source = f"https://user:{SECRET}@127.0.0.1:9/repo.git"
+    fetch_env = {**env, "GLYPH_DATA_SOURCE": source, "GLYPH_FETCH_TIMEOUT": "20"}
+    done = subprocess.run(
+        [sys.executable, "-m", "data_tools", "fetch", "--out", str(tmp / "fetched")],
+        cwd=ROOT,
+        env=fetch_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    record(
+        "12 secrets in URLs",
+        "fetch from a URL with a password",
+        done.returncode,
+        done.stdout + done.stderr,
+        0,
+        store,
+        expect_rc=2,
+    )
+    for password in (f"p@{SECRET}", f"p%40{SECRET}"):
+        odd = {**env, "MLFLOW_TRACKING_URI": f"postgresql://u:{password}@127.0.0.1:1/db"}
+        rc, out, s = cli(odd, "report")
+        record(
+            "12 secrets in URLs",
+            f"report on a store URL with {password[:3]}...",
+            rc,
+            out,
+            s,
+            store,
+            expect_rc=2,
+        )
+    for uri in (str(tmp / "plain"), "file:///tmp/x", "mysql://u@127.0.0.1/db", "databricks"):
+        rc, out, s = cli({**env, "MLFLOW_TRACKING_URI": uri}, "report")
+        record(
+            "13 unsupported stores",
+            f"MLFLOW_TRACKING_URI={uri[:20]}",
+            rc,
+            out,
+            s,
+            store,
+            expect_rc=2,
+        )
+    for name in ("a?b", "a%41b", "a#b"):
+        rc, out, s = cli({**env, "MLRUNS_DIR": str(tmp / name)}, "report")
+        record("13 unsupported stores", f"MLRUNS_DIR=.../{name}", rc, out, s, store, expect_rc=2)
+    # a tampered predictions file is predicted again, never trusted
+    for npz in (store / "artifacts").rglob("predictions*.npz"):
+        with np.load(npz, allow_pickle=False) as held:
+            fake = {k: np.full_like(v, 1.0 / v.shape[-1]) for k, v in held.items()}
+        np.savez(npz, **fake)
+    rc, out, s = cli(env, "promote", "--task", "2")
+    record(
+        "14 tampered predictions",
+        "promote on tampered predictions files",
+        rc,
+        out,
+        s,
+        store,
+        expect_rc=0,
+        needle="predicted again",
+        bound=300,
+    )
+    if "selection (validation) accuracy 1.0000" in out:
+        TALLIES["14 tampered predictions"].broken.append("a tampered file was trusted")
+    # the journal without its database, then the database back
+    (store / "mlflow.db").rename(store / "mlflow.db.aside")
+    rc, out, s = cli(env, *STUDY, *TINY)
+    record(
+        "15 journal without its database",
+        "resume with mlflow.db moved aside",
+        rc,
+        out,
+        s,
+        store,
+        expect_rc=2,
+    )
+    (store / "mlflow.db").unlink(missing_ok=True)
+    (store / "mlflow.db.aside").rename(store / "mlflow.db")
+    # a terminated search, and two launchers on one SQLite study storage
+    proc = cli(env, "search", "--step", "task2-step3", "--model", "hybrid", background=True)
+    time.sleep(20)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    record(
+        "16 signals and locks",
+        "SIGTERM during search",
+        proc.returncode,
+        out,
+        0,
+        store,
+        expect_rc=143,
+    )
+    sqlite_env = {**env, "OPTUNA_STORAGE": f"sqlite:///{tmp / 'studies.db'}"}
+    first = cli(
+        sqlite_env, "search", "--step", "task2-step3", "--model", "efficientnet", background=True
+    )
+    time.sleep(15)
+    rc, out, s = cli(
+        sqlite_env, "search", "--step", "task2-step3", "--model", "efficientnet", *TINY
+    )
+    first.send_signal(signal.SIGTERM)
+    first_out = first.communicate(timeout=300)[0]
+    record(
+        "16 signals and locks",
+        "two searches on one SQLite storage",
+        rc,
+        out,
+        s,
+        store,
+        expect_rc=2,
+        needle="is being run by",
+    )
+    record(
+        "16 signals and locks",
+        "the first of them, terminated",
+        first.returncode,
+        first_out,
+        0,
+        store,
+        expect_rc=143,
+    )
 
 
 def markdown(data: Path, seconds: float) -> str:

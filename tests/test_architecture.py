@@ -160,20 +160,23 @@ def test_every_declared_step_is_a_make_target_and_nothing_else_is(tmp_path):
 
 
 def test_make_reproduce_covers_every_registered_model_and_its_sources(tmp_path):
-    """ALL_MODELS is the registry, STUDY_ORDER names each model once, and the Makefile's
-    AFTER_<step> (which study a job waits for) is what experiments/core/steps.py declares: the
-    warm-start source, or the study a reuse step reads; each CHAIN_ (one job of make
-    reproduce) runs a source before the steps that build on it."""
-    from experiments.core.steps import STEPS
+    """ALL_MODELS is the registry, STUDY_ORDER names each model once, and the steps make reads
+    (generated from experiments/core/steps.py, never copied by hand into the Makefile) hold
+    AFTER_<step> (which study a job waits for: the warm-start source, or the study a reuse
+    step reads); each CHAIN_ (one job of make reproduce) runs a source before the steps that
+    build on it; the recipe jobs are the declared recipes."""
+    from experiments.core.steps import RECIPE_MODELS, STEPS, make_variables
     from models import MODELS
 
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert not re.search(r"^(STEPS|CHAIN_\S+|AFTER_\S+|RECIPE_MODELS) :?= \w", makefile, re.M)
     plan = _make(_project_copy(tmp_path), "-n", "studies", "JOBS=1")
     assert plan.returncode == 0, plan.stderr
     planned = [model for _, model in _planned(plan.stdout)]
     assert list(dict.fromkeys(planned)) == models.by_cost() and set(planned) == set(MODELS)
-    reproduced = re.search(r"^STEPS := ([^#\n]*)", makefile, re.M).group(1).split()
-    after = dict(re.findall(r"^AFTER_(\S+) := (\S+)", makefile, re.M))
+    variables = make_variables()
+    reproduced = variables["STEPS"].split()
+    after = {k[len("AFTER_") :]: v for k, v in variables.items() if k.startswith("AFTER_")}
     declared = {
         name: step.warm_start or step.source
         for name, step in STEPS.items()
@@ -181,10 +184,8 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources(tmp_path):
     }
     assert after == declared
     assert all(source in reproduced for source in after.values())
-    # make reproduce's jobs: each chain runs its steps in order, so a source comes first
-    chains = dict(re.findall(r"^CHAIN_(\S+) := ([^#\n]*)", makefile, re.M))
-    names = re.search(r"^CHAINS := ([^#\n]*)", makefile, re.M).group(1).split()
-    assert sorted(names) == sorted(chains)  # every chain is run, and only declared ones
+    chains = {k[len("CHAIN_") :]: v for k, v in variables.items() if k.startswith("CHAIN_")}
+    assert sorted(variables["CHAINS"].split()) == sorted(chains)
     steps_in_chains = [s for chain in chains.values() for s in chain.split()]
     assert sorted(steps_in_chains) == sorted(reproduced)  # every step once
     for chain in chains.values():
@@ -192,10 +193,15 @@ def test_make_reproduce_covers_every_registered_model_and_its_sources(tmp_path):
         for step, source in declared.items():
             if step in order:
                 assert source in order[: order.index(step)], f"{step} before {source}"
-    from experiments.core.steps import RECIPE_MODELS
-
-    recipe = re.search(r"^RECIPE_MODELS := ([^#\n]*)", makefile, re.M).group(1).split()
-    assert recipe == [model for model, _ in RECIPE_MODELS]  # make's recipe jobs: the declared
+    recipe = variables["MODELS_task2-recipe"].split()
+    assert recipe == [model for model, _ in RECIPE_MODELS]
+    (tmp_path / "again").mkdir()
+    dry = _make(_project_copy(tmp_path / "again"), "-n", "task2-recipe")
+    assert dry.returncode == 0, dry.stderr
+    line = next(line for line in dry.stdout.splitlines() if "--step task2-recipe" in line)
+    assert line.split("--step task2-recipe", 1)[1].split() == [
+        word for model in recipe for word in ("--model", model)
+    ]
 
 
 def _fake_reproduce(tmp_path: Path, behaviour: str) -> tuple[Path, list[str]]:

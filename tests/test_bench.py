@@ -32,7 +32,7 @@ def test_a_default_run_keeps_only_what_other_commands_measure(study_data, tmp_pa
     monkeypatch.setattr(bench, "DEFAULT_SECTIONS", ("data",))  # a default run, made small
     out = tmp_path / "out"
     head, parts = markdown_sections(run_bench(out).read_text())
-    assert "Not timed yet" in parts[REPRODUCE_SECTION]
+    assert "Not timed here" in parts[REPRODUCE_SECTION]
     parts[REPRODUCE_SECTION] = f"{REPRODUCE_SECTION}\n\nWall time: 28.3 min.\n\n"
     targets = parts.pop("## Targets").rstrip("\n") + "\n"
     parts[kernels.COMPILE_SECTION] = f"{kernels.COMPILE_SECTION}\n\nMeasured on another CPU.\n\n"
@@ -41,7 +41,7 @@ def test_a_default_run_keeps_only_what_other_commands_measure(study_data, tmp_pa
     (out / "bench.md").write_text(head + "".join(parts.values()) + targets)
     again = run_bench(out).read_text()
     assert "Measured on another CPU." in again and "Wall time: 28.3 min." in again
-    assert "Not timed yet" not in again and "stale" not in again and "an old target" not in again
+    assert "Not timed here" not in again and "stale" not in again and "an old target" not in again
     assert again.count(f"| {kernels.COMPILE_TARGET} |") == 1 and again.count("## Data loading") == 1
     # the kept sections sit before "What was tried", in the run's own order
     assert again.index(kernels.COMPILE_SECTION) < again.index(bench.HISTORY_SECTION)

@@ -142,6 +142,7 @@ def _condition_cells() -> pd.DataFrame:
                     "reference": 0.96,
                     "black_acc": 0.975 if task1 else float("nan"),
                     "searched_minus_baseline": 0.01,
+                    "vs_baseline": "no detectable difference",
                 }
             )
     cells = pd.DataFrame(rows)
@@ -157,21 +158,31 @@ def _condition(lines: list[str], start: str) -> list[str]:
 def test_search_conditions_count_each_miss_and_what_is_not_measured():
     cells = _condition_cells()
     lines = search_conditions(cells, models=2)
-    assert _condition(lines, "searched final") == ["8 of 8", "none"]
+    assert _condition(lines, "searched final not") == ["8 of 8", "none"]
     assert _condition(lines, "TEST / TEST2") == ["4 of 4", "none"]
     assert _condition(lines, "TEST black half") == ["4 of 4", "none"]
     # task2-step1 trains nothing: a loss there is no miss of the search
     at = lambda step, model: (cells["step"] == step) & (cells["model"] == model)  # noqa: E731
-    cells.loc[at("task2-step1", "vgg"), "searched_minus_baseline"] = -0.05
-    cells.loc[at("task2-step2", "vgg"), "searched_minus_baseline"] = -0.006  # a miss
-    cells.loc[at("task2-step3", "resnet"), "searched_minus_baseline"] = 0.95 - 0.955  # within
+    cells.loc[at("task2-step1", "vgg"), ["searched_minus_baseline", "vs_baseline"]] = [
+        -0.05,
+        "worse",
+    ]
+    # a loss the paired test finds significant is a miss; one within the noise is not
+    cells.loc[at("task2-step2", "vgg"), ["searched_minus_baseline", "vs_baseline"]] = [
+        -0.006,
+        "worse",
+    ]
+    cells.loc[at("task2-step3", "resnet"), ["searched_minus_baseline", "vs_baseline"]] = [
+        -0.02,
+        "no detectable difference",
+    ]
     cells.loc[at("task2-step3", "resnet"), ["accuracy", "delta"]] = [0.954, -0.006]  # a miss
     cells.loc[at("task1-step2", "vgg"), "black_acc"] = 0.969
     cells.loc[at("task1-step1", "resnet"), "black_acc"] = float("nan")  # not measured yet
     lines = search_conditions(cells, models=2)
-    assert _condition(lines, "searched final") == ["7 of 8", "task2-step2/vgg -0.006"]
+    assert _condition(lines, "searched final not") == ["7 of 8", "task2-step2/vgg -0.006"]
     assert _condition(lines, "TEST / TEST2") == ["3 of 4", "task2-step3/resnet -0.006"]
     assert _condition(lines, "TEST black half") == [
-        "2 of 3 (1 not measured yet)",
+        "2 of 3 (1 not measured)",
         "task1-step2/vgg 0.969",
     ]

@@ -109,14 +109,16 @@ def test_report_builds_table_from_runs(study_data, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| TRAIN / TEST "))
     hybrid_cell = row.split("|")[5]  # the row label, then vgg, resnet, efficientnet, hybrid
     reference = 0.57  # TASKS.md, VGG+ResNet trained on TRAIN, evaluated on TEST
-    assert f"**{final:.3f}** ({reference:.2f}, {final - reference:+.3f})" in hybrid_cell
+    assert f"**{final:.3f}** [" in hybrid_cell and f"(ref {reference:.2f}: " in hybrid_cell
     assert (out / "comparison.csv").read_text().count("\n") == 1 + 4 * len(STEPS)
     # no rough edges: provenance named, integers as integers, no nan, unrun steps named once
     assert text.startswith("# Comparison") and "Generated on " in text and "from the store" in text
     assert "nan" not in text and "| Task 2: Task 2" not in text
     details = text.partition("## Details per cell")[2].partition("\n## ")[0]
+    header = next(line for line in details.splitlines() if line.startswith("| step"))
     row = next(line for line in details.splitlines() if line.startswith("| task1-step1 | hybrid"))
-    assert [cell.strip() for cell in row.split("|")][7] == "2"  # trials, not 2.0000
+    fields = dict(zip((c.strip() for c in header.split("|")), (c.strip() for c in row.split("|"))))
+    assert fields["trials"] == "2" and fields["seeds"] == "1"  # integers, not 2.0000
     assert "Not run here" in text and "task2-mixed" in text.partition("Not run here")[2]
     table = text.partition("## Details per cell")[0]
     assert "Mixed" not in table and "task2-mixed" not in details

@@ -84,8 +84,9 @@ def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
             for seed in range(seeds):
                 cfg = resolve(model, searched={**LEVER_RECIPE, **knobs, **changes, "seed": seed})
                 start = time.perf_counter()
-                result = fit(cfg, data.train_set, label=f"lever {model} {lever} {seed}",
-                             val_set=data.val_set)  # fmt: skip
+                result = fit(
+                    cfg, data.train_set, label=f"lever {model} {lever} {seed}", val_set=data.val_set
+                )
                 seconds += time.perf_counter() - start
                 select2.append(result.best_val_acc)
                 on_test2 = probabilities(result, test2.images)  # predicted once: run, ensemble
@@ -102,8 +103,11 @@ def bench_levers(seeds: int = 2, levers: dict[str, dict] | None = None):
                     "wall seconds": seconds,
                 }
             )
-            print(f"  {model} {lever}: SELECT2 {rows[-1]['SELECT2 (mean)']:.4f} "
-                  f"TEST2 {rows[-1]['TEST2 (mean, measured after)']:.4f}", flush=True)  # fmt: skip
+            print(
+                f"  {model} {lever}: SELECT2 {rows[-1]['SELECT2 (mean)']:.4f} "
+                f"TEST2 {rows[-1]['TEST2 (mean, measured after)']:.4f}",
+                flush=True,
+            )
     rows += _ensemble_rows(members, data.val_set.labels, test2.labels)
     frame = pd.DataFrame(rows)
     frame.attrs["select2_images"] = len(data.val_set)
@@ -153,18 +157,9 @@ def kept_levers(frame, select2_images: int) -> dict[str, str | None]:
     return kept
 
 
-def write_levers(out: str | None = None) -> Path:
-    """The `LEVER_ROUND` round (default the newest) of `LEVER_ROUNDS`, `LEVER_SEEDS` seeds
-    (default 2), as its own section of reports/levers.md; the other rounds' sections stay."""
-    seeds = int(os.environ.get("LEVER_SEEDS", "2"))
-    number = os.environ.get("LEVER_ROUND", list(LEVER_ROUNDS)[-1])
-    if number not in LEVER_ROUNDS:
-        raise ValueError(f"LEVER_ROUND={number}: expected one of {', '.join(LEVER_ROUNDS)}")
-    title, levers = LEVER_ROUNDS[number]
-    frame = bench_levers(seeds, levers)
-    select2 = frame.attrs["select2_images"]
-    kept = kept_levers(frame, select2)
-    head = "\n".join(
+def _levers_head(select2: int) -> str:
+    """levers.md's head: what the file is, the data, the rule fixed before scoring."""
+    return "\n".join(
         [
             "# Task 2 levers: each added to one hand-set recipe, judged on SELECT2",
             "",
@@ -180,6 +175,20 @@ def write_levers(out: str | None = None) -> Path:
             "",
         ]
     )
+
+
+def write_levers(out: str | None = None) -> Path:
+    """The `LEVER_ROUND` round (default the newest) of `LEVER_ROUNDS`, `LEVER_SEEDS` seeds
+    (default 2), as its own section of reports/levers.md; the other rounds' sections stay."""
+    seeds = int(os.environ.get("LEVER_SEEDS", "2"))
+    number = os.environ.get("LEVER_ROUND", list(LEVER_ROUNDS)[-1])
+    if number not in LEVER_ROUNDS:
+        raise ValueError(f"LEVER_ROUND={number}: expected one of {', '.join(LEVER_ROUNDS)}")
+    title, levers = LEVER_ROUNDS[number]
+    frame = bench_levers(seeds, levers)
+    select2 = frame.attrs["select2_images"]
+    kept = kept_levers(frame, select2)
+    head = _levers_head(select2)
     section = "\n".join(
         [
             f"## Round {number}: {title}",
@@ -205,8 +214,14 @@ def write_levers(out: str | None = None) -> Path:
     rounds[int(number)] = section  # a rerun replaces its own section, whatever its title
     path.write_text(head + "\n" + "".join(rounds[n] for n in sorted(rounds)))
     print(f"wrote {path}")
-    params = {"round": number, "seeds": seeds, "recipe": LEVER_RECIPE, "models": LEVER_MODELS,
-              "kept": kept, "machine": describe_machine()}  # fmt: skip
+    params = {
+        "round": number,
+        "seeds": seeds,
+        "recipe": LEVER_RECIPE,
+        "models": LEVER_MODELS,
+        "kept": kept,
+        "machine": describe_machine(),
+    }
     run_id = store.log_measurement("levers", params, frame, [path])
     print(f"logged to MLflow run {run_id} (experiment levers)")
     return path

@@ -108,9 +108,15 @@ def training_rate(name: str, batch: int, images: int, device) -> tuple[float, st
     x = prep.transform(x)
     model = create_model(name).to(device, memory_format=torch.channels_last)
     augment = prep.augmenter()
-    step = Stepper(model, make_optimizer(cfg, model.parameters()), torch.nn.CrossEntropyLoss(),
-                   batch, generator, augment=augment.to(device) if augment else None,
-                   precision=precision)  # fmt: skip
+    step = Stepper(
+        model,
+        make_optimizer(cfg, model.parameters()),
+        torch.nn.CrossEntropyLoss(),
+        batch,
+        generator,
+        augment=augment.to(device) if augment else None,
+        precision=precision,
+    )
     train_one_epoch(step, x[: 4 * batch], y[: 4 * batch])  # warm-up: kernels, allocator
     _sync(device)
     start = time.perf_counter()
@@ -129,8 +135,14 @@ def time_reproduce(tiny: bool, timeout: float) -> tuple[str, float]:
         start = time.perf_counter()
         output = subprocess.DEVNULL if tiny else None
         try:
-            process = subprocess.Popen(command, cwd=config.PROJECT_ROOT, env=env, stdout=output,
-                                       stderr=output, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                command,
+                cwd=config.PROJECT_ROOT,
+                env=env,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+            )
         except OSError as exc:
             return f"`{' '.join(command)}`: could not start ({exc.strerror})", 0.0
         try:
@@ -181,8 +193,15 @@ def run_gpu_bench(
         flops = 3 * forward_flops(create_model(model))
         for batch in batches:
             rate, precision = training_rate(model, batch, images, device)
-            rows.append({"model": model, "batch": batch, "precision": precision,
-                         "images/s": round(rate), "MFU": f"{flops * rate / peak:.1%}"})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "batch": batch,
+                    "precision": precision,
+                    "images/s": round(rate),
+                    "MFU": f"{flops * rate / peak:.1%}",
+                }
+            )
             print(f"  {model:<13} batch {batch:>4} {precision}: {rate:9,.0f} img/s", flush=True)
     what, seconds = time_reproduce(tiny, reproduce_timeout)
     print(f"  {what} in {seconds:.1f} s", flush=True)
@@ -209,15 +228,17 @@ def _section(device, kernel, rows, what, seconds, samples, tiny) -> str:
         if busy
         else "no `nvidia-smi` samples (no NVIDIA GPU)"
     )
-    return "\n".join([
-        f"## {time.strftime('%Y-%m-%d')}: {device}{' (tiny mode)' if tiny else ''}",
-        "",
-        f"Machine: {describe_machine()}. Matmul peak in this run ({dtype}): "
-        f"{peak / 1e12:.2f} TFLOP/s; MFU = 3 x forward FLOPs x images/s / that peak.",
-        "",
-        pd.DataFrame(rows).to_markdown(index=False),
-        "",
-        f"- {what} in {seconds:.1f} s",
-        f"- GPU utilisation: {utilisation}",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"## {time.strftime('%Y-%m-%d')}: {device}{' (tiny mode)' if tiny else ''}",
+            "",
+            f"Machine: {describe_machine()}. Matmul peak in this run ({dtype}): "
+            f"{peak / 1e12:.2f} TFLOP/s; MFU = 3 x forward FLOPs x images/s / that peak.",
+            "",
+            pd.DataFrame(rows).to_markdown(index=False),
+            "",
+            f"- {what} in {seconds:.1f} s",
+            f"- GPU utilisation: {utilisation}",
+            "",
+        ]
+    )

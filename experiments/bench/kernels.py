@@ -47,8 +47,10 @@ def bench_predict(root: Path, repeats: int = 3) -> tuple[list[str], bool]:
             with torch_threads(threads):
                 for batch in (PREDICT_OLD_BATCH, PREDICT_BATCH):  # warm-up: each batch's shapes
                     predict_logits(model, x[: 2 * batch], batch)
-                ways = {b: functools.partial(predict_logits, model, x, b)
-                        for b in (PREDICT_OLD_BATCH, PREDICT_BATCH)}  # fmt: skip
+                ways = {
+                    b: functools.partial(predict_logits, model, x, b)
+                    for b in (PREDICT_OLD_BATCH, PREDICT_BATCH)
+                }
                 best, results = alternately(ways, repeats)
             rates = {batch: len(x) / seconds for batch, seconds in best.items()}
             logits = {batch: outputs[-1] for batch, outputs in results.items()}
@@ -59,10 +61,12 @@ def bench_predict(root: Path, repeats: int = 3) -> tuple[list[str], bool]:
                 f"| {name} | {threads} | {rates[PREDICT_OLD_BATCH]:,.0f} | "
                 f"{rates[PREDICT_BATCH]:,.0f} | {ratio:.2f}x | {'yes' if same else 'no'} |"
             )
-            print(f"  {name:<13} {threads} thread(s)  {PREDICT_OLD_BATCH}: "
-                  f"{rates[PREDICT_OLD_BATCH]:7.0f} img/s  {PREDICT_BATCH}: "
-                  f"{rates[PREDICT_BATCH]:7.0f} img/s  {ratio:4.2f}x  identical: {same}",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {name:<13} {threads} thread(s)  {PREDICT_OLD_BATCH}: "
+                f"{rates[PREDICT_OLD_BATCH]:7.0f} img/s  {PREDICT_BATCH}: "
+                f"{rates[PREDICT_BATCH]:7.0f} img/s  {ratio:4.2f}x  identical: {same}",
+                flush=True,
+            )
     return rows, identical
 
 
@@ -187,8 +191,11 @@ def bench_depthwise(root: Path, images: int, repeats: int = 2) -> tuple[list[str
             rows.append(
                 f"| {label} | {threads} | {rates[False]:,.0f} | {rates[True]:,.0f} | {ratio:.2f}x |"
             )
-            print(f"  efficientnet {label:<30} {threads} thread(s)  oneDNN {rates[False]:6.0f} "
-                  f"img/s  matmul {rates[True]:6.0f} img/s  {ratio:4.2f}x", flush=True)  # fmt: skip
+            print(
+                f"  efficientnet {label:<30} {threads} thread(s)  oneDNN {rates[False]:6.0f} "
+                f"img/s  matmul {rates[True]:6.0f} img/s  {ratio:4.2f}x",
+                flush=True,
+            )
     return rows, slowest
 
 
@@ -236,8 +243,11 @@ def bench_compile(root: Path, images: int, final_images: int) -> tuple[list[str]
             f"| {name} | {precision} | {eager:,.0f} | {compiled:,.0f} | {compiled / eager:.2f}x "
             f"| {compile_s:.0f} s | {shown} | {eager_final:.0f} s | {compiled_final:.0f} s |"
         )
-        print(f"  {name:<13} eager {eager:6.0f} img/s  compiled {compiled:6.0f} img/s  compile "
-              f"{compile_s:5.1f} s  final {eager_final:.0f} vs {compiled_final:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"  {name:<13} eager {eager:6.0f} img/s  compiled {compiled:6.0f} img/s  compile "
+            f"{compile_s:5.1f} s  final {eager_final:.0f} vs {compiled_final:.0f} s",
+            flush=True,
+        )
     return rows, all(wins)
 
 
@@ -284,8 +294,7 @@ def depthwise_section(measured_on: str) -> tuple[list[str], list[Target]]:
     from models.layers import SMALL_MAP_MIN_KERNEL, SMALL_MAP_PIXELS
 
     images = int(os.environ.get("BENCH_IMAGES", "2560"))
-    print(f"depthwise weight gradient: oneDNN vs batched matmul, {images} images ...",
-          flush=True)  # fmt: skip
+    print(f"depthwise weight gradient: oneDNN vs batched matmul, {images} images ...", flush=True)
     repeats = 2
     rows, slowest = bench_depthwise(config.data_dir(), images, repeats)
     layer_rows = depthwise_layer_times()
@@ -348,8 +357,8 @@ def compile_section(measured_on: str) -> tuple[list[str], list[Target]]:
         f"Default config, channels-last, batch 128, the precision `auto` picks, "
         f"{torch.get_num_threads()} thread(s), {images} images after a 512-image warm-up "
         "(torch.compile's default mode, inductor). Compile time: the warm-up's extra time "
-        "over eager, with inductor's on-disk cache empty (a warm cache, left by an earlier "
-        "compile of the same graph, cuts it to about a second). Every run builds a new model (trials differ in width and depth), so "
+        "over eager, with inductor's on-disk cache empty (a warm cache, left by a compile "
+        "of the same graph, cuts it to about a second). Every run builds a new model (trials differ in width and depth), so "
         f"each pays its compile; the last two columns are a default TRAIN final ({final:,} "
         "images) each way, compile included, training only (its validation passes would "
         "compile the eval graph too).",

@@ -103,15 +103,18 @@ def _reproduce_section(measured_on: str, old: str) -> tuple[list[str], list[Targ
         return [REPRODUCE_SECTION, "", text, ""], [target]
     if REPRODUCE_SECTION in markdown_sections(old)[1]:  # a timed one is kept across runs
         return [], []
-    note = "Not timed yet (`BENCH_FULL=1 make bench` times it into a throw-away store)."
+    note = (
+        "Not timed here: `BENCH_FULL=1 make bench` times it into a throw-away store; "
+        "docs/reproduce.md has measured wall times."
+    )
     return [REPRODUCE_SECTION, "", note, ""], []
 
 
 def _gpu_section(out: str | None) -> list[str]:
-    """Where the GPU figures are: reports/gpu.md (`make gpu-bench`), or not measured yet."""
+    """Where the GPU figures are: reports/gpu.md (`make gpu-bench`), or that none are."""
     gpu = config.reports_dir(out) / "gpu.md"
     if gpu.exists():
-        text = "GPU measurements (`make gpu-bench` on a lent GPU): reports/gpu.md."
+        text = "GPU measurements (`make gpu-bench` on a machine with a CUDA GPU): reports/gpu.md."
     else:
         text = (
             "No GPU measurement yet: `make gpu-bench` on a machine with one writes reports/gpu.md."

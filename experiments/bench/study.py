@@ -97,10 +97,26 @@ def run_study(root: Path, store: Path, threads: int, extra: list[str]) -> float:
         "OMP_NUM_THREADS": str(threads),
         "PYTHONPATH": str(root),
     }
-    subprocess.run([sys.executable, "-m", "data_tools", "prepare"], cwd=root, env=env,
-                   check=True, capture_output=True)  # fmt: skip
-    command = [sys.executable, "-m", "experiments", "search", "--step", STUDY_STEP,
-               "--model", STUDY_MODEL, "--seed", "0", *extra]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "data_tools", "prepare"],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "search",
+        "--step",
+        STUDY_STEP,
+        "--model",
+        STUDY_MODEL,
+        "--seed",
+        "0",
+        *extra,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -163,8 +179,10 @@ def study_section(measured_on: str) -> tuple[list[str], list[Target]]:
         "",
         measured_on,
         "",
+        f"Baseline commit (A, `BENCH_BASELINE`): {baseline}.",
+        "",
         f"`python -m experiments {command.strip()}` (the default CPU budget unless flags are "
-        f"shown), run by commit {baseline} (A) and by this tree (B), one after the other, each "
+        "shown), run by the baseline commit (A) and by this tree (B), one after the other, each "
         f"from its own checkout into its own throw-away store, on {torch.get_num_threads()} "
         "thread(s). Wall time: the whole process. FLOPs: 3 x forward FLOPs x training images "
         "x epochs run, plus a forward per validation image per epoch, summed over every run of "

@@ -88,8 +88,9 @@ def timed_epochs(
     generator = torch.Generator().manual_seed(0)
     augment = prep.augmenter()
     warm = min(len(y), 4 * cfg.batch_size)
-    stepper = Stepper(step, optimizer, loss_fn, cfg.batch_size, generator, augment=augment,
-                      precision=precision)  # fmt: skip
+    stepper = Stepper(
+        step, optimizer, loss_fn, cfg.batch_size, generator, augment=augment, precision=precision
+    )
     start = time.perf_counter()
     train_one_epoch(stepper, x[:warm], y[:warm])
     warm_seconds = time.perf_counter() - start
@@ -140,8 +141,11 @@ def bench_training(
             f"| {name} | {precision} | {reference:,.0f} | {ours:,.0f} | {ours / reference:.2f}x | "
             f"{flops / 1e6:.1f} | {flops * ours / 1e9:.1f} | {mfu:.0%} |"
         )
-        print(f"  {name:<13} {precision} reference {reference:7.0f} img/s  ours {ours:7.0f} "
-              f"img/s  {ours / reference:5.2f}x  MFU {mfu:.0%}", flush=True)  # fmt: skip
+        print(
+            f"  {name:<13} {precision} reference {reference:7.0f} img/s  ours {ours:7.0f} "
+            f"img/s  {ours / reference:5.2f}x  MFU {mfu:.0%}",
+            flush=True,
+        )
     return rows, peaks, results
 
 
@@ -167,8 +171,11 @@ def bench_precision(root: Path, images: int) -> list[str]:
         rows.append(
             f"| {name} | {rates['fp32']:,.0f} | {rates['bf16']:,.0f} | {ratio:.2f}x | {auto} |"
         )
-        print(f"  {name:<13} fp32 {rates['fp32']:7.0f} img/s  bf16 {rates['bf16']:7.0f} img/s  "
-              f"{ratio:4.2f}x  auto -> {auto}", flush=True)  # fmt: skip
+        print(
+            f"  {name:<13} fp32 {rates['fp32']:7.0f} img/s  bf16 {rates['bf16']:7.0f} img/s  "
+            f"{ratio:4.2f}x  auto -> {auto}",
+            flush=True,
+        )
     return rows
 
 

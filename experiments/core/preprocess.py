@@ -132,11 +132,15 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     ox, oy = 1 / width - 1, 1 / height - 1
     theta = torch.stack(
         [
-            ia, ib * sx / sy, sx * (ie - ia * ox / sx - ib * oy / sy) + ox,
-            ic * sy / sx, id_, sy * (if_ - ic * ox / sx - id_ * oy / sy) + oy,
+            ia,
+            ib * sx / sy,
+            sx * (ie - ia * ox / sx - ib * oy / sy) + ox,
+            ic * sy / sx,
+            id_,
+            sy * (if_ - ic * ox / sx - id_ * oy / sy) + oy,
         ],
         dim=1,
-    ).view(-1, 2, 3)  # fmt: skip
+    ).view(-1, 2, 3)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, "bilinear", "border", align_corners=False)
 

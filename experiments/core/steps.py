@@ -135,7 +135,7 @@ STEPS: dict[str, Step] = {
             "task2-step3",
             "TRAIN3",
             ("TEST2",),
-            "train on TRAIN3 = TEST's white-background half minus SELECT2, validate on SELECT2, evaluate on TEST2",
+            "train on TRAIN3 (TEST's white-background half) minus SELECT2, validate on SELECT2, evaluate on TEST2",
             label_use="TEST white-half labels (allowed in Task 2)",
             val_set=SELECTION,
         ),
@@ -225,11 +225,49 @@ def training_step(name: str) -> Step:
     return get_step(step.source) if step.kind == "reuse" else step
 
 
+# `make reproduce`: one job per (chain, model), each running its chain's studies in order in
+# one process, so every step comes after the step it builds on (`builds_on`)
+REPRODUCE_CHAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("task1", ("task1-step1", "task1-step2", "task2-step1")),
+    ("task2", ("task2-step3", "task2-step2")),
+)
+
+
+def builds_on(name: str) -> str | None:
+    """The study `name`'s studies wait for: the warm-start source, or the step it reads."""
+    step = get_step(name)
+    return step.warm_start or step.source
+
+
+def make_variables() -> dict[str, str]:
+    """The steps as the Makefile reads them (generated into its registry include): every
+    declared step, `make reproduce`'s steps and chains, what each study waits for, and the
+    models each recipe step has a recipe for."""
+    reproduced = [name for _, chain in REPRODUCE_CHAINS for name in chain]
+    variables = {"DECLARED_STEPS": " ".join(STEPS), "STEPS": " ".join(reproduced)}
+    variables["CHAINS"] = " ".join(name for name, _ in REPRODUCE_CHAINS)
+    for name, chain in REPRODUCE_CHAINS:
+        variables[f"CHAIN_{name}"] = " ".join(chain)
+    for name in reproduced:
+        if builds_on(name):
+            variables[f"AFTER_{name}"] = builds_on(name)
+    recipes = [step for step in STEPS.values() if step.kind == "recipe"]
+    variables["RECIPE_STEPS"] = " ".join(step.name for step in recipes)
+    for step in recipes:
+        variables[f"MODELS_{step.name}"] = " ".join(model for model, _ in step.model_settings)
+    return variables
+
+
 def _check_sources() -> None:
     for step in STEPS.values():
         for other in (step.source, step.warm_start):
             if other is not None and other not in STEPS:
                 raise ValueError(f"step {step.name}: {other!r} is not a declared step")
+    for chain_name, chain in REPRODUCE_CHAINS:
+        for index, name in enumerate(chain):
+            source = builds_on(name)
+            if source is not None and source not in chain[:index]:
+                raise ValueError(f"chain {chain_name}: {name} runs before {source}")
 
 
 _check_sources()

@@ -17,16 +17,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from data_tools import load_split  # noqa: E402
 from experiments.analysis import ensemble  # noqa: E402
 from experiments.core import config
 from experiments.core.steps import STEPS, training_step  # noqa: E402
-from experiments.reporting import findings
+from experiments.reporting import findings, uncertainty
+from experiments.reporting.forest import forest_plot
 from experiments.serving import registry
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint  # noqa: E402
@@ -130,14 +129,21 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
 def _cell_text(cell: pd.Series) -> str:
     if pd.isna(cell["accuracy"]):
         return ""
-    reference = ""
+    if pd.isna(cell.get("estimate")):  # no interval computed (collect() alone)
+        shown = f"**{_fmt(cell['accuracy'])}**"
+    else:
+        value, _, rest = uncertainty.estimate_text(cell).partition(" ")
+        shown = f"**{value}** {rest}"
     if pd.notna(cell["reference"]):
-        reference = f" ({_fmt(cell['reference'], 2)}, {_fmt(cell['delta'], 3, True)})"
-    return f"**{_fmt(cell['accuracy'])}**{reference}"
+        verdict = cell.get("versus_reference")
+        verdict = f": {verdict}" if isinstance(verdict, str) else ""
+        shown += f" (ref {_fmt(cell['reference'], 2)}{verdict})"
+    return shown
 
 
 def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """Rows = steps, columns = models, each cell 'accuracy (reference, difference)'."""
+    """Rows = steps, columns = models, each cell 'accuracy [95 % interval] (reference: verdict)'
+    (mean ± sd over seeds where a cell has several)."""
     text = cells.assign(text=cells.apply(_cell_text, axis=1))
     table = text.pivot(index="row", columns="model", values="text")
     rows = list(dict.fromkeys(cells["row"]))
@@ -184,17 +190,46 @@ def _missing_as_none(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
-DETAIL_COLUMNS = ["step", "model", "accuracy", "black_acc", "white_acc", "best_val_acc",
-                  "trials", "study_tflop", "run_id"]  # fmt: skip
+DETAIL_COLUMNS = [
+    *("step", "model", "accuracy", "acc_low", "acc_high", "n_images", "seeds", "seed_sd"),
+    *("black_acc", "black_low", "black_high", "white_acc", "best_val_acc", "trials"),
+    *("study_tflop", "run_id"),
+]
 
 
 def _details(cells: pd.DataFrame) -> pd.DataFrame:
     """The per-cell details table: integers as integers, short run ids, TFLOP to one decimal."""
-    return cells[DETAIL_COLUMNS].assign(
+    return cells.reindex(columns=DETAIL_COLUMNS).assign(
         run_id=cells["run_id"].fillna("").str[:12],
         source=cells["source"].fillna(""),
         trials=cells["trials"].astype("Int64"),
+        n_images=cells["n_images"].astype("Int64"),
+        seeds=cells["seeds"].astype("Int64"),
         study_tflop=cells["study_tflop"].map(lambda v: "" if pd.isna(v) else f"{v:,.1f}"),
+    )
+
+
+def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
+    """Searched final against baseline: both accuracies, the paired test's difference, its
+    95 % interval, p-value and verdict."""
+    frame = cells[cells["baseline_acc"].notna()]
+    interval = [
+        "" if pd.isna(low) else f"[{low:+.4f}, {high:+.4f}]"
+        for low, high in zip(frame["vs_baseline_low"], frame["vs_baseline_high"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "step": frame["step"],
+            "model": frame["model"],
+            "baseline_acc": frame["baseline_acc"],
+            "searched_acc": frame["searched_acc"],
+            "searched - baseline": frame["vs_baseline_diff"],
+            "95 % interval": interval,
+            "p": frame["vs_baseline_p"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}"),
+            "verdict": frame["vs_baseline"],
+            "test": frame["vs_baseline_test"],
+            "selected": frame["selected"],
+        }
     )
 
 
@@ -203,16 +238,20 @@ def to_markdown(cells: pd.DataFrame) -> str:
     not_run = list(dict.fromkeys(cells.loc[~run, "step"]))
     cells = cells[run]
     details = _details(cells)
-    baselines = cells[cells["baseline_acc"].notna()][
-        ["step", "model", "baseline_acc", "searched_acc", "searched_minus_baseline", "selected"]
-    ]
+    baselines = _baselines(cells)
     lines = [
         "# Comparison: best run of every study",
         "",
+        "## Headline: evaluation accuracy with 95 % intervals",
+        "",
         "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
         "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
-        "whichever has the higher validation accuracy; in brackets the reference notebooks' number",
-        "and the difference. Empty: no finished study yet."
+        "whichever has the higher validation accuracy. In square brackets its 95 % interval:",
+        "Wilson over the evaluation images (6,000 per set); for a cell with several seeds",
+        "(`make seeds`) the mean ± sd over seeds, the interval widened by the seed sd. In round",
+        "brackets the reference notebooks' number: *within noise* when it lies inside the",
+        "interval, else *above* / *below* (this study's number against it). docs/statistics.md",
+        "says what each interval and test means."
         + (
             f" Not run here (`make beyond` and the step targets): {', '.join(not_run)}."
             if not_run
@@ -220,6 +259,8 @@ def to_markdown(cells: pd.DataFrame) -> str:
         ),
         "",
         comparison_table(cells).to_markdown(index=False),
+        "",
+        "![accuracy of every cell with its 95 % interval](comparison.png)",
         "",
         "## Details per cell",
         "",
@@ -232,6 +273,10 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "trial retrained; the study's answer (the cell above) is whichever of the two has the",
         "higher validation accuracy on the full validation split (*selected*). Evaluation",
         "accuracy on the step's evaluation set; measured after the fact, never used to choose.",
+        "The paired test runs on the same evaluation images: exact McNemar on the images the",
+        "two runs disagree on (a t-test over seeds where both have several); its interval is a",
+        "paired bootstrap of the difference. *better* / *worse*: p < 0.05; otherwise *no",
+        "detectable difference*.",
         "",
         _missing_as_none(baselines).to_markdown(index=False, floatfmt=".4f", missingval="—")
         if not baselines.empty
@@ -249,27 +294,34 @@ def to_markdown(cells: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_heatmap(cells: pd.DataFrame, path: Path) -> None:
-    values = cells.pivot(index="row", columns="model", values="accuracy")
-    rows, models = list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["model"]))
-    values = values.loc[rows, models].astype(float)
-    references = cells.pivot(index="row", columns="model", values="reference").loc[rows, models]
-    fig, ax = plt.subplots(figsize=(8.5, 1.5 + 0.55 * len(rows)))
-    ax.imshow(values.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(models)), [title(m) for m in models])
-    ax.set_yticks(range(len(rows)), rows)
-    for i, row in enumerate(rows):
-        for j, model in enumerate(models):
-            accuracy, reference = values.loc[row, model], references.loc[row, model]
-            text = "—" if np.isnan(accuracy) else f"{accuracy:.3f}"
-            if not np.isnan(accuracy) and pd.notna(reference):
-                text += f"\n(ref {_fmt(reference, 2)})"
-            color = "black" if not np.isnan(accuracy) and accuracy > 0.6 else "white"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    ax.set_title("evaluation accuracy of each study's best run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def forest_rows(cells: pd.DataFrame) -> pd.DataFrame:
+    """The forest plot's rows from the comparison's cells (or its CSV): one panel per step's
+    row label, a point per model at its estimate with its 95 % interval, seeds as dots."""
+    filled = cells[cells["estimate"].notna()]
+    return pd.DataFrame(
+        {
+            "step": filled["row"],
+            "cell": filled["model"].map(title),
+            "acc": filled["estimate"],
+            "acc_low": filled["estimate_low"],
+            "acc_high": filled["estimate_high"],
+            "seed_values": filled["seed_values"],
+            "reference": filled["reference"],
+        }
+    )
+
+
+def eval_sets() -> tuple[dict[str, int], dict[str, uncertainty.EvalSet], ProbabilityCache]:
+    """The evaluation sets' sizes (and TEST's black half), their labels and probability caches
+    (logged predictions first); TEST2's cache is shared with the ensembles and champions."""
+    sizes, sets = {}, {}
+    for name in ("TEST", "TEST2"):
+        split = load_split(name, config.data_dir(), config.cache_dir())
+        sizes[name] = len(split.labels)
+        sizes[f"{name}_black"] = int((~split.white).sum())
+        cache = ProbabilityCache(split.images, load_checkpoint, split.fingerprint)
+        sets[name] = uncertainty.EvalSet(split.labels.numpy(), cache)
+    return sizes, sets, sets["TEST2"].probabilities
 
 
 def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
@@ -324,6 +376,8 @@ def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = 
         )
         if champion.detector:
             lines += task1_detector_lines(champion, measured)
+        if task == 2:
+            lines += tie_set_lines(field)
     if not table.empty:
         lines += [
             "",
@@ -341,6 +395,23 @@ def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = 
             _with_dashes(table).to_markdown(index=False, floatfmt=".4f"),
         ]
     return ["", *lines, ""]
+
+
+def tie_set_lines(field: list) -> list[str]:
+    """Task 2's tie set: the candidates SELECT2 cannot tell apart from the best, and the rule,
+    fixed in code before any evaluation number is read, that breaks the tie."""
+    from experiments.core.statistics import TIE_BREAK_RULE, one_image_worth
+
+    ties = registry.tied(field)
+    best = ties.loc[ties["select_acc"].idxmax()]
+    n = int(best["select_n"])
+    names = ", ".join(f"{row['name']} ({row['select_acc']:.4f})" for _, row in ties.iterrows())
+    return [
+        f"  - Tie set: {len(ties)} of {len(field)} candidates lie within the best SELECT2 "
+        f"accuracy's 95 % interval [{best['select_acc_low']:.4f}, {best['select_acc_high']:.4f}] "
+        f"({n} images; one image is {one_image_worth(n):.4f}): {names}.",
+        f"  - Tie-break: {TIE_BREAK_RULE}",
+    ]
 
 
 def _with_dashes(table: pd.DataFrame) -> pd.DataFrame:
@@ -412,8 +483,12 @@ def build_report(
     `ensemble_k` > 0 adds the ensemble rows (best k of each TEST2 step, and all
     Task 2 labelled runs together), `tta` their test-time-augmented twins. The
     Task 1 section comes from the `task1-shift` runs. An empty store is an
-    error: nothing is written and no `report` run is made.
+    error: nothing is written and no `report` run is made; so is a negative `ensemble_k`.
     """
+    if ensemble_k < 0:
+        raise ValueError(
+            f"--ensemble {ensemble_k}: K must be 0 (no ensemble rows) or more; nothing written"
+        )
     cells = collect()
     if cells["accuracy"].isna().all():
         raise RuntimeError(
@@ -423,8 +498,9 @@ def build_report(
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensembles = []
+    sizes, sets, test2_cache = eval_sets()
+    cells = uncertainty.add_uncertainty(cells, sizes, sets)
     test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
-    test2_cache = ProbabilityCache(test2.images, load_checkpoint, test2.fingerprint)  # logged
     if ensemble_k > 0:
         tta_options = (False, True) if tta else (False,)
         ensembles = ensemble.run_ensembles(ensemble_k, tta_options, test2, test2_cache)
@@ -433,13 +509,15 @@ def build_report(
     figure = out_dir / "figures" / "label_efficiency.png"
     has_figure = findings.plot_label_efficiency(shift, figure)
     title_line, _, body = to_markdown(cells).partition("\n")
+    headline, details_heading, details = body.partition("## Details per cell")
     text = "\n".join(
         [
             title_line,
             "",
             provenance(),
+            headline.rstrip("\n"),
             *champions_markdown(test2_cache, tta),
-            body.rstrip("\n"),
+            (details_heading + details).rstrip("\n"),
             *findings.search_conditions(cells, len(MODELS)),
             *ensembles_markdown(frame),
             *findings.task2_section(cells, frame),
@@ -448,7 +526,7 @@ def build_report(
     )
     (out_dir / "comparison.md").write_text(text + "\n")
     cells.to_csv(out_dir / "comparison.csv", index=False)
-    plot_heatmap(cells, out_dir / "comparison.png")
+    forest_plot(forest_rows(cells), out_dir / "comparison.png")
     if out_dir.resolve() == (config.PROJECT_ROOT / "reports").resolve():  # the README's own
         update_readme(config.PROJECT_ROOT / "README.md", headline_table(cells))
     written = ["comparison.md", "comparison.csv", "comparison.png"]

@@ -16,7 +16,6 @@ sets are scored after training, for the record.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -27,7 +26,7 @@ from optuna.trial import TrialState
 from experiments.core import config
 from experiments.core.settings import TrainConfig
 from experiments.core.steps import Step, get_step, training_step
-from experiments.search import study
+from experiments.search import process, study
 from experiments.search.configs import (
     base_settings,
     baseline_config,
@@ -40,6 +39,7 @@ from experiments.search.configs import (
     train_images,
 )
 from experiments.search.space import Budget, Pinned, suggest, suggest_fine_tune
+from experiments.search.study import StudyResult, summary_line  # noqa: F401 (the driver's result)
 from experiments.tracking import results, store
 from experiments.training.runner import (
     RunOutcome,
@@ -48,17 +48,6 @@ from experiments.training.runner import (
     log_answer_tta,
     train_and_log,
 )
-
-
-@dataclass
-class StudyResult:
-    study_name: str
-    parent_run_id: str
-    best_trial: int
-    best_params: dict[str, Any]
-    best_val_acc: float
-    final_run_id: str | None
-    final_metrics: dict[str, float]
 
 
 def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
@@ -181,15 +170,19 @@ def run_step(
     return search_step(step, model, budget, storage_url, data, final, workers)
 
 
-def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | None):
+def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | None, data: StepData):
     """Create or load the study and its parent run, and fail trials left RUNNING by a dead process.
 
     Runs once in the launcher, before any worker starts, so that the database,
     the experiment, the study and the parent run are created by one process.
     """
-    store.init()
+    if store.store_exists():  # reached (a server: answering) before the study is touched
+        store.init()
     handle = study.load_or_create_study(step.name, model, study.make_storage(storage_url), budget)
     # a refused resume changes nothing: checked before any trial, run or parent is touched
+    study.bind_store(handle, storage_url)  # before a missing local database is created
+    store.init()
+    check_data(handle, data)
     check_profile(handle, budget)
     study.check_pinned(handle, pinned(step, model, budget))
     stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
@@ -233,9 +226,8 @@ def search_step(
     """A study until it holds `budget.trials` finished trials, then its best trial retrained;
     the study is held by this process throughout (`study.study_lock`)."""
     with study.study_lock(study.study_name(step.name, model), storage_url):
-        handle, parent = prepare_study(step, model, budget, storage_url)
+        handle, parent = prepare_study(step, model, budget, storage_url, data)
         try:
-            check_data(handle, data)
             base = study_base(handle, step, model, budget, parent)  # before any worker starts
             enqueue_starts(handle, step, model, budget, storage_url, parent, base)
             finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
@@ -323,6 +315,7 @@ def worker_main(
     step_name: str, model: str, quota: int, threads: int, index: int, budget: Budget
 ) -> int:
     """One worker process: join the prepared study and add `quota` finished trials."""
+    process.die_with_launcher()
     torch.set_num_threads(threads)
     store.init()
     step = training_step(step_name)
@@ -373,6 +366,9 @@ def finish_study(
         final_run_id, final_metrics = outcome.run_id, outcome.metrics
     elif final_run_id:
         final_metrics = results.run_metrics(final_run_id)
+    result = StudyResult(
+        handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
+    )
     if final and final_run_id:
         baseline_id, baseline_metrics = train_baseline(
             handle, step, model, parent, budget, data, base
@@ -380,10 +376,9 @@ def finish_study(
         chosen = select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
         if step.val_set is not None:  # a Task 2 champion candidate: its TTA views, once
             log_answer_tta(chosen, data)
+        result.answer(chosen, final_metrics if chosen == final_run_id else baseline_metrics)
     study.log_parent(handle, best, parent)
-    return StudyResult(
-        handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
-    )
+    return result
 
 
 def train_baseline(
@@ -481,6 +476,7 @@ def retrain_best(
             f"{step.name} retrains the best trial of {source_name}, which does not exist yet: "
             f"run `make {step.source} MODELS={model}` first"
         ) from None
+    study.bind_store(source, storage_url, bind=False)  # the source's runs are in this store
     check_data(source, data)  # the source's trials were scored on the data this step trains on
     best = study.best_complete_trial(source)
     if best is None:
@@ -490,11 +486,13 @@ def retrain_best(
         end_orphans(step, name)
     role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
     cfg = run_config(step, model, budget, {}, best.params, role)
+    what = f"retraining {source_name} trial {best.number}"
     run_id, metrics = final_once(
-        step, model, name, cfg, data, f"retraining {source_name} trial {best.number}",
-        best.number, params_from=source_name,
-    )  # fmt: skip
-    return StudyResult(name, "", best.number, best.params, best.value, run_id, metrics)
+        step, model, name, cfg, data, what, best.number, params_from=source_name
+    )
+    return StudyResult(
+        name, "", best.number, best.params, best.value, run_id, metrics, run_id, "final", metrics
+    )
 
 
 def final_once(
@@ -540,7 +538,8 @@ def train_recipe(
     run_id, metrics = final_once(
         step, model, name, cfg, data, "training the recipe", None, recipe="true"
     )
-    return StudyResult(name, "", -1, {}, metrics.get("best_val_acc", float("nan")), run_id, metrics)
+    accuracy = metrics.get("best_val_acc", float("nan"))
+    return StudyResult(name, "", -1, {}, accuracy, run_id, metrics, run_id, "final", metrics)
 
 
 def train_once(

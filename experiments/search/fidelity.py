@@ -22,8 +22,8 @@ FIDELITY_STUDIES = (("task2-step3", "resnet"), ("task1-step1", "hybrid"))
 
 FIDELITIES = {
     # name: Budget changes; "final" is the reference every other fidelity is ranked against
-    "current (4,000-image subset, 6,000 images)": {},
-    "the previous default (12,000 images)": {"trial_images": 12_000},
+    "default (4,000-image subset, 6,000 images)": {},
+    "2x images (12,000) on the same subset": {"trial_images": 12_000},
     "4x images (24,000) on the same subset": {"trial_images": 24_000},
     "3x larger subset (12,000 images, 24,000 seen)": {
         "train_subset": 12_000,

@@ -12,18 +12,14 @@ MLflow layout, inside the step's experiment:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +35,12 @@ from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from experiments.core import config  # noqa: E402
+from experiments.search.process import (  # noqa: E402, F401 (the study's process)
+    is_rdb,
+    quiet_interrupts,
+    spawn_workers,
+    study_lock,
+)
 from experiments.search.space import Budget  # noqa: E402
 from experiments.tracking import results, store
 
@@ -47,12 +49,52 @@ HEARTBEAT_SECONDS = 15
 CONNECT_TIMEOUT = 5  # seconds before an unreachable database is an error
 
 
+@dataclass
+class StudyResult:
+    """What a step produced. `answer_*` is the step's answer, the run its study selected: the
+    final (the best trial retrained) or the baseline (the hand-set defaults), whichever has the
+    higher validation accuracy; a retrain's or a recipe's final; None without a final."""
+
+    study_name: str
+    parent_run_id: str
+    best_trial: int
+    best_params: dict[str, Any]
+    best_val_acc: float
+    final_run_id: str | None
+    final_metrics: dict[str, float]
+    answer_run_id: str | None = None
+    answer_role: str | None = None  # "final" or "baseline"
+    answer_metrics: dict[str, float] = field(default_factory=dict)
+
+    def answer(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Record the selected run: the final, or else the baseline."""
+        self.answer_run_id = run_id
+        self.answer_role = "final" if run_id == self.final_run_id else "baseline"
+        self.answer_metrics = dict(metrics)
+
+    @property
+    def answer_val_acc(self) -> float | None:
+        """The answer's validation accuracy on the full validation split."""
+        return self.answer_metrics.get("best_val_acc")
+
+
+def summary_line(result: StudyResult) -> str:
+    """The one line a command prints for a finished step: the search's best trial, then the
+    answer (the selected run, by role) and its accuracies."""
+    chosen = "no search" if result.best_trial < 0 else f"best trial {result.best_trial}"
+    head = f"[{result.study_name}] {chosen} val acc {result.best_val_acc:.4f}"
+    if result.answer_run_id is None:
+        return f"{head}; no final run"
+    metrics = result.answer_metrics
+    shown = ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("_acc") and k != "best_val_acc"
+    )
+    val = f" val acc {metrics['best_val_acc']:.4f}" if "best_val_acc" in metrics else ""
+    return f"{head}; answer: {result.answer_role} run {result.answer_run_id}{val}: {shown}"
+
+
 def study_name(step: str, model: str) -> str:
     return f"{step}/{model}"
-
-
-def is_rdb(url: str | None) -> bool:
-    return "://" in config.study_storage(url)
 
 
 def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
@@ -64,7 +106,8 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
     (password masked), after a connection timeout of `CONNECT_TIMEOUT` seconds.
     """
     target = config.study_storage(url)
-    shown = config.mask_secrets(target)
+    shown = config.mask_url(target)  # the whole value is one URL, spaces included
+    check_credentials(target)
     if is_rdb(url):
         if target.startswith("sqlite:///"):
             folder = Path(target[len("sqlite:///") :]).parent
@@ -115,6 +158,16 @@ def check_journal(path: Path) -> None:
             ) from None
 
 
+def check_credentials(target: str) -> None:
+    """A password holding a raw `@` is split at different `@`s by different parsers, which then
+    print part of it as a host name: refused in one line before any parser sees it."""
+    if "@" in config.credentials(target):
+        raise RuntimeError(
+            f"--storage {config.mask_url(target)}: the password holds a raw '@'; "
+            "percent-encode it as %40"
+        )
+
+
 def check_storage(url: str | None = None) -> None:
     """Refuse a study storage that cannot work, before anything is created (nothing is written).
 
@@ -123,11 +176,9 @@ def check_storage(url: str | None = None) -> None:
     """
     target = config.study_storage(url)
     shown = config.mask_url(target)  # the whole value is one URL, spaces included
-    credentials = target.partition("://")[2].rpartition("@")[0]
-    if "@" in credentials:
-        raise RuntimeError(
-            f"--storage {shown}: the password holds a raw '@'; percent-encode it as %40"
-        )
+    check_credentials(target)
+    if not is_rdb(url) or target.startswith("sqlite:"):
+        config.check_store_path()  # the tracking database lives in the store folder too
     if is_rdb(url) and not target.startswith("sqlite:"):
         connect = {"connect_timeout": CONNECT_TIMEOUT} if target.startswith("postgres") else {}
         try:
@@ -199,6 +250,50 @@ def fail_stale_trials(study: optuna.Study, rdb: bool) -> list[int]:
     return [t.number for t in stale]
 
 
+STORE_ATTR = "tracking_store"  # the identity of the tracking store a study's runs live in
+
+
+def bind_store(handle: optuna.Study, storage_url: str | None, bind: bool = True) -> None:
+    """A study's trials, parent and final are runs of one tracking store: the study remembers
+    that store's identity (`store.identity`) when it first runs, and is never used with
+    another. A study storage whose study belongs to another store (the database was moved
+    aside or replaced, or two stores point OPTUNA_STORAGE at one journal) is refused in one
+    line, before anything is written to either; a missing database is not created then."""
+    recorded = handle.user_attrs.get(STORE_ATTR)
+    parent = handle.user_attrs.get("mlflow_parent_run_id")
+    used = bool(recorded or parent or handle.trials)
+    if not store.store_exists():
+        if used:
+            _refuse_store(handle, storage_url, "its tracking database does not exist")
+        if bind:
+            handle.set_user_attr(STORE_ATTR, store.identity())
+        return
+    current = store.identity()
+    if recorded is not None and recorded != current:
+        _refuse_store(handle, storage_url, f"it was made with another one ({recorded})")
+    if recorded is None and parent and not _run_exists(parent):
+        _refuse_store(handle, storage_url, f"its parent run {parent} is not there")
+    if recorded is None and bind:
+        handle.set_user_attr(STORE_ATTR, current)
+
+
+def _run_exists(run_id: str) -> bool:
+    return results.run_tags(run_id) is not None
+
+
+def _refuse_store(handle: optuna.Study, storage_url: str | None, why: str) -> None:
+    target = config.study_storage(storage_url)
+    uri = config.tracking_uri()
+    database = config.sqlite_database(uri)
+    where = str(database) if database is not None else config.mask_url(uri)
+    raise RuntimeError(
+        f"study {handle.study_name} in {config.mask_url(target)} belongs to another tracking "
+        f"store than {where} ({why}): the database was moved aside or replaced, or two stores "
+        "share one study storage; restore that database, or use another study storage "
+        "(move the journal aside, or set OPTUNA_STORAGE) to start a fresh study"
+    )
+
+
 def ensure_parent_run(
     study: optuna.Study, step: str, model: str, storage_url: str, budget: Budget
 ) -> str:
@@ -265,6 +360,7 @@ def optimize(
     `max(3, quota)` failures in a row something is wrong with every trial, and
     the error says so. Returns the trials added.
     """
+    quiet_interrupts()
     started = time.perf_counter()
     added = failures = 0
     while added < quota:
@@ -289,40 +385,6 @@ def optimize(
                     "see the fail_reason tags of their runs in MLflow"
                 )
     return added
-
-
-def spawn_workers(
-    entry: list[str],
-    step: str,
-    model: str,
-    budget: Budget,
-    storage_url: str | None,
-    remaining: int,
-    workers: int,
-) -> None:
-    """Split `remaining` trials over `workers` processes sharing the study storage; wait for all.
-
-    `entry` is the command that starts one worker (the driver's), given its options here.
-    """
-    workers = min(workers, remaining)
-    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # a parallel job's share
-    threads = max(1, cores // workers)
-    quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # never override the parent
-    if storage_url:
-        env["OPTUNA_STORAGE"] = storage_url
-    procs = []
-    for index, quota in enumerate(quotas):
-        command = [
-            *entry,
-            "--step", step, "--model", model, "--quota", str(quota),
-            "--threads", str(threads), "--index", str(index), "--budget", json.dumps(asdict(budget)),
-        ]  # fmt: skip
-        print(f"[{step}/{model}] worker {index}: {quota} trials, {threads} thread(s)", flush=True)
-        procs.append(subprocess.Popen(command, env=env))
-    codes = [proc.wait() for proc in procs]
-    if any(codes):
-        raise RuntimeError(f"study {step}/{model}: worker exit codes {codes}")
 
 
 def join_study(step: str, model: str, budget: Budget, worker: int) -> optuna.Study:
@@ -391,39 +453,6 @@ def _study_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 file=sys.stderr,
             )
     return written
-
-
-@contextlib.contextmanager
-def study_lock(name: str, storage_url: str | None) -> Iterator[None]:
-    """Hold the study for this process (an OS file lock beside the store, released when the
-    process ends, however it ends): a second launcher of the same study is refused in one
-    line naming the process that holds it, instead of failing that process's live trial.
-    Workers of one launcher (`--workers`) join through the launcher, not this lock. A shared
-    RDB storage (several machines) is not locked here: its trials have heartbeats."""
-    if is_rdb(storage_url):
-        yield
-        return
-    folder = config.mlruns_dir() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (name.replace("/", "__") + ".lock")
-    handle = path.open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RuntimeError(
-                f"study {name} is being run by {holder}; wait for it to end, or stop it "
-                "(an interrupted study resumes where it stopped)"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock
 
 
 def check_pinned(handle: optuna.Study, pinned: dict[str, Any]) -> None:

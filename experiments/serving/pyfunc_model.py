@@ -39,13 +39,13 @@ def checked_images(model_input) -> np.ndarray:
     array = np.asarray(model_input)
     if array.dtype.kind not in "fiu":
         raise refuse(f"dtype {array.dtype}, expected real numbers (float32 in [0, 1])")
+    if array.size == 0:  # an empty batch in any layout (JSON `[]` arrives with shape (0,))
+        return np.zeros((0, 1, 28, 28), np.float32)
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or tuple(array.shape[1:]) != (1, 28, 28):
         raise refuse(f"shape {tuple(array.shape)}, expected (N, 1, 28, 28) or (N, 28, 28)")
     array = array.astype(np.float32)
-    if array.size == 0:
-        return array
     bad = int((~np.isfinite(array)).sum())
     if bad:
         raise refuse(f"{bad} values are NaN or infinite")

@@ -19,7 +19,10 @@ or TEST2 labels):
   in-script images refused), so it can answer "unknown".
 
 Re-promoting the same source run with the same rule makes no new version; the
-alias `champion` always points at the version of the current champion.
+alias `champion` always points at the version of the current champion. Each version
+records the sha256 of each of its files (`integrity.DIGEST_TAG`), which `predict` and
+`serve` check before MLflow reads the files; a version without that record is registered
+again.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from experiments.analysis.detectors import (
 )
 from experiments.analysis.shift import REFUSE_FRACTION
 from experiments.core import config
+from experiments.core.statistics import tie_set
 from experiments.core.steps import STEPS
+from experiments.serving import integrity
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint
 from experiments.training.inference import ProbabilityCache
@@ -68,9 +73,10 @@ RULES = {
     "parameters); detector: the best of max_softmax / energy / mahalanobis by AUROC on a "
     "TRAIN-only proxy (TRAIN validation vs the same images inverted), threshold = 95th "
     "percentile of its score on TRAIN validation",
-    2: "highest SELECT2 accuracy among the Task 2 study answers validated on SELECT2 and "
-    "their fixed-recipe ensembles (all answers of a step; all answers), each with and "
-    "without TTA (ties: fewer parameters, then fewer members)",
+    2: "among the Task 2 study answers validated on SELECT2 and their fixed-recipe ensembles "
+    "(all answers of a step; all answers), each with and without TTA, the candidates within "
+    "the best SELECT2 accuracy's 95 % Wilson interval are tied; the tie is broken by more "
+    "members, then fewer parameters, then the name",
 }
 
 
@@ -83,6 +89,7 @@ class Champion:
     label: str = ""  # the candidate's name, e.g. "task2-step3/hybrid" or "all answers (TTA)"
     tta: bool = False
     parameters: int = 0
+    selection_n: int = 0  # the images the selection accuracy rests on (SELECT2: 600)
 
     @property
     def name(self) -> str:
@@ -146,13 +153,31 @@ def check_selected_on(runs: list[pd.Series], dataset) -> None:
             )
 
 
-def best_of(candidates: list[Champion]) -> Champion:
-    """The Task 2 rule: the best SELECT2 accuracy; ties: fewer parameters, fewer members."""
+def tied(candidates: list[Champion]) -> pd.DataFrame:
+    """The Task 2 tie set, champion first: the candidates whose SELECT2 accuracy lies within
+    the best one's 95 % interval, in the tie-break order fixed in code
+    (`statistics.TIE_BREAK_RULE`). Built from selection numbers only: `tie_set` refuses a
+    table that holds any evaluation column."""
     if not candidates:
         raise RuntimeError(
             "no Task 2 study validated on SELECT2 has finished: run `make task2-step3` first"
         )
-    return min(candidates, key=lambda c: (-c.selection_acc, c.parameters, len(c.runs), c.label))
+    table = pd.DataFrame(
+        {
+            "name": [c.label for c in candidates],
+            "select_acc": [c.selection_acc for c in candidates],
+            "select_n": [c.selection_n for c in candidates],
+            "members": [len(c.runs) for c in candidates],
+            "params": [c.parameters for c in candidates],
+        }
+    )
+    return tie_set(table)
+
+
+def best_of(candidates: list[Champion]) -> Champion:
+    """The Task 2 rule: the first of the tie set (`tied`)."""
+    first = tied(candidates).iloc[0]["name"]
+    return next(c for c in candidates if c.label == first)
 
 
 def accuracy_on(champion: Champion, split: str) -> float:
@@ -177,7 +202,14 @@ def candidates_table(
     candidates = task2_candidates() if candidates is None else candidates
     if not candidates:
         return pd.DataFrame()
+    ties = tied(candidates)
     champion = best_of(candidates)
+    intervals = {
+        name: f"[{low:.4f}, {high:.4f}]"
+        for name, low, high in zip(
+            ties["name"], ties["select_acc_low"], ties["select_acc_high"], strict=True
+        )
+    }
     if cache is None:
         dataset = load_split(split, config.data_dir(), config.cache_dir())
         cache = ProbabilityCache(dataset.images, load_checkpoint, dataset.fingerprint)
@@ -195,6 +227,7 @@ def candidates_table(
                 "tta": candidate.tta,
                 "parameters": candidate.parameters,
                 "selection_acc (SELECT2)": candidate.selection_acc,
+                "tie set": "yes" if candidate.label in intervals else "",
                 f"{split}_acc (measured after)": (
                     cache.accuracy(candidate.run_ids, candidate.tta, labels)
                     if measured
@@ -270,6 +303,7 @@ def task2_candidates() -> list[Champion]:
                     label=f"{label}{' (TTA)' if tta else ''}",
                     tta=tta,
                     parameters=sum(sizes[r["run_id"]] for r in members),
+                    selection_n=len(selection.labels),
                 )
             )
     return candidates
@@ -377,10 +411,10 @@ def promotion_lock() -> Iterator[None]:
 def _promote_locked(champion: Champion) -> tuple[Champion, str, bool]:
     client = MlflowClient()
     key = _key(champion)
-    existing = [
+    existing = [  # a version without recorded file digests cannot be served: register anew
         v
         for v in client.search_model_versions(f"name = '{champion.name}'")
-        if v.tags.get("promotion_key") == key
+        if v.tags.get("promotion_key") == key and v.tags.get(integrity.DIGEST_TAG)
     ]
     created = not existing
     version = existing[0].version if existing else _register(champion, key)
@@ -439,6 +473,8 @@ def _register(champion: Champion, key: str) -> str:
         mlflow.log_metrics(evaluation_metrics(champion))  # measured after the choice
         uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     version = mlflow.register_model(uri, champion.name, tags=tags)
+    with tempfile.TemporaryDirectory(prefix="glyph-register-") as scratch:
+        integrity.record(champion.name, str(version.version), Path(scratch))
     MlflowClient().update_model_version(
         champion.name,
         version.version,

@@ -10,6 +10,7 @@ SQLite transaction under the store's lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -108,24 +109,46 @@ def relocate(root: Path) -> dict[str, int]:
     database = root / "mlflow.db"
     if not database.exists():
         raise ValueError(f"relocate: {database}: no store there (set MLRUNS_DIR to the copy)")
-    with FileLock(f"{database}.lock"):
-        moves = {old_root(*row): root for row in foreign_experiments(database, root)}
-        if not moves:
-            return {}
-        changed: dict[str, int] = {}
-        with contextlib.closing(_connect(database, write=True)) as connection, connection:
-            tables = {
-                r[0]
-                for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            for old, new in moves.items():
-                for prefix, replacement in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
-                    for table, column in LOCATION_COLUMNS:
-                        if table not in tables:
-                            continue
-                        count = _replace_prefix(connection, table, column, prefix, replacement)
-                        changed[table] = changed.get(table, 0) + count
-        return {table: n for table, n in changed.items() if n}
+    moves = {old_root(*row): root for row in foreign_experiments(database, root)}
+    if not moves:
+        return {}
+    try:
+        with FileLock(f"{database}.lock"):
+            return _rewrite(database, root)
+    except (OSError, sqlite3.OperationalError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        if isinstance(exc, OSError) and exc.errno not in READ_ONLY_ERRORS:
+            raise
+        if isinstance(exc, sqlite3.OperationalError) and "readonly" not in reason.replace("-", ""):
+            raise
+        raise ValueError(
+            f"relocate: {database}: the store is read-only here ({reason}), so its artifact "
+            "locations cannot be rewritten; copy the store folder to a writable place and "
+            "relocate the copy, or open it at its original path"
+        ) from None
+
+
+READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _rewrite(database: Path, root: Path) -> dict[str, int]:
+    """`relocate`'s rewrite, in one transaction (the caller holds the store's lock)."""
+    moves = {old_root(*row): root for row in foreign_experiments(database, root)}
+    if not moves:
+        return {}
+    changed: dict[str, int] = {}
+    with contextlib.closing(_connect(database, write=True)) as connection, connection:
+        tables = {
+            r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        for old, new in moves.items():
+            for prefix, replacement in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+                for table, column in LOCATION_COLUMNS:
+                    if table not in tables:
+                        continue
+                    count = _replace_prefix(connection, table, column, prefix, replacement)
+                    changed[table] = changed.get(table, 0) + count
+    return {table: n for table, n in changed.items() if n}
 
 
 def _replace_prefix(connection, table: str, column: str, prefix: str, replacement: str) -> int:

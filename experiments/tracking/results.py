@@ -153,6 +153,17 @@ def run_params(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.params)
 
 
+def run_tags(run_id: str) -> dict[str, str] | None:
+    """The tags of one run; None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    store.init()
+    try:
+        return dict(MlflowClient().get_run(run_id).data.tags)
+    except MlflowException:
+        return None
+
+
 def metrics_of(row: pd.Series | None) -> dict[str, float]:
     """The `metrics.*` columns of a run row as a plain dict (NaN columns left out)."""
     if row is None:

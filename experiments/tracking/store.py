@@ -39,17 +39,59 @@ def init() -> str:
     """Point MLflow at the project's store; create the store folder, and open (for a new
     local SQLite store: create) the database under a file lock. Returns the URI."""
     uri = config.tracking_uri()
-    if uri.startswith("sqlite:"):
-        config.mlruns_dir().mkdir(parents=True, exist_ok=True)
+    if uri not in _OPENED:  # refused before anything is created
+        config.check_store_path()
+        config.check_tracking_uri(uri)
+    database = config.sqlite_database(uri)
+    if database is not None and uri not in _OPENED:
+        # a local store keeps its artifacts beside its database, whether it is reached by
+        # MLRUNS_DIR or by an explicit MLFLOW_TRACKING_URI: a copied one is refused either way
+        check_located(database, database.parent)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
         config.artifacts_dir().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and uri not in _OPENED:
-        if uri == config.default_tracking_uri():  # the project's own store: artifacts inside it
-            check_located(config.mlruns_dir() / "mlflow.db", config.mlruns_dir())
+    if database is not None and uri not in _OPENED:
         _open_sqlite_store(uri)
     if uri.startswith(("http://", "https://")) and uri not in _OPENED:
         _check_server(uri)
+    if uri.startswith("postgresql") and uri not in _OPENED:
+        _check_database(uri)
     return uri
+
+
+def _check_database(uri: str) -> None:
+    """Reach a database store once, within `CONNECT_TIMEOUT` seconds (MLflow itself retries
+    for minutes); an unreachable one is one line, URL masked."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # SQLAlchemy/driver errors: many types, many lines
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeError(
+            f"tracking store {config.mask_url(uri)} cannot be reached: {config.mask_secrets(first)}"
+        ) from None
+    _OPENED.add(uri)
+
+
+CONNECT_TIMEOUT = 5  # seconds before an unreachable database is an error
+
+
+def identity() -> str:
+    """What tells this tracking store from any other, a copy of it excepted: the creation time
+    of MLflow's Default experiment, made with the store. A study remembers it
+    (`experiments.search.study.bind_store`), so a study storage is never used with another
+    store's runs. Read only: nothing is written."""
+    init()
+    created = MlflowClient().get_experiment(DEFAULT_EXPERIMENT_ID).creation_time
+    return f"mlflow store created {created}"
+
+
+DEFAULT_EXPERIMENT_ID = "0"
 
 
 # MLflow retries an unreachable server for minutes by default (7 retries, 120 s each):
@@ -92,7 +134,7 @@ def _open_sqlite_store(uri: str) -> None:
     A store whose folder cannot hold the lock file (read-only) is opened without it."""
     from filelock import FileLock
 
-    database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    database = config.sqlite_database(uri)
     if database.name == ":memory:" or not database.name:
         _OPENED.add(uri)
         return
@@ -109,10 +151,8 @@ def _open_sqlite_store(uri: str) -> None:
 
 def store_exists() -> bool:
     """False for a local SQLite store whose database file is not there yet (reads create none)."""
-    uri = config.tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return True
-    return Path(uri[len("sqlite:///") :]).exists()
+    database = config.sqlite_database(config.tracking_uri())
+    return database is None or database.exists()
 
 
 EXPERIMENT_NOTES = {

@@ -2,7 +2,9 @@
 
 Metrics come from scikit-learn. Names: `<SET>_acc`, `<SET>_macro_f1`,
 `<SET>_{precision,recall,f1}_<label 1..6>`, and for a set that holds both
-backgrounds (TEST) `<SET>_black_acc` and `<SET>_white_acc`.
+backgrounds (TEST) `<SET>_black_acc` and `<SET>_white_acc`. Every accuracy comes
+with its 95 % Wilson interval over the images and the image count:
+`<name>_acc_ci_low`, `<name>_acc_ci_high` and `<name>_n` (experiments.core.statistics).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data_tools import NUM_CLASSES, Dataset  # noqa: E402
 from experiments.core.preprocess import Preprocessing  # noqa: E402
+from experiments.core.statistics import accuracy_interval  # noqa: E402
 from experiments.training.inference import predict_logits  # noqa: E402
 
 
@@ -53,11 +56,22 @@ def score(
     )
 
 
+def accuracy_metrics(name: str, correct: np.ndarray) -> dict[str, float]:
+    """`<name>_acc` of a boolean per-image array, its 95 % Wilson interval and `<name>_n`."""
+    interval = accuracy_interval(int(correct.sum()), len(correct))
+    return {
+        f"{name}_acc": float(correct.mean()),
+        f"{name}_acc_ci_low": interval.low,
+        f"{name}_acc_ci_high": interval.high,
+        f"{name}_n": float(len(correct)),
+    }
+
+
 def metrics_of(
     name: str, labels: np.ndarray, predictions: np.ndarray, white: np.ndarray
 ) -> tuple[dict[str, float], np.ndarray]:
     classes = list(range(NUM_CLASSES))
-    metrics = {f"{name}_acc": float(accuracy_score(labels, predictions))}
+    metrics = accuracy_metrics(name, labels == predictions)
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels, predictions, labels=classes, zero_division=0
     )
@@ -67,8 +81,8 @@ def metrics_of(
         metrics[f"{name}_recall_{label + 1}"] = float(recall[label])
         metrics[f"{name}_f1_{label + 1}"] = float(f1[label])
     if white.any() and (~white).any():
-        metrics[f"{name}_black_acc"] = float(accuracy_score(labels[~white], predictions[~white]))
-        metrics[f"{name}_white_acc"] = float(accuracy_score(labels[white], predictions[white]))
+        metrics.update(accuracy_metrics(f"{name}_black", labels[~white] == predictions[~white]))
+        metrics.update(accuracy_metrics(f"{name}_white", labels[white] == predictions[white]))
     return metrics, confusion_matrix(labels, predictions, labels=classes)
 
 

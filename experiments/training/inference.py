@@ -138,8 +138,8 @@ class ProbabilityCache:
         if run_id not in self._files:
             self._files[run_id] = predictions.logged(run_id)
         found = self._files[run_id].get(predictions.key(self.fingerprint, tta))
-        if found is None or len(found) != len(self.images):
-            return None
+        if found is None or found.ndim != 2 or len(found) != len(self.images):
+            return None  # not logged for these images: predicted from the checkpoint
         return torch.from_numpy(found)
 
     def accuracy(self, run_ids: list[str], tta: bool, labels: torch.Tensor) -> float:

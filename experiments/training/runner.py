@@ -272,7 +272,8 @@ def _log_artifacts(
             json.dumps(result.preprocessing.to_dict(), indent=1)
         )
         if evaluations:  # a scored run: what the report, ensembles and champions read back
-            predictions.write(folder, _predictions(data, result, evaluations))
+            written = predictions.write(folder, _predictions(data, result, evaluations))
+            predictions.log_digest(written)  # the file is trusted on read only if it matches
         if log_figures:
             figures = folder / "figures"
             figures.mkdir()
@@ -324,6 +325,7 @@ def log_answer_tta(run_id: str, data: StepData) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = predictions.write(Path(tmp), held, predictions.ANSWER_ARTIFACT)
         client.log_artifact(run_id, str(path))
+        predictions.log_digest(path, run_id)
     # every set the file holds: the FLOPs its predictions took
     client.log_metric(
         run_id, "answer_flops", per_image * len(SHIFTS) * sum(map(len, held.values()))

@@ -429,8 +429,9 @@ def prepare_data(
     x_train = prep.transform(train_set.images[train_idx]).to(device)
     y_train = train_set.labels[train_idx].to(device)
     x_val = prep.transform(val_images).to(device)
-    return FitData(prep, x_train, y_train, x_val, val_labels.to(device), len(train_idx),
-                   len(val_idx), source)  # fmt: skip
+    return FitData(
+        prep, x_train, y_train, x_val, val_labels.to(device), len(train_idx), len(val_idx), source
+    )
 
 
 def _epoch(
@@ -451,9 +452,16 @@ def _epoch(
     val_loss, val_acc = evaluate(average.scored, data.x_val, data.y_val, nn.CrossEntropyLoss())
     if progress is not None:
         progress.close()
-    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-           "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-           "epoch_seconds": time.perf_counter() - start, **swa}  # fmt: skip
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "epoch_seconds": time.perf_counter() - start,
+        **swa,
+    }
     print(
         f"{label} epoch {epoch:>2}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
         f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['epoch_seconds']:.1f} s",
@@ -491,11 +499,15 @@ def fit(
     optimizer = make_optimizer(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
     step = Stepper(
-        model, optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        cfg.batch_size,
+        torch.Generator().manual_seed(cfg.seed),
         scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
-        augment=augment.to(device) if augment is not None else None, precision=precision,
-    )  # fmt: skip
+        augment=augment.to(device) if augment is not None else None,
+        precision=precision,
+    )
     average = WeightAverage(cfg, model, optimizer, label)
     step.averaged, step.mixer = average.averaged, batch_mixer(cfg)
     history: list[dict[str, float]] = []

@@ -1,0 +1,95 @@
+"""More seeds of a finished study's answer: the same settings, data and split, another seed.
+
+Each seed run is tracked under its study like the study's final (`role=seed`, `seed_of` the
+answer's run id, `seed` the training seed), made once and found again after. The answer's own
+seed is seed 0 of the cell; `count` more seeds are answer seed + 1 ... answer seed + count,
+so asking for more later adds only the missing ones. The report reads them as the cell's
+mean ± sd over seeds; the answer itself is never replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from experiments.core.settings import TrainConfig
+from experiments.core.steps import training_step
+from experiments.search.study import study_name
+from experiments.tracking import results, store
+from experiments.training.checkpoint import load_checkpoint
+from experiments.training.runner import load_step_data, log_answer_tta, train_and_log
+
+SEED_ROLE = "seed"
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    seed: int
+    run_id: str
+    metrics: dict[str, float]
+    trained: bool  # False: found in the store
+
+
+def config_from_flat(flat: dict) -> TrainConfig:
+    """The TrainConfig of a checkpoint's flat settings (`TrainConfig.flat()`: knobs inline)."""
+    names = {f.name for f in fields(TrainConfig)} - {"model_kwargs"}
+    knobs = {k: v for k, v in flat.items() if k not in names}
+    return TrainConfig(**{k: v for k, v in flat.items() if k in names}, model_kwargs=knobs)
+
+
+def answer_of(step_name: str, model: str) -> tuple[str, str, str]:
+    """(answer run id, study parent run id, study name) of a finished study, or one line."""
+    step = training_step(step_name)
+    answer = results.final_run(step.name, model)
+    parent = results.study_parent(step.name, model)
+    if answer is None:
+        raise RuntimeError(
+            f"{step.name}/{model} has no finished study answer to reseed: run "
+            f"`make {step.name} MODELS={model}` first"
+        )
+    parent_id = parent["run_id"] if parent is not None else ""
+    return answer["run_id"], parent_id, study_name(step.name, model)
+
+
+def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
+    """`count` more seeds of the study answer of (step, model), trained where missing."""
+    if count < 1:
+        raise ValueError(f"seeds={count}: expected an integer >= 1")
+    store.init()
+    step = training_step(step_name)
+    answer_id, parent_id, name = answer_of(step_name, model)
+    flat = load_checkpoint(answer_id).checkpoint["config"]
+    answer_cfg = config_from_flat(flat)
+    data = None
+    done: list[SeedRun] = []
+    for seed in range(answer_cfg.seed + 1, answer_cfg.seed + 1 + count):
+        found = results.runs(
+            step.name, model=model, role=SEED_ROLE, seed_of=answer_id, seed=str(seed)
+        )
+        if not found.empty:
+            run = found.iloc[0]
+            done.append(SeedRun(seed, run["run_id"], results.metrics_of(run), trained=False))
+            continue
+        data = data or load_step_data(step)
+        cfg = config_from_flat({**flat, "seed": seed})
+        print(
+            f"[{name}] seed {seed} of answer {answer_id[:12]} ({len(done) + 1}/{count})", flush=True
+        )
+        outcome = train_and_log(
+            data,
+            cfg,
+            run_name=f"seed-{seed}",
+            parent_run_id=parent_id or None,
+            extra_tags={"study": name, "role": SEED_ROLE, "seed_of": answer_id, "seed": str(seed)},
+            log_model=True,
+        )
+        if step.val_set is not None:  # like every Task 2 answer: its TTA views, once
+            log_answer_tta(outcome.run_id, data)
+        done.append(SeedRun(seed, outcome.run_id, outcome.metrics, trained=True))
+    return done
+
+
+def seed_runs(step_name: str, model: str, answer_id: str):
+    """The COMPLETE seed runs of an answer (a DataFrame, newest first)."""
+    return results.runs(
+        training_step(step_name).name, model=model, role=SEED_ROLE, seed_of=answer_id
+    )

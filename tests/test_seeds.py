@@ -1,0 +1,48 @@
+"""More seeds of a study's answer: only the seed changes, each seed is made once, and the
+report reads the cell as mean ± sd over seeds."""
+
+from __future__ import annotations
+
+import statistics
+
+from conftest import runs_in
+
+from experiments.cli import main
+
+TINY = ["--trials", "1", "--epochs", "1", "--final-epochs", "1", "--train-subset", "0"]
+
+
+def _settings(run) -> dict:
+    return {k: v for k, v in run.data.params.items() if k != "seed"}
+
+
+def test_seeds_retrain_the_answer_with_only_the_seed_changed_once_each(study_data, capsys):
+    assert main(["search", "--step", "task2-step3", "--model", "vgg", *TINY]) == 0
+    (parent,) = runs_in("task2-step3", "tags.role = 'study'")
+    answer_id = parent.data.tags["selected_run"]
+    (answer,) = [r for r in runs_in("task2-step3") if r.info.run_id == answer_id]
+    assert main(["seeds", "--step", "task2-step3", "--model", "vgg", "--seeds", "2"]) == 0
+    seeds = runs_in("task2-step3", "tags.role = 'seed'")
+    assert len(seeds) == 2
+    answer_seed = int(answer.data.params["seed"])
+    assert sorted(int(r.data.params["seed"]) for r in seeds) == [answer_seed + 1, answer_seed + 2]
+    for run in seeds:
+        assert _settings(run) == _settings(answer)  # exactly the answer's settings
+        assert run.data.tags["seed_of"] == answer_id and run.data.tags["study"] == "task2-step3/vgg"
+        assert run.info.status == "FINISHED" and "TEST2_acc" in run.data.metrics
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id  # under the study
+    out = capsys.readouterr().out
+    values = [answer.data.metrics["TEST2_acc"]] + [r.data.metrics["TEST2_acc"] for r in seeds]
+    expected = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (3 seeds)"
+    assert expected in out
+    # asking for three: only the missing one is trained
+    assert main(["seeds", "--step", "task2-step3", "--model", "vgg", "--seeds", "3"]) == 0
+    assert len(runs_in("task2-step3", "tags.role = 'seed'")) == 3
+    out = capsys.readouterr().out
+    assert out.count("(found)") == 2 and out.count("(trained)") == 1
+
+
+def test_seeds_of_a_study_that_never_ran_is_one_line(study_data, capsys):
+    assert main(["seeds", "--step", "task2-step3", "--model", "vgg"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished study answer" in err[0]

@@ -98,8 +98,9 @@ $(STAMP): pyproject.toml requirements.lock
 ##@ Start
 
 # reproduce's steps run in sub-makes, which read the registry once `make setup` has run
-reproduce: $(STAMP) ## the whole study: data, then every study as its chains (JOBS at a time) and the analysis, then the report
+reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are found, then every study as its chains (JOBS at a time) and the analysis, then the report
 	$(MAKE) --no-print-directory check-args
+	$(PY) -m data_tools fetch --if-missing
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
 	$(MAKE) --no-print-directory report

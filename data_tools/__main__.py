@@ -60,6 +60,11 @@ def _fetch(args: argparse.Namespace) -> None:
     target = (
         Path(args.out).expanduser().resolve() if args.out else config.PROJECT_ROOT / "data" / "raw"
     )
+    if args.if_missing:  # `make reproduce`: fetch only when no datasets folder is found
+        found = config.data_dir(args.data_dir)
+        if found.is_dir():
+            print(f"datasets found in {display_path(found)}; nothing fetched")
+            return
     print(f"fetching {shown(source_url(args.source))} into {display_path(target)} ...", flush=True)
     fetch(target, args.source)
     print(f"fetched TRAIN, TEST and TEST2 into {display_path(target)}; next: make data")
@@ -95,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_.add_argument("--out", help="target folder (default: data/raw)")
     fetch_.add_argument(
         "--source", help=f"a URL git can clone (default: $GLYPH_DATA_SOURCE or {SOURCE})"
+    )
+    fetch_.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="only when no datasets folder is found ($DATA_DIR, data/raw, the shared copy)",
     )
     fetch_.set_defaults(func=_fetch)
 

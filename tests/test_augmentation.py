@@ -77,3 +77,18 @@ def test_each_image_gets_its_own_warp_and_the_background_is_kept():
     assert out.shape == white.shape
     assert torch.allclose(out[:, :, 0, :], torch.ones(16, 1, 28))  # border padding: still white
     assert not torch.allclose(out[0], out[1])  # not one warp for the whole batch
+
+
+def test_the_warp_copies_nothing_from_the_host_per_batch(monkeypatch):
+    """No tensor is built from host values on the per-step path (on CUDA such a copy is a
+    host-device sync every step): the warp runs with `torch.tensor` unavailable."""
+    augment = BatchAffine(degrees=30, translate=0.1, scale=(0.9, 1.1), shear=10)
+    images = torch.rand(8, 1, 28, 28)
+
+    def host_copy(*args, **kwargs):
+        raise AssertionError("torch.tensor called on the per-batch path")
+
+    monkeypatch.setattr(torch, "tensor", host_copy)
+    torch.manual_seed(0)
+    warped = augment(images)
+    assert warped.shape == images.shape and torch.isfinite(warped).all()

@@ -212,3 +212,27 @@ def test_a_symlinked_dataset_folder_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "TEST/1/img_0.npy is a symlink" in err and err.count("\n") == 1
     assert not raw.exists()
+
+
+def test_fetch_if_missing_fetches_only_when_no_datasets_folder_is_found(tmp_path):
+    """`make reproduce`'s first data step: a found folder is left alone, none is fetched."""
+    source = _repo(tmp_path).as_uri()
+    present, target = tmp_path / "present", tmp_path / "raw"
+    present.mkdir()
+
+    def fetch_if_missing(data_dir: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "data_tools", "fetch", "--if-missing"]
+        return subprocess.run(
+            [*command, "--out", str(target), "--source", source],
+            cwd=ROOT,
+            env={**os.environ, "DATA_DIR": str(data_dir)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = fetch_if_missing(present)
+    assert done.returncode == 0 and "nothing fetched" in done.stdout and not target.exists()
+    done = fetch_if_missing(tmp_path / "absent")
+    assert done.returncode == 0, done.stderr
+    assert {"TRAIN", "TEST", "TEST2"} <= {path.name for path in target.iterdir()}

@@ -84,10 +84,11 @@ class BatchAffine(nn.Module):
         """Per-image parameters: angle and x-shear in degrees, translations in pixels, scale."""
         u = torch.rand(batch, 5, device=device)
         low, high = self.scale
-        size = torch.tensor([width, height], device=device, dtype=u.dtype)
+        shift = (2 * u[:, 1:3] - 1) * self.translate  # per axis, times the size in pixels:
+        # Python numbers, never a tensor built on the host (a copy that syncs on CUDA)
         return {
             "angle": (2 * u[:, 0] - 1) * self.degrees,
-            "translations": (2 * u[:, 1:3] - 1) * self.translate * size,
+            "translations": torch.stack((shift[:, 0] * width, shift[:, 1] * height), dim=1),
             "scale": low + (high - low) * u[:, 3],
             "shear_x": (2 * u[:, 4] - 1) * self.shear,
         }

@@ -12,7 +12,7 @@ MODELS ?= $(MODEL)
 #: TRIALS= EPOCHS=        a study's trials and epochs per trial (default: the budget profile's)
 TRIALS ?=
 EPOCHS ?=
-#: PROFILE=cpu|gpu        the default budget (default: gpu where CUDA is available, else cpu)
+#: PROFILE=quick|cpu|full|gpu   the budget (default: gpu where CUDA is available, else cpu); full also seeds each answer twice more
 PROFILE ?=
 #: JOBS=2                 studies run at once by reproduce (default: one per core, at most 8)
 #: WORKERS=1              processes sharing one study
@@ -103,6 +103,7 @@ reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are
 	$(PY) -m data_tools fetch --if-missing
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
+	$(if $(filter full,$(PROFILE)),$(foreach s,$(SEEDED_STEPS),$(MAKE) --no-print-directory seeds STEP=$(s) SEEDS=2 &&) true)
 	$(MAKE) --no-print-directory report
 
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
@@ -133,6 +134,7 @@ train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODE
 
 #: SEEDS=2                more seeds of each study answer (make seeds STEP=... MODELS=...)
 SEEDS ?= 2
+SEEDED_STEPS = $(filter-out task2-step1,$(STEPS))# the steps whose studies train (full's seeds)
 SEED_GOALS = $(foreach m,$(SELECTED),seeds.$(STEP).$(m))
 SEED_THREADS = $(shell j=$(JOBS); g=$(words $(SEED_GOALS)); j=$$(( j < g ? j : g )); \
 	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); echo $$(( t > 0 ? t : 1 )))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-PROFILE_CHOICES = ["auto", "cpu", "gpu"]  # experiments.search.space.PROFILES (a test checks)
+PROFILE_CHOICES = ["auto", "quick", "cpu", "full", "gpu"]  # experiments.search.space.PROFILES (a test checks)
 
 
 def at_least_one(text: str) -> int:

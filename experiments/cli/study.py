@@ -153,8 +153,9 @@ def _add_budget_options(search: argparse.ArgumentParser) -> None:
         "--profile",
         choices=PROFILE_CHOICES,
         default="auto",
-        help="the default budget: cpu (make reproduce on a 2-core CPU), gpu (about 5x the "
-        "images per study); auto: gpu where the run's device is CUDA (default auto)",
+        help="the budget: quick (a smoke run of the whole pipeline), cpu (make reproduce on "
+        "a 2-core CPU), full (the quality goals), gpu (about 5x cpu's images per study); "
+        "auto: gpu where the run's device is CUDA, else cpu (default auto)",
     )
     search.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
     search.add_argument("--seed", type=int, help="sampler and training seed (default 0)")

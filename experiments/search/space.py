@@ -185,8 +185,28 @@ class Budget:
 # (twice the trials, each 6x longer, on 3x larger subsets, scored on the whole validation
 # split; finals of ~300k images, 10 epochs of TRAIN); README "On a GPU" says what one lent
 # H200 measured of it.
+# `quick` runs the whole pipeline (every step, model, report) at a smoke-test budget; `full`
+# spends what the quality goals need (about 10 epochs of TRAIN per final, where the TEST
+# black half reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every
+# answer). docs/reproduce.md has each profile's measured row.
 PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "trials": 2,
+        "train_subset": 1_000,
+        "val_subset": 600,
+        "trial_images": 2_000,
+        "final_epochs": 1,
+        "warmup_epochs": 0,
+    },
     "cpu": {},
+    "full": {
+        "trials": 10,
+        "train_subset": 8_000,
+        "val_subset": 0,
+        "trial_images": 16_000,
+        "final_images": 300_000,
+        "final_max_epochs": 40,
+    },
     "gpu": {
         "trials": 10,
         "train_subset": 12_000,

@@ -137,3 +137,16 @@ def test_a_set_key_given_twice_with_two_values_is_refused():
     assert parse_overrides(["lr=0.1", "lr=0.1"]) == {"lr": "0.1"}  # the same value twice: fine
     with pytest.raises(ValueError, match=r"--set lr given twice \(0.1 and 0.5\)"):
         parse_overrides(["lr=0.1", "lr=0.5"])
+
+
+def test_a_size_knob_below_one_is_one_line_naming_the_knob(study_data):
+    """As a user types it: no torch warning, no torch-internal message, the knob and its bound."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "experiments", "train", "--step", "task2-step3"]
+    done = subprocess.run(
+        [*command, "--model", "vgg", "--set", "width=0"], capture_output=True, text=True
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines == ["error: width=0: model vgg's width must be >= 1"]

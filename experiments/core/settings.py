@@ -281,14 +281,31 @@ def _check_model(name: str, knobs: tuple[tuple[str, Any], ...]) -> None:
     """Build the model and run one forward pass on the meta device (shapes only, no memory):
     a knob the model cannot take (width=0, dropout=1.5) is one error before any data, run or
     study exists."""
+    import warnings
+
     import torch
 
     from models import create_model
 
     kwargs = dict(knobs)
+    _check_sizes(name, kwargs)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on zero-element tensors
             create_model(name, **kwargs).eval()(torch.zeros(2, 1, 28, 28))
     except Exception as exc:  # whatever the model raises for knobs it cannot take
         knobs = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         raise ValueError(f"model {name} cannot be built with {knobs}: {exc}") from None
+
+
+def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
+    """A size knob (an integer the search space only draws from values >= 1: width, depth,
+    blocks, hidden) below 1 is named as such, before torch is asked to build it."""
+    from models import search_space
+
+    for knob, spec in search_space(name).items():
+        values = spec[1] if spec[0] == "categorical" else spec[1:3]
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+        value = kwargs.get(knob)
+        if sizes and isinstance(value, int | float) and value < 1:
+            raise ValueError(f"{knob}={value}: model {name}'s {knob} must be >= 1")

@@ -15,8 +15,7 @@ from experiments.core.statistics import accuracy_interval, mcnemar_exact, seed_s
 TINY = ["--trials", "1", "--epochs", "1", "--final-epochs", "1", "--train-subset", "0"]
 
 
-@pytest.fixture
-def reported(study_data, tmp_path):
+def _report(tmp_path):
     for step in ("task1-step1", "task2-step3"):
         assert main(["search", "--step", step, "--model", "vgg", *TINY]) == 0
     assert main(["seeds", "--step", "task2-step3", "--model", "vgg", "--seeds", "1"]) == 0
@@ -26,7 +25,7 @@ def reported(study_data, tmp_path):
     return out, cells[cells["accuracy"].notna()].set_index(["step", "model"])
 
 
-def test_every_reported_accuracy_has_its_wilson_interval_and_runs_log_it(reported):
+def _check_intervals(reported):
     from data_tools import load_split
     from experiments.core import config
 
@@ -57,7 +56,7 @@ def test_every_reported_accuracy_has_its_wilson_interval_and_runs_log_it(reporte
     assert headline < text.index("## Champions") and headline < text.index("## Details per cell")
 
 
-def test_seeds_make_the_cell_a_mean_and_sd_over_seeds(reported):
+def _check_seeds(reported):
     out, cells = reported
     cell = cells.loc[("task2-step3", "vgg")]
     values = [float(v) for v in cell["seed_values"].strip("()").split(",") if v.strip()]
@@ -72,7 +71,7 @@ def test_seeds_make_the_cell_a_mean_and_sd_over_seeds(reported):
     assert cells.loc[("task1-step1", "vgg"), "seeds"] == 1
 
 
-def test_the_searched_final_is_tested_against_its_baseline_on_the_same_images(reported):
+def _check_versus_baseline(reported):
     from data_tools import load_split
     from experiments.core import config
     from experiments.training.checkpoint import load_checkpoint
@@ -95,7 +94,7 @@ def test_the_searched_final_is_tested_against_its_baseline_on_the_same_images(re
     assert cell["vs_baseline"] == expected.verdict
 
 
-def test_the_forest_plot_shows_the_csvs_numbers(reported):
+def _check_forest(reported):
     from experiments.reporting.forest import draw_forest
     from experiments.reporting.report import forest_rows
 
@@ -107,3 +106,13 @@ def test_the_forest_plot_shows_the_csvs_numbers(reported):
     assert sorted(plotted["acc"].round(9)) == sorted(filled["estimate"].round(9))
     assert sorted(plotted["low"].round(9)) == sorted(filled["estimate_low"].round(9))
     assert sorted(plotted["high"].round(9)) == sorted(filled["estimate_high"].round(9))
+
+
+def test_the_report_gives_every_number_its_uncertainty(study_data, tmp_path):
+    """One tiny store (two studies, a seed, a report), checked four ways: each part below is
+    a function of its own so that a failure names what broke."""
+    reported = _report(tmp_path)
+    _check_intervals(reported)
+    _check_seeds(reported)
+    _check_versus_baseline(reported)
+    _check_forest(reported)

@@ -79,7 +79,7 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 non_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),study.$(s).$(m))) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard serve check-args seeds \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),study.$(s).$(m))) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard serve check-args seeds full-seeds \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets by workflow, then the variables
@@ -103,7 +103,7 @@ reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are
 	$(PY) -m data_tools fetch --if-missing
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
-	$(if $(filter full,$(PROFILE)),$(foreach s,$(SEEDED_STEPS),$(MAKE) --no-print-directory seeds STEP=$(s) SEEDS=2 &&) true)
+	$(if $(filter full,$(PROFILE)),$(MAKE) --no-print-directory full-seeds)
 	$(MAKE) --no-print-directory report
 
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
@@ -135,6 +135,10 @@ train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODE
 #: SEEDS=2                more seeds of each study answer (make seeds STEP=... MODELS=...)
 SEEDS ?= 2
 SEEDED_STEPS = $(filter-out task2-step1,$(STEPS))# the steps whose studies train (full's seeds)
+FULL_SEEDS ?= 2
+# PROFILE=full: FULL_SEEDS more seeds of every trained answer (a sub-make: it reads the registry)
+full-seeds: $(STAMP)
+	$(foreach s,$(SEEDED_STEPS),$(MAKE) --no-print-directory seeds STEP=$(s) SEEDS=$(FULL_SEEDS) &&) true
 SEED_GOALS = $(foreach m,$(SELECTED),seeds.$(STEP).$(m))
 SEED_THREADS = $(shell j=$(JOBS); g=$(words $(SEED_GOALS)); j=$$(( j < g ? j : g )); \
 	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); echo $$(( t > 0 ? t : 1 )))
@@ -207,6 +211,12 @@ bench: $(STAMP) ## data loading, training throughput and MFU vs the reference pi
 
 gpu-bench: $(STAMP) ## on a GPU (<= 8 min): training images/s per model at batch 128 and 512, make reproduce PROFILE=gpu, utilisation; appends to reports/gpu.md (GPU_BENCH_FLAGS=--tiny on a CPU)
 	$(PY) -m experiments gpu-bench $(GPU_BENCH_FLAGS)
+
+#: GPU_KIT=build/gpu-kit  where make gpu-kit writes the kit folder and its .tar
+GPU_KIT ?= build/gpu-kit
+.PHONY: gpu-kit
+gpu-kit: $(STAMP) ## a GPU node with PyTorch and no internet: wheels, packed data, source and run.sh in one folder and .tar (<= 60 MB) under GPU_KIT
+	$(PY) -m experiments.bench.kit build --out $(GPU_KIT)
 
 fidelity: $(STAMP) ## slow: trial-score vs final-score rank correlation per fidelity, into reports/fidelity.md and MLflow
 	$(PY) -m experiments fidelity

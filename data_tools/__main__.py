@@ -60,11 +60,14 @@ def _fetch(args: argparse.Namespace) -> None:
     target = (
         Path(args.out).expanduser().resolve() if args.out else config.PROJECT_ROOT / "data" / "raw"
     )
-    if args.if_missing:  # `make reproduce`: fetch only when no datasets folder is found
+    if args.if_missing:  # `make reproduce`: fetch only when no datasets are found
         found = config.data_dir(args.data_dir)
-        if found.is_dir():
+        if all((found / name).is_dir() for name in RAW_SPLITS):
             print(f"datasets found in {display_path(found)}; nothing fetched")
             return
+        named = args.data_dir or config.env_path("DATA_DIR")
+        if named and not args.out:  # a folder the user named: fetched there, never elsewhere
+            target = found
     print(f"fetching {shown(source_url(args.source))} into {display_path(target)} ...", flush=True)
     fetch(target, args.source)
     print(f"fetched TRAIN, TEST and TEST2 into {display_path(target)}; next: make data")

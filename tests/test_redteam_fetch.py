@@ -218,12 +218,13 @@ def test_fetch_if_missing_fetches_only_when_no_datasets_folder_is_found(tmp_path
     """`make reproduce`'s first data step: a found folder is left alone, none is fetched."""
     source = _repo(tmp_path).as_uri()
     present, target = tmp_path / "present", tmp_path / "raw"
-    present.mkdir()
+    for name in ("TRAIN", "TEST", "TEST2"):
+        (present / name).mkdir(parents=True)
 
-    def fetch_if_missing(data_dir: Path) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "data_tools", "fetch", "--if-missing"]
+    def fetch_if_missing(data_dir: Path, *out: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "data_tools", "fetch", "--if-missing", *out]
         return subprocess.run(
-            [*command, "--out", str(target), "--source", source],
+            [*command, "--source", source],
             cwd=ROOT,
             env={**os.environ, "DATA_DIR": str(data_dir)},
             capture_output=True,
@@ -231,8 +232,12 @@ def test_fetch_if_missing_fetches_only_when_no_datasets_folder_is_found(tmp_path
             timeout=120,
         )
 
-    done = fetch_if_missing(present)
+    done = fetch_if_missing(present, "--out", str(target))
     assert done.returncode == 0 and "nothing fetched" in done.stdout and not target.exists()
-    done = fetch_if_missing(tmp_path / "absent")
+    done = fetch_if_missing(tmp_path / "absent", "--out", str(target))
     assert done.returncode == 0, done.stderr
     assert {"TRAIN", "TEST", "TEST2"} <= {path.name for path in target.iterdir()}
+    # DATA_DIR names a folder that is not there: the data go there, where `make data` looks
+    done = fetch_if_missing(tmp_path / "named")
+    assert done.returncode == 0, done.stderr
+    assert {"TRAIN", "TEST", "TEST2"} <= {p.name for p in (tmp_path / "named").iterdir()}

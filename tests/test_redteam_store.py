@@ -423,3 +423,37 @@ def test_a_termination_signal_maps_to_its_exit_status():
         assert signals.final_status(0) == 0
     finally:
         signals._received.clear()
+
+
+def test_a_lock_file_planted_as_a_symlink_in_a_shared_folder_is_refused(tmp_path, monkeypatch):
+    """A database-server study's lock lives in a temporary folder of this user's; a link
+    planted where the lock file goes is refused, and its target left untouched."""
+    import tempfile
+
+    from experiments.search import process
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    url = "postgresql://u:pw@127.0.0.1:1/db"
+    path = process.lock_path("task2-step3/vgg", url)
+    assert str(os.getuid()) in path.parent.name
+    path.parent.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    path.symlink_to(victim)
+    with (
+        pytest.raises(RuntimeError, match="symbolic link"),
+        process.study_lock("task2-step3/vgg", url),
+    ):
+        pass
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_server_that_exits_with_an_error_makes_serve_fail(monkeypatch, capsys):
+    import experiments.serving.serve as serving
+
+    monkeypatch.setattr(serving, "serve", lambda model, host, port: 1)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exited with status 1" in err[0]
+    monkeypatch.setattr(serving, "serve", lambda model, host, port: 130)  # Ctrl-C: a normal end
+    assert main(["serve"]) == 0

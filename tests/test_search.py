@@ -117,7 +117,8 @@ def test_report_builds_table_from_runs(study_data, tmp_path):
     details = text.partition("## Details per cell")[2].partition("\n## ")[0]
     header = next(line for line in details.splitlines() if line.startswith("| step"))
     row = next(line for line in details.splitlines() if line.startswith("| task1-step1 | hybrid"))
-    fields = dict(zip((c.strip() for c in header.split("|")), (c.strip() for c in row.split("|"))))
+    names = [c.strip() for c in header.split("|")]
+    fields = dict(zip(names, (c.strip() for c in row.split("|")), strict=True))
     assert fields["trials"] == "2" and fields["seeds"] == "1"  # integers, not 2.0000
     assert "Not run here" in text and "task2-mixed" in text.partition("Not run here")[2]
     table = text.partition("## Details per cell")[0]

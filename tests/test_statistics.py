@@ -314,7 +314,7 @@ def test_tie_set_holds_the_candidates_inside_the_best_interval_in_tie_break_orde
     assert tied["name"].to_list() == ["ensemble", "efficientnet", "hybrid", "resnet", "vgg"]
     assert (tied["select_acc"] >= best_low).all()
     assert tied.loc[0, "select_acc_low"] == pytest.approx(accuracy_interval(594, 600).low)
-    assert "seeds or members" in TIE_BREAK_RULE and "parameters" in TIE_BREAK_RULE
+    assert "more members" in TIE_BREAK_RULE and "parameters" in TIE_BREAK_RULE
 
 
 def test_tie_set_is_the_best_alone_when_selection_can_tell_the_rest_apart():
@@ -352,12 +352,26 @@ def test_versus_reference_marks_noise_above_and_below():
     assert versus_reference(interval, 0.57) == "within noise"
     assert versus_reference(interval, 0.59) == "below"
     assert versus_reference(interval, 0.54) == "above"
-    # a seed sd of 0.015 widens each side to sqrt(side**2 + (1.96 * 0.015)**2): 0.59 is inside
+    # the noise on a side: ours, the reference's own binomial half-width and the seeds', in
+    # quadrature, plus half a unit of its last digit; 0.59 is 0.027 above 0.563
+    side = interval.high - interval.estimate
+    theirs = Z * math.sqrt(0.59 * 0.41 / 6000)
+    assert math.hypot(side, theirs) + 0.005 < 0.027  # images alone: below
     assert versus_reference(interval, 0.59, seed_sd=0.015) == "within noise"
     assert versus_reference(interval, 0.59, seed_sd=0.005) == "below"
+    # a reference printed to 2 digits stands for +-0.005 of rounding: 0.020 away is outside
+    # both noises in quadrature but inside once the rounding is added
+    assert math.hypot(side, Z * math.sqrt(0.583 * 0.417 / 6000)) < 0.020 < 0.0226
+    assert versus_reference(interval, 0.583) == "within noise"
+    assert versus_reference(interval, 0.583, reference_digits=3) == "below"
     widened = widen(interval, 0.015)
-    side = interval.high - interval.estimate
     assert widened.high - widened.estimate == pytest.approx(math.hypot(side, Z * 0.015))
+    # with a seed count: Student's t times sqrt(1 + 1/k), where one more run may land
+    k = 3
+    multiplier = stats.t.ppf(0.975, k - 1) * math.sqrt(1 + 1 / k)
+    widened = widen(interval, 0.015, n_seeds=k)
+    assert widened.high - widened.estimate == pytest.approx(math.hypot(side, multiplier * 0.015))
+    assert widen(accuracy_interval(5994, 6000), 0.003).high == 1.0  # clipped to [0, 1]
     assert widen(interval, None) == interval
     with pytest.raises(ValueError):
         versus_reference(interval, float("nan"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-PROFILE_CHOICES = ["auto", "quick", "cpu", "full", "gpu"]  # experiments.search.space.PROFILES (a test checks)
+# the names of experiments.search.space.PROFILES, after "auto" (a test checks)
+PROFILE_CHOICES = ["auto", "quick", "cpu", "full", "gpu"]
 
 
 def at_least_one(text: str) -> int:

@@ -53,7 +53,7 @@ def _ui(args: argparse.Namespace) -> None:
     from experiments.tracking import store
 
     uri = store.init()  # the store as every command sees it: created, checked, migrated
-    if not uri.startswith("sqlite:"):
+    if uri.startswith(("http://", "https://")):
         print(f"the tracking store is a server: open {config.mask_url(uri)} in a browser")
         return
     mlflow = Path(sys.executable).with_name("mlflow")

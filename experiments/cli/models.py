@@ -67,7 +67,9 @@ def results_line(champion) -> str:
 def _serve(args: argparse.Namespace) -> None:
     from experiments.serving.serve import serve
 
-    serve(args.model, args.host, args.port)
+    code = serve(args.model, args.host, args.port)
+    if code not in (0, -2, -15, 130, 143):  # stopped by Ctrl-C or SIGTERM: a normal end
+        raise RuntimeError(f"mlflow models serve exited with status {code}")
 
 
 def _add_serve(commands) -> None:

@@ -35,7 +35,7 @@ WITHIN_NOISE, ABOVE, BELOW = "within noise", "above", "below"
 TIE_BREAK: tuple[tuple[str, bool], ...] = (("members", False), ("params", True))
 TIE_BREAK_RULE = (
     "Candidates whose selection accuracy is at least the lower 95 % Wilson bound of the best "
-    "candidate's form the tie set, ordered by more seeds or members first, then fewer "
+    "candidate's form the tie set, ordered by more members first, then fewer "
     "parameters, then name; the first is the champion, and no evaluation label is read."
 )
 EVALUATION_COLUMN = re.compile(r"test|eval", re.IGNORECASE)  # names that carry evaluation data
@@ -301,34 +301,65 @@ def tie_set(
     return tied.sort_values(columns, ascending=ascending, kind="stable").reset_index(drop=True)
 
 
-def widen(interval: Interval, seed_sd: float | None = None) -> Interval:
-    """The interval with seed-to-seed noise added: each side becomes sqrt(side² + (z·sd)²).
+def _seed_multiplier(level: float, n_seeds: int | None) -> float:
+    """How many sample sds one more run may land from the mean of `n_seeds` runs: Student's
+    t quantile times sqrt(1 + 1/k) (a prediction interval); the normal quantile when the
+    count is unknown."""
+    quantile = (1 + level) / 2
+    if n_seeds is None or n_seeds < 2:
+        return float(stats.norm.ppf(quantile))
+    return float(stats.t.ppf(quantile, n_seeds - 1) * math.sqrt(1 + 1 / n_seeds))
 
-    z is the interval level's normal quantile (1.96 at 95 %) and sd the sample sd of single
-    runs, so the result covers where one more run could land; no sd leaves it unchanged.
+
+def widen(interval: Interval, seed_sd: float | None = None, n_seeds: int | None = None) -> Interval:
+    """The interval with seed-to-seed noise added: each side becomes sqrt(side² + (m·sd)²),
+    clipped to [0, 1].
+
+    sd is the sample sd of single runs and m the prediction multiplier of `n_seeds` runs
+    (t quantile times sqrt(1 + 1/k); the normal quantile without a count), so the result
+    covers where one more run could land; no sd leaves the interval unchanged.
     """
     if not seed_sd:
         return interval
-    z = float(stats.norm.ppf((1 + interval.level) / 2))
-    spread = (z * seed_sd) ** 2
+    spread = (_seed_multiplier(interval.level, n_seeds) * seed_sd) ** 2
     below = math.sqrt((interval.estimate - interval.low) ** 2 + spread)
     above = math.sqrt((interval.high - interval.estimate) ** 2 + spread)
     return Interval(
         interval.estimate,
-        interval.estimate - below,
-        interval.estimate + above,
+        max(0.0, interval.estimate - below),
+        min(1.0, interval.estimate + above),
         interval.n,
         interval.level,
     )
 
 
-def versus_reference(interval: Interval, reference: float, seed_sd: float | None = None) -> str:
-    """Where `reference` falls: "within noise" inside the interval (seed-widened, see `widen`),
-    else "above" or "below" (this project's estimate above or below the reference)."""
+def versus_reference(
+    interval: Interval,
+    reference: float,
+    seed_sd: float | None = None,
+    n_seeds: int | None = None,
+    reference_n: int | None = None,
+    reference_digits: int = 2,
+) -> str:
+    """Where a published `reference` falls against this project's estimate: "within noise"
+    when their difference is within the noise of both, else "above" or "below" (this
+    project's estimate above or below the reference).
+
+    The noise on each side: this estimate's interval side, the reference's own binomial
+    95 % half-width on `reference_n` images (default: as many as ours), and the seed spread
+    (`widen`), added in quadrature; plus half a unit of the reference's last printed digit
+    (a reference of 0.57 stands for anything in [0.565, 0.575]).
+    """
     if not math.isfinite(reference):
         raise ValueError(f"need a finite reference number, got {reference}")
-    noise = widen(interval, seed_sd)
-    if noise.low <= reference <= noise.high:
+    z = float(stats.norm.ppf((1 + interval.level) / 2))
+    n = reference_n or interval.n
+    theirs = z * math.sqrt(max(reference * (1 - reference), 0.0) / n) if n else 0.0
+    seeds = _seed_multiplier(interval.level, n_seeds) * seed_sd if seed_sd else 0.0
+    rounding = 0.5 * 10.0**-reference_digits
+    below = math.sqrt((interval.estimate - interval.low) ** 2 + theirs**2 + seeds**2)
+    above = math.sqrt((interval.high - interval.estimate) ** 2 + theirs**2 + seeds**2)
+    if interval.estimate - below - rounding <= reference <= interval.estimate + above + rounding:
         return WITHIN_NOISE
     return ABOVE if interval.estimate > reference else BELOW
 

@@ -116,7 +116,7 @@ def cell_uncertainty(cell: pd.Series, sizes: dict[str, int], eval_set: EvalSet |
     values = _seed_values(cell, evaluated)
     summary = st.seed_summary(values)
     estimate = _interval(summary.mean, n)
-    estimate = st.widen(estimate, summary.sd) if summary.sd else estimate
+    estimate = st.widen(estimate, summary.sd, summary.n) if summary.sd else estimate
     row = {
         "n_images": int(n),
         "acc_low": interval.low,
@@ -130,7 +130,10 @@ def cell_uncertainty(cell: pd.Series, sizes: dict[str, int], eval_set: EvalSet |
         "estimate_high": estimate.high,
     }
     if pd.notna(cell["reference"]):
-        row["versus_reference"] = st.versus_reference(estimate, float(cell["reference"]))
+        plain = _interval(summary.mean, n)  # the images' noise; the seeds' is added inside
+        row["versus_reference"] = st.versus_reference(
+            plain, float(cell["reference"]), summary.sd, summary.n
+        )
     if pd.notna(cell.get("black_acc")):
         black_n = metrics.get(f"{evaluated}_black_n") or sizes.get(f"{evaluated}_black")
         if black_n:

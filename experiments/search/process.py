@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def lock_path(name: str, storage_url: str | None) -> Path:
     if target.startswith("sqlite:///"):
         return Path(target[len("sqlite:///") :].split("?", 1)[0]).parent / "locks" / file_name
     digest = hashlib.sha256(target.encode()).hexdigest()[:16]  # the password never in a name
-    return Path(tempfile.gettempdir()) / "glyph-study-locks" / f"{digest}__{file_name}"
+    folder = Path(tempfile.gettempdir()) / f"glyph-study-locks-{os.getuid()}"  # this user's
+    return folder / f"{digest}__{file_name}"
 
 
 def _lock_holder(handle) -> int | None:
@@ -67,6 +69,26 @@ def _lock_holder(handle) -> int | None:
     answer = fcntl.fcntl(handle, fcntl.F_GETLK, query)
     kind, _, _, _, pid = struct.unpack("hhqqi4x", answer)
     return None if kind == fcntl.F_UNLCK else pid
+
+
+def _open_lock_file(path: Path):
+    """The lock file, opened without following a symlink; its folder made for this user
+    alone when it is new, and refused when another user owns it (a shared temporary folder
+    must not let anyone plant a file or a link there)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = path.parent.stat().st_uid
+    if owner != os.getuid():
+        raise RuntimeError(f"{path.parent}: the study lock folder belongs to another user")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RuntimeError(f"{path}: the study lock file is a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RuntimeError(f"{path}: the study lock file is not a regular file")
+    return os.fdopen(fd, "a+")
 
 
 @contextlib.contextmanager
@@ -85,8 +107,7 @@ def study_lock(name: str, storage_url: str | None) -> Iterator[None]:
             f"study {name} is being run by process {os.getpid()} on {socket.gethostname()} "
             "(this process); wait for it to end"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
+    handle = _open_lock_file(path)
     try:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,7 +16,12 @@ from experiments.core.steps import training_step
 from experiments.search.study import study_name
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint
-from experiments.training.runner import load_step_data, log_answer_tta, train_and_log
+from experiments.training.runner import (
+    load_step_data,
+    log_answer_tta,
+    short_digest,
+    train_and_log,
+)
 
 SEED_ROLE = "seed"
 
@@ -59,7 +64,8 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
     answer_id, parent_id, name = answer_of(step_name, model)
     flat = load_checkpoint(answer_id).checkpoint["config"]
     answer_cfg = config_from_flat(flat)
-    data = None
+    data = load_step_data(step)
+    check_same_data(step_name, answer_id, data)
     done: list[SeedRun] = []
     for seed in range(answer_cfg.seed + 1, answer_cfg.seed + 1 + count):
         found = results.runs(
@@ -69,7 +75,6 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
             run = found.iloc[0]
             done.append(SeedRun(seed, run["run_id"], results.metrics_of(run), trained=False))
             continue
-        data = data or load_step_data(step)
         cfg = config_from_flat({**flat, "seed": seed})
         print(
             f"[{name}] seed {seed} of answer {answer_id[:12]} ({len(done) + 1}/{count})", flush=True
@@ -89,7 +94,23 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
 
 
 def seed_runs(step_name: str, model: str, answer_id: str):
-    """The COMPLETE seed runs of an answer (a DataFrame, newest first)."""
-    return results.runs(
-        training_step(step_name).name, model=model, role=SEED_ROLE, seed_of=answer_id
-    )
+    """The COMPLETE seed runs of an answer (a DataFrame, newest first), one per seed: a seed
+    trained twice (two `make seeds` at once) counts once, its newest run."""
+    step = training_step(step_name)
+    found = results.runs(step.name, model=model, role=SEED_ROLE, seed_of=answer_id)
+    if found.empty or "tags.seed" not in found:
+        return found
+    return found.drop_duplicates(subset=["tags.seed"], keep="first").reset_index(drop=True)
+
+
+def check_same_data(step_name: str, answer_id: str, data) -> None:
+    """Refuse, in one line, to reseed an answer on data other than the data it trained on."""
+    step = training_step(step_name)
+    key = f"data.{step.train_set}_fingerprint"
+    logged = (results.run_tags(answer_id) or {}).get(key)
+    now = short_digest(data.train_set.fingerprint)
+    if logged and logged != now:
+        raise RuntimeError(
+            f"{step.name}: answer {answer_id[:12]} trained on {step.train_set} {logged}, but "
+            f"DATA_DIR gives {now}: point DATA_DIR at its data, or rerun the study"
+        )

@@ -136,6 +136,8 @@ def study_flops(experiment: str, parent_run_id: str) -> float:
     """The model FLOPs of every run a study's parent holds (trials, final, baseline), the
     answer's TTA predictions included (`answer_flops`)."""
     frame = search(experiment, {"mlflow.parentRunId": parent_run_id})
+    if not frame.empty and "tags.role" in frame:  # more seeds of the answer: not the study's
+        frame = frame[frame["tags.role"] != "seed"]
     if frame.empty or "metrics.total_flops" not in frame:
         return 0.0
     answer = frame["metrics.answer_flops"].fillna(0).sum() if "metrics.answer_flops" in frame else 0

@@ -303,6 +303,11 @@ def test_a_store_path_with_uri_characters_is_refused_fast(study_data, tmp_path, 
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: MLRUNS_DIR={tmp_path / name / 'mlruns'}: ")
     assert not any(tmp_path.rglob("*.db")), "a database was created"
+    report = subprocess.run(  # a read (report) names the path too, not an empty store
+        [sys.executable, "-m", "experiments", "report"], env=env, capture_output=True, text=True
+    )
+    assert report.returncode == 2
+    assert report.stderr.strip().splitlines()[-1].startswith("error: MLRUNS_DIR=")
 
 
 # 8. unsupported tracking URIs

@@ -150,8 +150,13 @@ def _open_sqlite_store(uri: str) -> None:
 
 
 def store_exists() -> bool:
-    """False for a local SQLite store whose database file is not there yet (reads create none)."""
-    database = config.sqlite_database(config.tracking_uri())
+    """False for a local SQLite store whose database file is not there yet (reads create none).
+    A store path or tracking URI the project cannot use is its one line here too, before a
+    read reports the store as empty."""
+    uri = config.tracking_uri()
+    config.check_store_path()
+    config.check_tracking_uri(uri)
+    database = config.sqlite_database(uri)
     return database is None or database.exists()
 
 

@@ -255,8 +255,11 @@ def environment_tags() -> dict[str, str]:
             text=True,
             check=True,
         ).stdout.strip()
+        # changed code, not the generated outputs (reports/, the README's tables) that a
+        # report or a benchmark writes on its way
+        generated = [":(exclude)reports", ":(exclude)README.md"]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *generated],
             cwd=config.PROJECT_ROOT,
             capture_output=True,
             text=True,

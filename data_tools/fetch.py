@@ -77,14 +77,19 @@ def mask_url(url: str) -> str:
             rest = f"{user}:***@{after}"
         elif "ssh" not in scheme.lower():
             rest = f"***@{after}"
+    return f"{scheme}://{mask_query(rest)}"
+
+
+def mask_query(rest: str, secret_keys: tuple[str, ...] = SECRET_KEYS) -> str:
+    """`host/path?query` with every password-like query value (by its key) as `***`."""
     location, question, query = rest.partition("?")
     if question:
         pairs = [
-            (key, "***" if any(word in key.lower() for word in SECRET_KEYS) else value)
+            (key, "***" if any(word in key.lower() for word in secret_keys) else value)
             for key, value in parse_qsl(query, keep_blank_values=True)
         ]
         query = urlencode(pairs, safe="*")
-    return f"{scheme}://{location}{question}{query}"
+    return f"{location}{question}{query}"
 
 
 def mask_secrets(text: str) -> str:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy.engine import make_url
 
+from data_tools.fetch import mask_query
 from data_tools.paths import PROJECT_ROOT, cache_dir, data_dir, env_path, reports_dir
 
 __all__ = [
@@ -164,14 +164,7 @@ def mask_url(url: str) -> str:
         secret, _, rest = rest.rpartition("@")
         user = re.split("[:@]", secret, maxsplit=1)[0]
         rest = f"{user}{':***' if user != secret or has_password else ''}@{rest}"
-    location, question, query = rest.partition("?")
-    if question:
-        pairs = [
-            (key, "***" if any(word in key.lower() for word in SECRET_KEYS) else value)
-            for key, value in parse_qsl(query, keep_blank_values=True)
-        ]
-        query = urlencode(pairs, safe="*")
-    return f"{scheme}://{location}{question}{query}"
+    return f"{scheme}://{mask_query(rest, SECRET_KEYS)}"
 
 
 def mask_secrets(text: str) -> str:

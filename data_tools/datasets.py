@@ -22,10 +22,11 @@ for white ones, so the threshold sits far from both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,28 +230,33 @@ def load_split(
     return load_splits([name], data_dir, cache_dir)[name]
 
 
-def write_folder(dataset: Dataset, out: str | os.PathLike) -> Path:
-    """Write a dataset in the original layout (`<label 1..6>/<name>.npy`, float32 `(1, 28, 28)`).
-
-    The folder is built under a temporary name and renamed at the end, so a
-    failure leaves nothing behind. `out` must not exist or be an empty folder.
-    """
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder `out` (new or empty) built under a temporary name beside it: the caller fills
+    the yielded folder, which becomes `out` at the end; a failure leaves nothing behind."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(out, "output folder exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        for label in range(1, NUM_CLASSES + 1):
-            (tmp / str(label)).mkdir()
-        arrays = dataset.images.numpy().astype(np.float32)
-        for index, (image, label) in enumerate(zip(arrays, dataset.labels.tolist(), strict=True)):
-            stem = Path(dataset.files[index].replace("inverted:", "inv_")).stem
-            np.save(tmp / str(label + 1) / f"{stem}_{index}.npy", image, allow_pickle=False)
+        yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_folder(dataset: Dataset, out: str | os.PathLike) -> Path:
+    """Write a dataset in the original layout (`<label 1..6>/<name>.npy`, float32 `(1, 28, 28)`),
+    as a `new_folder`: `out` must not exist or be an empty folder."""
+    with new_folder(out) as tmp:
+        for label in range(1, NUM_CLASSES + 1):
+            (tmp / str(label)).mkdir()
+        arrays = dataset.images.numpy().astype(np.float32)
+        for index, (image, label) in enumerate(zip(arrays, dataset.labels.tolist(), strict=True)):
+            stem = Path(dataset.files[index].replace("inverted:", "inv_")).stem
+            np.save(tmp / str(label + 1) / f"{stem}_{index}.npy", image, allow_pickle=False)
+    return Path(out).resolve()

@@ -32,8 +32,6 @@ import argparse
 import math
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +40,7 @@ import numpy as np
 
 from data_tools.cache import content_digest
 from data_tools.cli import run
-from data_tools.datasets import NUM_CLASSES, RAW_SPLITS
+from data_tools.datasets import NUM_CLASSES, RAW_SPLITS, new_folder
 from data_tools.npy_header import Header, parse_header
 from data_tools.reader import (
     IMAGE_SHAPE,
@@ -212,24 +210,14 @@ def _write_files(packed: Path, arrays: dict[str, np.ndarray], root: Path) -> Non
 def unpack_set(packed: str | os.PathLike, out: str | os.PathLike) -> str:
     """Write one packed set back as a dataset folder `out` (new or empty); returns its
     fingerprint, checked against the stored one by reading the written folder."""
-    packed, out = Path(packed), Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(out, "output folder exists and is not empty")
+    packed = Path(packed)
     arrays = _load(packed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with new_folder(out) as tmp:
         _write_files(packed, arrays, tmp)
         raw = read_dataset(tmp, NUM_CLASSES)
         digest = content_digest(raw.images, raw.labels)
         if digest != str(arrays["fingerprint"]):
             raise DatasetError(packed, "unpacked images do not match the stored fingerprint")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest
 
 

@@ -97,7 +97,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 ##@ Start
 
-# reproduce's steps run in sub-makes, which read the registry once `make setup` has run
+# reproduce's steps run in sub-makes, which read the registry once `make setup` has run;
+# REPRODUCE_STARTED is read when make starts (before installing): the operating point's wall time
+REPRODUCE_STARTED := $(shell date +%s)
 reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are found, then every study as its chains (JOBS at a time) and the analysis, then the report
 	$(MAKE) --no-print-directory check-args
 	$(PY) -m data_tools fetch --if-missing
@@ -105,6 +107,7 @@ reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
 	$(if $(filter full,$(PROFILE)),$(MAKE) --no-print-directory full-seeds)
 	$(MAKE) --no-print-directory report
+	$(PY) -m experiments points --profile $(or $(PROFILE),auto) --started $(REPRODUCE_STARTED)
 
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
 

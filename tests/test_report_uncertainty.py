@@ -4,6 +4,8 @@ tested against its baseline on the same images, and the forest plot shows the CS
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 from conftest import runs_in
@@ -56,6 +58,66 @@ def _check_intervals(reported):
     assert headline < text.index("## Champions") and headline < text.index("## Details per cell")
 
 
+INTERVAL = re.compile(r"^(\d\.\d{4}) \[(\d\.\d{4}), (\d\.\d{4})\]$")
+
+
+def _shown_interval(text: str, n: int) -> None:
+    """`text` is 'acc [low, high]', and [low, high] is the Wilson interval of acc on n images."""
+    found = INTERVAL.match(text.strip())
+    assert found, f"no 95 % interval in {text!r}"
+    acc, low, high = (float(v) for v in found.groups())
+    expected = accuracy_interval(round(acc * n), n)
+    assert (low, high) == pytest.approx((expected.low, expected.high), abs=6e-5), text
+
+
+def _table(text: str, heading: str) -> pd.DataFrame:
+    """The first markdown table under `heading` as strings."""
+    block = text[text.index(heading) :].split("\n\n| ", 1)[1].split("\n\n", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in ("| " + block).splitlines()]
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def _check_every_accuracy_has_an_interval(reported):
+    """The champions, the candidates, the details and the A/B: every accuracy shown with its
+    95 % Wilson interval, its width that of a binomial on the images it rests on."""
+    from data_tools import SELECTION, load_split
+    from experiments.core import config
+
+    out, cells = reported
+    text = (out / "comparison.md").read_text()
+    n_test2 = len(load_split("TEST2", config.data_dir(), config.cache_dir()).labels)
+    n_select = len(load_split(SELECTION, config.data_dir(), config.cache_dir()).labels)
+    task2 = re.search(r"\*\*Task 2\*\*.*?selection accuracy (.*?\]) .*?\*\*TEST2 (.*?\])\*\*", text)
+    assert task2, "the Task 2 champion line gives no intervals"
+    _shown_interval(task2.group(1), n_select)
+    _shown_interval(task2.group(2), n_test2)
+    candidates = _table(text, "### Task 2 candidates")
+    for value in candidates["selection_acc (SELECT2)"]:
+        _shown_interval(value, n_select)
+    measured = [v for v in candidates["TEST2_acc (measured after)"] if v != "—"]
+    assert measured
+    for value in measured:
+        _shown_interval(value, n_test2)
+    details = _table(text, "## Details per cell")
+    filled = details[details["accuracy [95 %]"] != "—"]  # the models this store ran
+    assert len(filled) == 3
+    for _, row in filled.iterrows():
+        _shown_interval(row["accuracy [95 %]"], int(row["images"]))
+    vgg = filled[filled["step"] == "task1-step1"].iloc[0]
+    for half in ("black half [95 %]", "white half [95 %]"):
+        assert INTERVAL.match(vgg[half]), vgg[half]
+    _shown_interval(vgg["selection (validation) [95 %]"], int(vgg["validation images"]))
+    ab = _table(text, "## Searched against the hand-set defaults")
+    for column in ("baseline_acc [95 %]", "searched_acc [95 %]"):
+        for _, row in ab.iterrows():
+            n = (
+                n_test2
+                if row["step"].startswith("task2")
+                else int(cells.loc[(row["step"], row["model"]), "n_images"])
+            )
+            _shown_interval(row[column], n)
+
+
 def _check_seeds(reported):
     out, cells = reported
     cell = cells.loc[("task2-step3", "vgg")]
@@ -80,15 +142,17 @@ def _check_versus_baseline(reported):
     _, cells = reported
     cell = cells.loc[("task2-step3", "vgg")]
     (parent,) = runs_in("task2-step3", "tags.role = 'study'")
+    # the cpu budget trains no baseline: the best trial against trial 0, at trial fidelity
+    tags = parent.data.tags
+    assert tags["ab_fidelity"] == "trial" and cell["ab_fidelity"] == "trial"
+    assert runs_in("task2-step3", "tags.role = 'baseline'") == []
     test2 = load_split("TEST2", config.data_dir(), config.cache_dir())
     correct = {
-        role: probabilities(load_checkpoint(parent.data.tags[f"{role}_run"]), test2.images)
-        .argmax(1)
-        .numpy()
+        role: probabilities(load_checkpoint(tags[f"ab_{role}_run"]), test2.images).argmax(1).numpy()
         == test2.labels.numpy()
-        for role in ("final", "baseline")
+        for role in ("searched", "baseline")
     }
-    expected = mcnemar_exact(correct["final"], correct["baseline"])
+    expected = mcnemar_exact(correct["searched"], correct["baseline"])
     assert cell["vs_baseline_p"] == pytest.approx(expected.p_value)
     assert cell["vs_baseline_diff"] == pytest.approx(expected.difference)
     assert cell["vs_baseline"] == expected.verdict
@@ -113,6 +177,7 @@ def test_the_report_gives_every_number_its_uncertainty(study_data, tmp_path):
     a function of its own so that a failure names what broke."""
     reported = _report(tmp_path)
     _check_intervals(reported)
+    _check_every_accuracy_has_an_interval(reported)
     _check_seeds(reported)
     _check_versus_baseline(reported)
     _check_forest(reported)

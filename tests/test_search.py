@@ -164,14 +164,15 @@ def test_unknown_model_is_refused_by_the_search_space():
     subset=st.integers(0, 20_000),
 )
 def test_budget_epochs_spend_the_image_budgets(images, final_images, trial_images, subset):
-    """Epochs follow from image budgets: the whole epochs closest to the budget, kept within
+    """Epochs follow from image budgets: a final's whole epochs reach its budget (rounded up,
+    so a split a little larger than half the budget trains twice, not once), kept within
     their bounds, never more epochs for a larger split."""
     budget = Budget(final_images=final_images, trial_images=trial_images, train_subset=subset)
     low, high = budget.final_min_epochs, budget.final_max_epochs
     epochs = budget.retrain_epochs(images)
     assert low <= epochs <= high
-    if low < epochs < high:  # not clamped: no other whole epoch count is closer to the budget
-        assert abs(epochs * images - final_images) <= images / 2
+    if low < epochs < high:  # not clamped: the fewest whole epochs that reach the budget
+        assert (epochs - 1) * images < final_images <= epochs * images
     assert budget.retrain_epochs(images + 1) <= epochs
     seen = min(subset or images, images)  # a trial trains on its subset, or the whole split
     trial = budget.trial_epochs(images)
@@ -216,13 +217,15 @@ def test_budget_profiles_pick_the_defaults_by_machine_and_yield_to_given_values(
     from experiments.search.space import PROFILES, default_budget
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert default_budget() == Budget()  # auto on a machine without CUDA: the CPU defaults
+    cpu = Budget(**PROFILES["cpu"])  # the dataclass, comparing with the defaults at trial fidelity
+    assert cpu.baseline == "trial" and Budget().baseline == "final"
+    assert default_budget() == cpu  # auto on a machine without CUDA: the CPU defaults
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = default_budget()
     assert gpu.profile == "gpu" and gpu.tags()["budget.profile"] == "gpu"
     assert gpu.trials > Budget().trials and gpu.final_images > Budget().final_images
-    assert gpu.retrain_epochs(28_800) == 10  # TRAIN: 300,000 images
-    assert default_budget("cpu") == Budget()  # named: whatever the machine
+    assert gpu.retrain_epochs(28_800) == 11  # TRAIN: at least 300,000 images
+    assert default_budget("cpu") == cpu  # named: whatever the machine
     assert default_budget("gpu", trials=2, train_subset=0).trials == 2  # given values win
     assert default_budget("gpu", trials=None).trials == PROFILES["gpu"]["trials"]
     with pytest.raises(ValueError, match="--profile tpu"):
@@ -323,6 +326,36 @@ def test_when_the_defaults_trial_wins_the_final_is_the_baseline_trained_once(stu
     assert cell["baseline_acc"] == cell["searched_acc"] == cell["accuracy"]
     run_step("task2-step3", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     assert len(runs_in("task2-step3", "tags.role != 'study'")) == 2  # resumed: nothing retrained
+
+
+def test_a_trial_baseline_compares_trial_0_with_the_best_trial_and_trains_no_baseline(
+    study_data,
+):
+    """`baseline=trial` (the cpu and quick budgets): no `baseline` run; the parent names the
+    best trial and trial 0, both scored on the evaluation set after the study (metrics and
+    predictions logged to the trial runs), and the answer is the final."""
+    from experiments.reporting.report import collect
+
+    budget = Budget(trials=2, epochs=1, train_subset=0, final_epochs=1, baseline="trial")
+    result = run_step("task2-step3", "vgg", budget)
+    assert runs_in("task2-step3", "tags.role = 'baseline'") == []
+    (parent,) = runs_in("task2-step3", "tags.role = 'study'")
+    tags = parent.data.tags
+    assert tags["ab_fidelity"] == "trial" and tags["selected_run"] == result.final_run_id
+    trials = {r.data.tags["trial_number"]: r for r in runs_in("task2-step3", "tags.role = 'trial'")}
+    assert tags["ab_baseline_run"] == trials["0"].info.run_id  # the defaults
+    best = trials[str(result.best_trial)].info.run_id
+    assert tags["ab_searched_run"] == best
+    client = MlflowClient()
+    for run_id in {best, trials["0"].info.run_id}:
+        metrics = client.get_run(run_id).data.metrics
+        assert "TEST2_acc" in metrics and metrics["TEST2_n"] > 0  # scored after the study
+        assert any(a.path == "predictions.npz" for a in client.list_artifacts(run_id))
+    assert result.answer_run_id == result.final_run_id
+    cell = collect(("vgg",)).set_index("step").loc["task2-step3"]
+    baseline = client.get_run(trials["0"].info.run_id).data.metrics["TEST2_acc"]
+    assert cell["ab_fidelity"] == "trial" and cell["baseline_acc"] == pytest.approx(baseline)
+    assert "also_baseline" not in client.get_run(result.final_run_id).data.tags
 
 
 def test_a_study_from_before_data_keys_is_not_resumed(study_data, capsys):

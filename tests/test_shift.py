@@ -8,6 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments.analysis.shift import Mahalanobis, run_shift
+from experiments.core.statistics import accuracy_interval
 from experiments.reporting.report import write_shift_report
 from experiments.search.driver import run_step
 from experiments.search.space import Budget
@@ -59,6 +60,17 @@ def test_shift_command_on_tiny_data(study_data, tmp_path, monkeypatch):
         )
         assert metrics[f"k{k}_TEST_rest_acc"] == pytest.approx(mean / (rest_black + rest_white))
     assert metrics["selftrain_round0_pseudo_labelled"] % 6 == 0  # class-balanced
+    # every rate carries its 95 % Wilson interval over the images it counts, the AUROCs a
+    # bootstrap interval over TEST's images
+    for key, n in (("TEST_acc", 120), ("TEST_white_acc", 60), ("coverage_energy", 120)):
+        expected = accuracy_interval(round(metrics[key] * n), n)
+        got = (metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"])
+        assert got == pytest.approx((expected.low, expected.high))
+    assert metrics["new_script_accepted_energy_n"] == 60
+    for name in ("max_softmax", "energy", "mahalanobis"):
+        low, high = metrics[f"auroc_{name}_ci_low"], metrics[f"auroc_{name}_ci_high"]
+        assert 0 <= low <= metrics[f"auroc_{name}"] <= high <= 1
+    assert metrics["k1_white_rest_acc_n"] == 54 and "k1_white_rest_acc_ci_low" in metrics
     # purity: of the clusters k-means drew, against the labels of the images the background
     # rule calls new (TEST's white half here), not of any other images
     test = load_split("TEST", study_data, tmp_path / "cache")
@@ -69,6 +81,8 @@ def test_shift_command_on_tiny_data(study_data, tmp_path, monkeypatch):
     write_shift_report(tmp_path / "reports")
     text = (tmp_path / "reports" / "task1_shift.md").read_text()
     assert "| vgg     | background" in text and "Unsupervised adaptation" in text
+    low, high = metrics["TEST_acc_ci_low"], metrics["TEST_acc_ci_high"]
+    assert f"{metrics['TEST_acc']:.3f} [{low:.3f}, {high:.3f}]" in text  # shown with its interval
     run_step("task1-step1", "hybrid", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     run_shift(("hybrid",), curve=False, adapt=False)
     write_shift_report(tmp_path / "reports")

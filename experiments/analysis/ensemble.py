@@ -135,12 +135,18 @@ def to_frame(ensembles: list[EnsembleResult]) -> pd.DataFrame:
                 "tta": r.tta,
                 "eval_set": r.eval_set,
                 "accuracy": r.accuracy,
+                "acc_low": r.metrics.get(f"{r.eval_set}_acc_ci_low"),
+                "acc_high": r.metrics.get(f"{r.eval_set}_acc_ci_high"),
+                "n_images": r.metrics.get(f"{r.eval_set}_n"),
                 "members": " ".join(f"{m.step}/{m.model}:{m.run_id}" for m in r.members),
                 "members_text": members_text(r.members),
             }
             for r in ensembles
         ],
-        columns=["ensemble", "k", "tta", "eval_set", "accuracy", "members", "members_text"],
+        columns=[
+            *("ensemble", "k", "tta", "eval_set", "accuracy", "acc_low", "acc_high", "n_images"),
+            *("members", "members_text"),
+        ],
     )
 
 

@@ -36,9 +36,10 @@ from data_tools import Dataset, border_mean, load_split
 from data_tools.datasets import WHITE_BORDER_THRESHOLD
 from experiments.analysis.detectors import Mahalanobis, logits_and_features, model_scores
 from experiments.core import config
+from experiments.core.statistics import accuracy_interval, auroc, bootstrap_interval
 from experiments.tracking import results, store
 from experiments.training.checkpoint import Loaded, load_checkpoint
-from experiments.training.evaluation import halves_accuracy
+from experiments.training.evaluation import accuracy_metrics
 from experiments.training.inference import predict_logits
 from experiments.training.train import Stepper, dataset_split, train_one_epoch
 
@@ -83,19 +84,52 @@ def analyse(
     is_new = test_set.white.numpy()  # measuring only
     labels = test_set.labels.numpy()
     correct = logits.argmax(1).numpy() == labels
-    metrics = halves_accuracy("TEST", correct, is_new)
+    metrics = {
+        **accuracy_metrics("TEST", correct),
+        **(accuracy_metrics("TEST_black", correct[~is_new]) if (~is_new).any() else {}),
+        **(accuracy_metrics("TEST_white", correct[is_new]) if is_new.any() else {}),
+    }
     for name, score in scores.items():
         if is_new.any() and (~is_new).any():
             metrics[f"auroc_{name}"] = float(roc_auc_score(is_new, score))
+            found = bootstrap_interval((is_new, np.asarray(score)), auroc)  # over images
+            metrics[f"auroc_{name}_ci_low"], metrics[f"auroc_{name}_ci_high"] = (
+                found.low,
+                found.high,
+            )
         accepted = score <= thresholds[name]
-        metrics[f"coverage_{name}"] = float(accepted.mean())
-        metrics[f"selective_acc_{name}"] = (
-            float(correct[accepted].mean()) if accepted.any() else float("nan")
-        )
-        metrics[f"new_script_accepted_{name}"] = (
-            float(accepted[is_new].mean()) if is_new.any() else float("nan")
-        )
+        metrics.update(_with_interval(f"coverage_{name}", accepted))
+        if accepted.any():
+            metrics.update(_with_interval(f"selective_acc_{name}", correct[accepted]))
+        else:
+            metrics[f"selective_acc_{name}"] = float("nan")
+        if is_new.any():
+            metrics.update(_with_interval(f"new_script_accepted_{name}", accepted[is_new]))
     return ShiftResult(metrics, thresholds)
+
+
+def _with_interval(name: str, hits: np.ndarray) -> dict[str, float]:
+    """`name` (the mean of a boolean per-image array), its 95 % Wilson interval and `name_n`."""
+    found = accuracy_interval(int(hits.sum()), len(hits))
+    return {
+        name: found.estimate,
+        f"{name}_ci_low": found.low,
+        f"{name}_ci_high": found.high,
+        f"{name}_n": float(len(hits)),
+    }
+
+
+def _halves_with_intervals(
+    prefix: str, correct: np.ndarray, white: np.ndarray, suffix: str = "_acc"
+) -> dict[str, float]:
+    """`<prefix>_TEST<suffix>` over all images and each background half's (`white`, `black`),
+    each with its 95 % Wilson interval and image count (a half without images: NaN)."""
+    metrics = {}
+    white = np.asarray(white, dtype=bool)
+    for part, keep in (("TEST", np.ones_like(white)), ("white", white), ("black", ~white)):
+        name = f"{prefix}_{part}{suffix}"
+        metrics.update(_with_interval(name, correct[keep]) if keep.any() else {name: float("nan")})
+    return metrics
 
 
 K_SHOTS = (1, 5, 20, 100)
@@ -162,10 +196,9 @@ def label_efficiency(
             model, loaded.preprocessing.transform(test_set.images[rest]).to(device)
         ).cpu()
         correct = (logits.argmax(1) == test_set.labels[rest]).numpy()
-        halves = halves_accuracy("TEST", correct, test_set.white[rest].numpy())
-        metrics[f"k{k}_TEST_rest_acc"] = halves["TEST_acc"]
-        metrics[f"k{k}_white_rest_acc"] = halves["TEST_white_acc"]
-        metrics[f"k{k}_black_rest_acc"] = halves["TEST_black_acc"]
+        metrics.update(
+            _halves_with_intervals(f"k{k}", correct, test_set.white[rest].numpy(), "_rest_acc")
+        )
     return metrics
 
 
@@ -237,12 +270,7 @@ def adaptation(
     device = next(model.parameters()).device
     logits = predict_logits(model, loaded.preprocessing.transform(test_set.images).to(device))
     correct = (logits.argmax(1).cpu() == test_set.labels).numpy()
-    halves = halves_accuracy("TEST", correct, test_set.white.numpy())
-    metrics = {
-        "selftrain_TEST_acc": halves["TEST_acc"],
-        "selftrain_white_acc": halves["TEST_white_acc"],
-        "selftrain_black_acc": halves["TEST_black_acc"],
-    }
+    metrics = _halves_with_intervals("selftrain", correct, test_set.white.numpy())
     for entry in log:
         r = entry["round"]
         metrics[f"selftrain_round{r}_pseudo_labelled"] = float(entry["pseudo_labelled"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli.common import reports_command
+from experiments.cli.common import PROFILE_CHOICES, reports_command
 from experiments.core.steps import STEPS
 from models import MODELS
 
@@ -34,7 +34,9 @@ def _analyze(args: argparse.Namespace) -> None:
 
 def _shift_lines(model: str, m: dict) -> list[str]:
     """One model's shift findings as the lines `shift` prints."""
-    aurocs = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_"))
+    aurocs = ", ".join(
+        f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("auroc_") and "_ci_" not in k
+    )
     lines = [f"{model}: TEST acc {m['TEST_acc']:.3f}; AUROC {aurocs}"]
     for name in ("max_softmax", "mahalanobis", "background"):
         lines.append(
@@ -81,6 +83,37 @@ def _levers(args: argparse.Namespace) -> None:
     write_levers(args.out)
 
 
+def _points(args: argparse.Namespace) -> None:
+    from experiments.reporting import points
+
+    if args.started is None:
+        written = points.render(args.out)
+    else:
+        from experiments.search.space import resolve_profile
+
+        written = points.record(resolve_profile(args.profile), args.started, args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _add_points(commands) -> None:
+    found = commands.add_parser(
+        "points",
+        help="the operating-points table: this profile's row after `make reproduce` "
+        "(--profile, --started), or the tables again from operating_points.csv",
+    )
+    found.add_argument(
+        "--profile",
+        choices=PROFILE_CHOICES,
+        default="auto",
+        help="the profile `make reproduce` ran (auto: gpu where CUDA is available, else cpu)",
+    )
+    found.add_argument(
+        "--started", type=float, help="when `make reproduce` started, in seconds since 1970"
+    )
+    found.add_argument("--out", help="reports folder (default: reports/)")
+    found.set_defaults(func=_points)
+
+
 def _add_report(commands) -> None:
     report = commands.add_parser("report", help="build the comparison table from MLflow")
     report.add_argument("--out", help="output folder (default: reports/)")
@@ -117,6 +150,7 @@ def _add_shift(commands) -> None:
 
 def add_commands(commands) -> None:
     _add_report(commands)
+    _add_points(commands)
     _add_shift(commands)
     analyze = "data figures and data_summary.md, logged as a data-analysis MLflow run"
     reports_command(commands, "analyze", analyze, _analyze)

@@ -34,3 +34,23 @@ def describe_machine() -> str:
         f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
     )
+
+
+def cpu_class() -> str:
+    """The CPU class the project's time targets are stated for: "bf16" (AVX512_BF16 or AMX),
+    "avx512" (AVX-512 without bf16) or "avx2" (neither), read at run time."""
+    if cpu_has_bf16():
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "other"
+    return "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -82,6 +82,8 @@ def task1_section(shift: dict[str, dict[str, float]], figure: str | None) -> lis
     lines += [
         "Generated from the newest `task1-shift` run of each model (TRAIN-only models; TEST",
         "labels read only to measure, except in the rows that say they use k TEST labels).",
+        "A range runs over the models; reports/task1_shift.md gives each number with its 95 %",
+        "interval (Wilson over the images, a bootstrap over images for the AUROCs).",
         "",
         f"- **In-script accuracy**: on TEST images in the training script the models are right "
         f"{_range(black)} of the time; on the new script {_range(white)} (chance: 0.167); "
@@ -228,6 +230,14 @@ def _advice(
     return advice
 
 
+def _interval_of(row: pd.Series, value: str) -> str:
+    """A row's `value` with its 95 % interval (`acc_low` / `acc_high`) where it has one."""
+    low, high = row.get("acc_low"), row.get("acc_high")
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{row[value]:.4f}"
+    return f"{row[value]:.4f} [{low:.4f}, {high:.4f}]"
+
+
 def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
     """Which runs reach the TEST2 target, and which do not."""
     lines = ["", f"## Task 2: reaching {TARGET_TEST2} on TEST2", ""]
@@ -242,7 +252,8 @@ def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
     reached_single = int((singles["accuracy"] >= TARGET_TEST2).sum())
     lines.append(
         f"- Best single cell in hindsight (picked by its TEST2 accuracy, so context, not a "
-        f"result): {best_single['accuracy']:.4f} ({best_single['step']}/{best_single['model']}); "
+        f"result): {_interval_of(best_single, 'accuracy')} "
+        f"({best_single['step']}/{best_single['model']}); "
         f"{reached_single} of {len(singles)} single-model cells reach {TARGET_TEST2}."
     )
     best_overall = float(best_single["accuracy"])
@@ -250,7 +261,7 @@ def task2_section(cells: pd.DataFrame, ensembles: pd.DataFrame) -> list[str]:
         best = ensembles.loc[ensembles["accuracy"].fillna(0.0).idxmax()]
         reached = int((ensembles["accuracy"] >= TARGET_TEST2).sum())
         lines.append(
-            f"- Best ensemble in hindsight (picked by TEST2): {best['accuracy']:.4f} "
+            f"- Best ensemble in hindsight (picked by TEST2): {_interval_of(best, 'accuracy')} "
             f"({best['ensemble']}, {best['k']} members"
             f"{', TTA' if best['tta'] else ''}); {reached} of {len(ensembles)} ensemble rows "
             f"reach {TARGET_TEST2}."
@@ -303,6 +314,25 @@ def _listed(frame: pd.DataFrame, value: str, digits: int = 3, signed: bool = Fal
 def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
     """The study's quality conditions on these cells, each counted and listed. Measured after
     the fact from evaluation accuracies: these numbers choose nothing."""
+    table = conditions(cells, models)
+    return [
+        "",
+        "## Quality conditions (measured after the fact)",
+        "",
+        "Counted on the cells above: evaluation accuracies, read after every choice was made "
+        "(they choose nothing). *misses*: the row's difference to its baseline (each miss is "
+        "significant in the paired test of 'Searched against the hand-set defaults'), its "
+        "difference to the reference, or its black-half accuracy (its 95 % interval in 'Details "
+        "per cell'). The wall time of `make reproduce` is not "
+        "in the store: docs/reproduce.md gives it with the CPU it was measured on.",
+        "",
+        table.drop(columns="key").to_markdown(index=False),
+    ]
+
+
+def conditions(cells: pd.DataFrame, models: int = 4) -> pd.DataFrame:
+    """The quality conditions as a table: key (baseline, reference, black), condition, 'met in'
+    ('k of n', with the studies not measured) and the misses."""
     steps = {s for s in cells.loc[cells["reference"].notna(), "step"] if STEPS[s].kind == "search"}
     on = {
         evaluated: {s for s in steps if STEPS[s].primary_eval == evaluated}
@@ -337,20 +367,7 @@ def search_conditions(cells: pd.DataFrame, models: int = 4) -> list[str]:
             "misses": _listed(black[~black_ok], "black_acc") or "none",
         },
     ]
-    table = pd.DataFrame(rows)
-    return [
-        "",
-        "## Quality conditions (measured after the fact)",
-        "",
-        "Counted on the cells above: evaluation accuracies, read after every choice was made "
-        "(they choose nothing). *misses*: the row's difference to its baseline (each miss is "
-        "significant in the paired test of 'Searched against the hand-set defaults'), its "
-        "difference to the reference, or its black-half accuracy (its 95 % interval in 'Details "
-        "per cell'). The wall time of `make reproduce` is not "
-        "in the store: docs/reproduce.md gives it with the CPU it was measured on.",
-        "",
-        table.to_markdown(index=False),
-    ]
+    return pd.DataFrame(rows).assign(key=["baseline", "reference", "black"])
 
 
 def _table(rows: list[dict]) -> str:
@@ -365,12 +382,23 @@ def _table(rows: list[dict]) -> str:
             frame[column] = numbers.map(
                 lambda v, whole=whole: "—" if pd.isna(v) else (f"{v:,.0f}" if whole else f"{v:.3f}")
             )
-    return frame.fillna("—").to_markdown(index=False, disable_numparse=True)
+    return frame.astype(object).fillna("—").to_markdown(index=False, disable_numparse=True)
+
+
+def _ci(metrics: dict[str, float], key: str, digits: int = 3) -> str | float:
+    """`key`'s value with its logged 95 % interval (`<key>_ci_low` / `_ci_high`), e.g.
+    "0.984 [0.981, 0.987]"; the bare value for runs logged without one; NaN when missing."""
+    value = metrics.get(key)
+    if value is None or pd.isna(value):
+        return float("nan")
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def shift_markdown(shift: dict[str, dict[str, float]]) -> str:
     """reports/task1_shift.md: detector AUROCs, selective prediction, adaptation, label efficiency."""
-    nan = float("nan")
     lines = [
         "# Task 1: detecting the new script without TEST labels",
         "",
@@ -385,9 +413,9 @@ def shift_markdown(shift: dict[str, dict[str, float]]) -> str:
             [
                 {
                     "model": model,
-                    "TEST acc": m.get("TEST_acc", nan),
-                    "TEST black-half acc": m.get("TEST_black_acc", nan),
-                    **{d: m.get(f"auroc_{d}", nan) for d in DETECTORS},
+                    "TEST acc": _ci(m, "TEST_acc"),
+                    "TEST black-half acc": _ci(m, "TEST_black_acc"),
+                    **{d: _ci(m, f"auroc_{d}") for d in DETECTORS},
                 }
                 for model, m in shift.items()
             ]
@@ -400,9 +428,9 @@ def shift_markdown(shift: dict[str, dict[str, float]]) -> str:
                 {
                     "model": model,
                     "detector": d,
-                    "coverage": m.get(f"coverage_{d}", nan),
-                    "accuracy on accepted": m.get(f"selective_acc_{d}", nan),
-                    "new-script images accepted": m.get(f"new_script_accepted_{d}", nan),
+                    "coverage": _ci(m, f"coverage_{d}"),
+                    "accuracy on accepted": _ci(m, f"selective_acc_{d}"),
+                    "new-script images accepted": _ci(m, f"new_script_accepted_{d}"),
                 }
                 for model, m in shift.items()
                 for d in DETECTORS
@@ -433,7 +461,6 @@ def _adaptation_tables(shift: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _label_efficiency_tables(shift: dict[str, dict[str, float]]) -> list[str]:
-    nan = float("nan")
     lines: list[str] = []
     curve = {model: m for model, m in shift.items() if f"k{K_SHOTS[0]}_TEST_rest_acc" in m}
     if curve:
@@ -449,9 +476,9 @@ def _label_efficiency_tables(shift: dict[str, dict[str, float]]) -> list[str]:
                     {
                         "model": model,
                         "k": k,
-                        "TEST acc (rest)": m.get(f"k{k}_TEST_rest_acc", nan),
-                        "white half": m.get(f"k{k}_white_rest_acc", nan),
-                        "black half": m.get(f"k{k}_black_rest_acc", nan),
+                        "TEST acc (rest)": _ci(m, f"k{k}_TEST_rest_acc"),
+                        "white half": _ci(m, f"k{k}_white_rest_acc"),
+                        "black half": _ci(m, f"k{k}_black_rest_acc"),
                     }
                     for model, m in curve.items()
                     for k in K_SHOTS
@@ -467,10 +494,10 @@ def _adaptation_row(model: str, m: dict[str, float]) -> dict:
     last = max(rounds, default=0)
     return {
         "model": model,
-        "TEST acc before": m.get("TEST_acc", nan),
-        "after": m.get("selftrain_TEST_acc", nan),
-        "white half before": m.get("TEST_white_acc", nan),
-        "white after": m.get("selftrain_white_acc", nan),
+        "TEST acc before": _ci(m, "TEST_acc"),
+        "after": _ci(m, "selftrain_TEST_acc"),
+        "white half before": _ci(m, "TEST_white_acc"),
+        "white after": _ci(m, "selftrain_white_acc"),
         "pseudo-labels (final round)": m.get(f"selftrain_round{last}_pseudo_labelled", nan),
         "their accuracy on the white half": m.get(f"selftrain_round{last}_pseudo_white_acc", nan),
         "k-means purity": m.get("kmeans_new_purity", nan),

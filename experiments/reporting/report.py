@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from data_tools import load_split  # noqa: E402
 from experiments.analysis import ensemble  # noqa: E402
 from experiments.core import config
+from experiments.core import statistics as st
 from experiments.core.steps import STEPS, training_step  # noqa: E402
 from experiments.reporting import findings, uncertainty
 from experiments.reporting.forest import forest_plot
@@ -44,9 +45,11 @@ CELL_COLUMNS = [
     "black_acc",
     "white_acc",
     "best_val_acc",
+    "val_n",
     "baseline_acc",
     "searched_acc",
     "searched_minus_baseline",
+    "ab_fidelity",
     "selected",
     "trials",
     "study_tflop",
@@ -82,14 +85,14 @@ def _cell(step_name: str, model: str) -> dict:
         black_acc=metrics.get(f"{evaluated}_black_acc"),
         white_acc=metrics.get(f"{evaluated}_white_acc"),
         best_val_acc=metrics.get("best_val_acc"),
+        val_n=pd.to_numeric(run.get("params.split.val_images"), errors="coerce"),
         run_id=run["run_id"],
         source=origin,
     )
     parent_run = results.study_parent(source.name, model)
-    named = {  # the pair the study compared, as its parent names them
-        r: results.tag(parent_run, f"{r}_run") if parent_run is not None else ""
-        for r in ("baseline", "final")
-    }
+    searched_run, baseline_run, fidelity = uncertainty.ab_pair(parent_run)
+    named = {"baseline": baseline_run, "final": searched_run}  # the pair the study compared
+    cell["ab_fidelity"] = fidelity or None
     baseline = (
         results.run_metrics(named["baseline"])
         if named["baseline"]
@@ -190,23 +193,42 @@ def _missing_as_none(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
-DETAIL_COLUMNS = [
-    *("step", "model", "accuracy", "acc_low", "acc_high", "n_images", "seeds", "seed_sd"),
-    *("black_acc", "black_low", "black_high", "white_acc", "best_val_acc", "trials"),
-    *("study_tflop", "run_id"),
-]
+def _with_intervals(frame: pd.DataFrame, value: str, low: str, high: str) -> list[str]:
+    """Column `value` as 'value [low, high]' text, row by row ('—' where there is no value)."""
+    return [
+        uncertainty.interval_text(*row)
+        for row in zip(frame[value], _get(frame, low), _get(frame, high), strict=True)
+    ]
 
 
 def _details(cells: pd.DataFrame) -> pd.DataFrame:
-    """The per-cell details table: integers as integers, short run ids, TFLOP to one decimal."""
-    return cells.reindex(columns=DETAIL_COLUMNS).assign(
-        run_id=cells["run_id"].fillna("").str[:12],
-        source=cells["source"].fillna(""),
-        trials=cells["trials"].astype("Int64"),
-        n_images=cells["n_images"].astype("Int64"),
-        seeds=cells["seeds"].astype("Int64"),
-        study_tflop=cells["study_tflop"].map(lambda v: "" if pd.isna(v) else f"{v:,.1f}"),
+    """The per-cell details table: each accuracy with its 95 % Wilson interval (the CSV has
+    the limits as columns), integers as integers, short run ids, TFLOP to one decimal."""
+    return pd.DataFrame(
+        {
+            "step": cells["step"],
+            "model": cells["model"],
+            "accuracy [95 %]": _with_intervals(cells, "accuracy", "acc_low", "acc_high"),
+            "images": _get(cells, "n_images").astype("Int64"),
+            "seeds": _get(cells, "seeds").astype("Int64"),
+            "seed sd": _get(cells, "seed_sd").map(lambda v: "—" if pd.isna(v) else f"{v:.4f}"),
+            "black half [95 %]": _with_intervals(cells, "black_acc", "black_low", "black_high"),
+            "white half [95 %]": _with_intervals(cells, "white_acc", "white_low", "white_high"),
+            "selection (validation) [95 %]": _with_intervals(
+                cells, "best_val_acc", "val_low", "val_high"
+            ),
+            "validation images": _get(cells, "val_n").astype("Int64"),
+            "trials": cells["trials"].astype("Int64"),
+            "study TFLOP": cells["study_tflop"].map(lambda v: "" if pd.isna(v) else f"{v:,.1f}"),
+            "run_id": cells["run_id"].fillna("").str[:12],
+            "source": cells["source"].fillna(""),
+        }
     )
+
+
+def _get(frame: pd.DataFrame, name: str) -> pd.Series:
+    """`frame[name]`, or NaN throughout when the column is absent (cells without uncertainty)."""
+    return frame[name] if name in frame else pd.Series(float("nan"), index=frame.index)
 
 
 def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
@@ -221,13 +243,18 @@ def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
         {
             "step": frame["step"],
             "model": frame["model"],
-            "baseline_acc": frame["baseline_acc"],
-            "searched_acc": frame["searched_acc"],
+            "baseline_acc [95 %]": _with_intervals(
+                frame, "baseline_acc", "baseline_low", "baseline_high"
+            ),
+            "searched_acc [95 %]": _with_intervals(
+                frame, "searched_acc", "searched_low", "searched_high"
+            ),
             "searched - baseline": frame["vs_baseline_diff"],
             "95 % interval": interval,
             "p": frame["vs_baseline_p"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}"),
             "verdict": frame["vs_baseline"],
             "test": frame["vs_baseline_test"],
+            "fidelity": _get(frame, "ab_fidelity"),
             "selected": frame["selected"],
         }
     )
@@ -268,11 +295,14 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "",
         "## Searched against the hand-set defaults",
         "",
-        "Every study also trains its model's hand-set defaults exactly like its final",
-        "(`role=baseline`; the defaults are also the study's trial 0). *searched*: the best",
-        "trial retrained; the study's answer (the cell above) is whichever of the two has the",
-        "higher validation accuracy on the full validation split (*selected*). Evaluation",
-        "accuracy on the step's evaluation set; measured after the fact, never used to choose.",
+        "Every study compares its searched settings with its model's hand-set defaults (its",
+        "trial 0) at one fidelity (*fidelity*). *final*: the defaults trained exactly like the",
+        "final (`role=baseline`), *searched* the best trial retrained, and the study's answer",
+        "(the cell above) is whichever of the two has the higher validation accuracy on the",
+        "full validation split (*selected*). *trial* (budgets that train no baseline): the",
+        "best trial against trial 0, both at trial fidelity, and the answer is the final.",
+        "Evaluation accuracy on the step's evaluation set; measured after the fact, never",
+        "used to choose.",
         "The paired test runs on the same evaluation images: exact McNemar on the images the",
         "two runs disagree on (a t-test over seeds where both have several); its interval is a",
         "paired bootstrap of the difference. *better* / *worse*: p < 0.05; otherwise *no",
@@ -332,7 +362,8 @@ def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
             "ensemble": frame["ensemble"],
             "k": frame["k"],
             "TTA": frame["tta"].map({True: "yes", False: "no"}),
-            "TEST2 acc": frame["accuracy"].map(lambda v: f"**{_fmt(v, 4)}**"),
+            "TEST2 acc [95 %]": _with_intervals(frame, "accuracy", "acc_low", "acc_high"),
+            "images": _get(frame, "n_images").astype("Int64"),
             "members": frame["members_text"],
         }
     )
@@ -349,11 +380,22 @@ def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = True) -> list[str]:
+CHAMPION_COLUMNS = [
+    *("task", "champion", "runs", "selection_acc", "selection_low", "selection_high"),
+    *("selection_n", "eval_set", "eval_acc", "eval_low", "eval_high", "eval_n"),
+]
+
+
+def champions_markdown(
+    test2_cache: ProbabilityCache | None = None, tta: bool = True
+) -> tuple[list[str], pd.DataFrame]:
     """The two champions first: their rule (validation only), selection and evaluation numbers.
     `test2_cache`: TEST2 probabilities shared with the ensembles; `tta=False` leaves the TEST2
-    cell of the TTA candidates other than the champion empty (`make report TTA=1` fills it)."""
+    cell of the TTA candidates other than the champion empty (`make report TTA=1` fills it).
+    Returns the lines and the champions as a table (`champions.csv`: each accuracy with its
+    95 % Wilson interval and its images)."""
     lines = ["## Champions (chosen on validation only; evaluation measured after)", ""]
+    records = []
     field = registry.task2_candidates()  # SELECT2 predicted once for the table and the rule
     table = registry.candidates_table("TEST2", field, test2_cache, tta)
     for task, evaluated in ((1, "TEST"), (2, "TEST2")):
@@ -367,12 +409,43 @@ def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = 
         if task == 2:
             row = table[table["champion"]].iloc[0]
             evaluation = float(row[f"{evaluated}_acc (measured after)"])
+            evaluation_n = int(row[f"{evaluated}_n"])
+        elif measured:
+            evaluation, evaluation_n = measured["TEST_acc"], int(measured["TEST_n"])
         else:
-            evaluation = measured.get("TEST_acc") or registry.accuracy_on(champion, evaluated)
+            evaluation = registry.accuracy_on(champion, evaluated)
+            evaluation_n = len(load_split(evaluated, config.data_dir(), config.cache_dir()).labels)
+        wilson = uncertainty.wilson_text
+        chosen = (
+            st.accuracy_interval(
+                round(champion.selection_acc * champion.selection_n), champion.selection_n
+            )
+            if champion.selection_n
+            else None
+        )
+        measured_interval = st.accuracy_interval(round(evaluation * evaluation_n), evaluation_n)
+        records.append(
+            {
+                "task": task,
+                "champion": champion.label,
+                "runs": " ".join(champion.run_ids),
+                "selection_acc": champion.selection_acc,
+                "selection_low": chosen.low if chosen else None,
+                "selection_high": chosen.high if chosen else None,
+                "selection_n": champion.selection_n,
+                "eval_set": evaluated,
+                "eval_acc": evaluation,
+                "eval_low": measured_interval.low,
+                "eval_high": measured_interval.high,
+                "eval_n": evaluation_n,
+            }
+        )
         lines.append(
             f"- **Task {task}**: {champion.label} (run {runs}), selection accuracy "
-            f"{champion.selection_acc:.4f}, **{evaluated} {evaluation:.4f}**. "
-            f"Rule: {registry.RULES[task]}."
+            f"{wilson(champion.selection_acc, champion.selection_n)} "
+            f"({champion.selection_n:,} validation images), **{evaluated} "
+            f"{wilson(evaluation, evaluation_n)}** ({evaluation_n:,} images; 95 % Wilson "
+            f"intervals). Rule: {registry.RULES[task]}."
         )
         if champion.detector:
             lines += task1_detector_lines(champion, measured)
@@ -392,9 +465,27 @@ def champions_markdown(test2_cache: ProbabilityCache | None = None, tta: bool = 
                 else " TEST2 of the TTA rows other than the champion: `make report TTA=1`."
             ),
             "",
-            _with_dashes(table).to_markdown(index=False, floatfmt=".4f"),
+            _candidates_shown(table).to_markdown(index=False),
         ]
-    return ["", *lines, ""]
+    return ["", *lines, ""], pd.DataFrame(records, columns=CHAMPION_COLUMNS)
+
+
+def _candidates_shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The candidates table as shown: selection and evaluation accuracy, each with its 95 %
+    Wilson interval over its images (SELECT2; the evaluation set), the counts dropped."""
+    shown = table.copy()
+    for column in shown.columns:
+        if column.endswith("_n"):
+            continue
+        if column.startswith("selection_acc") or column.endswith("(measured after)"):
+            count = (
+                "selection_n" if column.startswith("selection_acc") else column.split("_")[0] + "_n"
+            )
+            shown[column] = [
+                uncertainty.wilson_text(v, n)
+                for v, n in zip(shown[column], shown[count], strict=True)
+            ]
+    return shown.drop(columns=[c for c in shown.columns if c.endswith("_n")])
 
 
 def tie_set_lines(field: list) -> list[str]:
@@ -414,14 +505,6 @@ def tie_set_lines(field: list) -> list[str]:
     ]
 
 
-def _with_dashes(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with each unmeasured (NaN) number written as a dash."""
-    shown = table.copy()
-    for column in shown.columns[shown.isna().any()]:
-        shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{v:.4f}")
-    return shown
-
-
 def task1_detector_lines(champion, measured: dict[str, float]) -> list[str]:
     """The Task 1 detector: its TRAIN-only proxy scores, then TEST measured after the fact,
     beside the hindsight-best (model, detector) pair of the shift analysis."""
@@ -431,15 +514,19 @@ def task1_detector_lines(champion, measured: dict[str, float]) -> list[str]:
         f"  - Detector **{detector['name']}**, {detector['chosen_by']}; AUROC on the "
         f"TRAIN-only proxy ({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
         f"({detector['refuse_fraction']:.0%} of TRAIN validation refused).",
-        f"  - On TEST, measured after: new-script AUROC {measured['auroc']:.3f}, coverage "
-        f"{measured['coverage']:.3f}, accuracy on the answered images "
-        f"{measured['answered_acc']:.3f} (all TEST {measured['TEST_acc']:.3f}).",
+        f"  - On TEST, measured after: new-script AUROC "
+        f"{uncertainty.interval_text(measured['auroc'], measured.get('auroc_ci_low'), measured.get('auroc_ci_high'), 3)}"
+        f" (bootstrap over images), coverage {uncertainty.wilson_text(measured['coverage'], measured.get('TEST_n'), 3)}, "
+        f"accuracy on the {int(measured.get('answered_n', 0)):,} answered images "
+        f"{uncertainty.wilson_text(measured['answered_acc'], measured.get('answered_n'), 3)} "
+        f"(all TEST {uncertainty.wilson_text(measured['TEST_acc'], measured.get('TEST_n'), 3)}; "
+        "95 % Wilson intervals).",
     ]
     pairs = [
         (value, model, key[len("auroc_") :])
         for model, metrics in shift_metrics().items()
         for key, value in metrics.items()
-        if key.startswith("auroc_") and key != "auroc_background"
+        if key.startswith("auroc_") and key != "auroc_background" and "_ci_" not in key
     ]
     if pairs:
         value, model, name = max(pairs)
@@ -508,6 +595,7 @@ def build_report(
     shift = shift_metrics()
     figure = out_dir / "figures" / "label_efficiency.png"
     has_figure = findings.plot_label_efficiency(shift, figure)
+    champion_lines, champions = champions_markdown(test2_cache, tta)
     title_line, _, body = to_markdown(cells).partition("\n")
     headline, details_heading, details = body.partition("## Details per cell")
     text = "\n".join(
@@ -516,7 +604,7 @@ def build_report(
             "",
             provenance(),
             headline.rstrip("\n"),
-            *champions_markdown(test2_cache, tta),
+            *champion_lines,
             (details_heading + details).rstrip("\n"),
             *findings.search_conditions(cells, len(MODELS)),
             *ensembles_markdown(frame),
@@ -526,10 +614,11 @@ def build_report(
     )
     (out_dir / "comparison.md").write_text(text + "\n")
     cells.to_csv(out_dir / "comparison.csv", index=False)
+    champions.to_csv(out_dir / "champions.csv", index=False)
     forest_plot(forest_rows(cells), out_dir / "comparison.png")
     if out_dir.resolve() == (config.PROJECT_ROOT / "reports").resolve():  # the README's own
         update_readme(config.PROJECT_ROOT / "README.md", headline_table(cells))
-    written = ["comparison.md", "comparison.csv", "comparison.png"]
+    written = ["comparison.md", "comparison.csv", "comparison.png", "champions.csv"]
     if ensembles:
         frame.drop(columns="members_text").to_csv(out_dir / "ensembles.csv", index=False)
         written.append("ensembles.csv")

@@ -33,6 +33,16 @@ UNCERTAINTY_COLUMNS = [
     "black_n",
     "black_low",
     "black_high",
+    "white_n",
+    "white_low",
+    "white_high",
+    "val_n",
+    "val_low",
+    "val_high",
+    "baseline_low",
+    "baseline_high",
+    "searched_low",
+    "searched_high",
     "vs_baseline_diff",
     "vs_baseline_low",
     "vs_baseline_high",
@@ -66,6 +76,21 @@ def _seed_values(cell: pd.Series, evaluated: str) -> list[float]:
     return values
 
 
+def ab_pair(parent: pd.Series | None) -> tuple[str, str, str]:
+    """(searched run, baseline run, fidelity) of a study's searched-against-defaults pair:
+    the final and the `baseline` run ("final"), or the best trial and trial 0 ("trial",
+    budgets that train no baseline); empty strings where the study has none."""
+    if parent is None:
+        return "", "", ""
+    if results.tag(parent, "ab_fidelity") == "trial":
+        searched, baseline = (
+            results.tag(parent, "ab_searched_run"),
+            results.tag(parent, "ab_baseline_run"),
+        )
+        return searched, baseline, "trial"
+    return results.tag(parent, "final_run"), results.tag(parent, "baseline_run"), "final"
+
+
 def _versus_baseline(cell: pd.Series, eval_set: EvalSet | None) -> dict:
     """The searched final against the baseline on the same images (exact McNemar), or over
     seeds (t-test) when both have more than one seed."""
@@ -73,7 +98,7 @@ def _versus_baseline(cell: pd.Series, eval_set: EvalSet | None) -> dict:
     parent = results.study_parent(step.name, cell["model"])
     if parent is None or eval_set is None:
         return {}
-    final, baseline = results.tag(parent, "final_run"), results.tag(parent, "baseline_run")
+    final, baseline, _ = ab_pair(parent)
     if not final or not baseline:
         return {}
     if final == baseline:  # the defaults trial won: one run is both
@@ -134,11 +159,20 @@ def cell_uncertainty(cell: pd.Series, sizes: dict[str, int], eval_set: EvalSet |
         row["versus_reference"] = st.versus_reference(
             plain, float(cell["reference"]), summary.sd, summary.n
         )
-    if pd.notna(cell.get("black_acc")):
-        black_n = metrics.get(f"{evaluated}_black_n") or sizes.get(f"{evaluated}_black")
-        if black_n:
-            black = _interval(cell["black_acc"], black_n)
-            row.update(black_n=int(black_n), black_low=black.low, black_high=black.high)
+    for half in ("black", "white"):
+        if pd.notna(cell.get(f"{half}_acc")):
+            half_n = metrics.get(f"{evaluated}_{half}_n") or sizes.get(f"{evaluated}_{half}")
+            if half_n:
+                found = _interval(cell[f"{half}_acc"], half_n)
+                row.update({f"{half}_n": int(half_n), f"{half}_low": found.low})
+                row[f"{half}_high"] = found.high
+    if pd.notna(cell.get("best_val_acc")) and pd.notna(cell.get("val_n")) and cell["val_n"]:
+        found = _interval(cell["best_val_acc"], cell["val_n"])
+        row.update(val_n=int(cell["val_n"]), val_low=found.low, val_high=found.high)
+    for arm in ("baseline", "searched"):  # the A/B's two accuracies, on the same n images
+        if pd.notna(cell.get(f"{arm}_acc")):
+            found = _interval(cell[f"{arm}_acc"], n)
+            row.update({f"{arm}_low": found.low, f"{arm}_high": found.high})
     row.update(_versus_baseline(cell, eval_set))
     return row
 
@@ -156,6 +190,23 @@ def add_uncertainty(
         rows.append(cell_uncertainty(cell, sizes, eval_sets.get(evaluated)))
     extra = pd.DataFrame(rows, index=cells.index).reindex(columns=UNCERTAINTY_COLUMNS)
     return pd.concat([cells.drop(columns=UNCERTAINTY_COLUMNS, errors="ignore"), extra], axis=1)
+
+
+def interval_text(value, low, high, digits: int = 4) -> str:
+    """'0.9885 [0.9854, 0.9911]'; the bare value without an interval; '—' without a value."""
+    if value is None or pd.isna(value):
+        return "—"
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def wilson_text(value, n, digits: int = 4) -> str:
+    """`value`, a fraction of `n` images, with its 95 % Wilson interval: '0.9885 [0.9854, 0.9911]'."""
+    if value is None or pd.isna(value) or not n:
+        return interval_text(value, None, None, digits)
+    found = _interval(float(value), n)
+    return interval_text(value, found.low, found.high, digits)
 
 
 def estimate_text(cell: pd.Series, digits: int = 3) -> str:

@@ -46,6 +46,7 @@ from experiments.training.runner import (
     StepData,
     load_step_data,
     log_answer_tta,
+    score_logged_run,
     train_and_log,
 )
 
@@ -357,7 +358,11 @@ def finish_study(
             flush=True,
         )
         tags = {}
-        if best.user_attrs.get("defaults") and baseline_key(step, model, budget, data, base) == key:
+        if (
+            budget.baseline == "final"
+            and best.user_attrs.get("defaults")
+            and baseline_key(step, model, budget, data, base) == key
+        ):
             tags = {"baseline_key": key, "also_baseline": "true"}  # trial 0 won: one run
         outcome = train_final(data, cfg, handle.study_name, best.number, parent, **tags)
         handle.set_user_attr("final_run_id", outcome.run_id)
@@ -369,16 +374,58 @@ def finish_study(
     result = StudyResult(
         handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
     )
-    if final and final_run_id:
+    if final and final_run_id and budget.baseline == "trial":
+        chosen, baseline_metrics = compare_trials(handle, parent, best, data, final_run_id)
+    elif final and final_run_id:
         baseline_id, baseline_metrics = train_baseline(
             handle, step, model, parent, budget, data, base
         )
         chosen = select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
+    if final and final_run_id:
         if step.val_set is not None:  # a Task 2 champion candidate: its TTA views, once
             log_answer_tta(chosen, data)
         result.answer(chosen, final_metrics if chosen == final_run_id else baseline_metrics)
     study.log_parent(handle, best, parent)
     return result
+
+
+def compare_trials(
+    handle: optuna.Study,
+    parent: str,
+    best: optuna.trial.FrozenTrial,
+    data: StepData,
+    final_id: str,
+) -> tuple[str, dict[str, float]]:
+    """The `trial` baseline: the searched settings against the hand-set defaults at one
+    fidelity, the best trial against trial 0 (the same run when the defaults won), both
+    scored on the evaluation sets for the record. No baseline is trained; the study's answer
+    is its final (the best trial retrained). Returns the answer and trial 0's metrics."""
+    defaults = next(
+        (
+            t
+            for t in handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("defaults") and t.user_attrs.get("mlflow_run_id")
+        ),
+        None,
+    )
+    client = MlflowClient()
+    tags = {"ab_fidelity": "trial", "selected_run": final_id, "selected_role": "final"}
+    tags["final_run"] = final_id
+    baseline_metrics: dict[str, float] = {}
+    if defaults is not None and best.user_attrs.get("mlflow_run_id"):
+        tags["ab_baseline_run"] = defaults.user_attrs["mlflow_run_id"]
+        tags["ab_searched_run"] = best.user_attrs["mlflow_run_id"]
+        baseline_metrics = score_logged_run(tags["ab_baseline_run"], data)  # measuring only
+        if tags["ab_searched_run"] != tags["ab_baseline_run"]:
+            score_logged_run(tags["ab_searched_run"], data)
+    for key, value in tags.items():
+        client.set_tag(parent, key, value)
+    step_name, model = handle.study_name.split("/", 1)
+    earlier = results.runs(step_name, model=model, state=None, study=handle.study_name)
+    for run_id in _answers(earlier) | {final_id}:  # one selected run per study
+        client.set_tag(run_id, "selected", "true" if run_id == final_id else "false")
+    handle.set_user_attr("selected_run_id", final_id)
+    return final_id, baseline_metrics
 
 
 def train_baseline(

@@ -52,7 +52,7 @@ from experiments.analysis.detectors import (
 )
 from experiments.analysis.shift import REFUSE_FRACTION
 from experiments.core import config
-from experiments.core.statistics import tie_set
+from experiments.core.statistics import auroc, bootstrap_interval, tie_set
 from experiments.core.steps import STEPS
 from experiments.serving import integrity
 from experiments.tracking import results, store
@@ -131,7 +131,14 @@ def choose(task: int, candidates: list[Champion] | None = None) -> Champion:
     )
     run = frame.loc[ranked[0]]
     label = f"{step}/{run['tags.model']}"
-    champion = Champion(task, [run], float(run["metrics.best_val_acc"]), label=label)
+    val_n = pd.to_numeric(run.get("params.split.val_images"), errors="coerce")
+    champion = Champion(
+        task,
+        [run],
+        float(run["metrics.best_val_acc"]),
+        label=label,
+        selection_n=0 if pd.isna(val_n) else int(val_n),
+    )
     check_selected_on([run], load_split("TRAIN", config.data_dir(), config.cache_dir()))
     champion.detector = detector_of(run["run_id"])
     return champion
@@ -227,12 +234,14 @@ def candidates_table(
                 "tta": candidate.tta,
                 "parameters": candidate.parameters,
                 "selection_acc (SELECT2)": candidate.selection_acc,
+                "selection_n": candidate.selection_n,
                 "tie set": "yes" if candidate.label in intervals else "",
                 f"{split}_acc (measured after)": (
                     cache.accuracy(candidate.run_ids, candidate.tta, labels)
                     if measured
                     else float("nan")
                 ),
+                f"{split}_n": len(labels),
                 "champion": is_champion,
             }
         )
@@ -252,7 +261,9 @@ def evaluation_metrics(champion: Champion) -> dict[str, float]:
     metrics = {"selection_acc": champion.selection_acc}
     if champion.task == 1 and champion.detector:
         measured = task1_measures(champion)
-        metrics.update({f"{split}_{k}" if k != "TEST_acc" else k: v for k, v in measured.items()})
+        metrics.update(
+            {k if k.startswith(split) else f"{split}_{k}": v for k, v in measured.items()}
+        )
     else:
         metrics[f"{split}_acc"] = accuracy_on(champion, split)
     return metrics
@@ -367,11 +378,16 @@ def task1_measures(champion: Champion) -> dict[str, float]:
     correct = (predictions == test.labels).numpy()
     answered = score <= champion.detector["threshold"]
     is_new = test.white.numpy()
+    found = bootstrap_interval((is_new, score), auroc)  # over TEST's images
     return {
         "TEST_acc": float(correct.mean()),
+        "TEST_n": float(len(correct)),
         "auroc": float(roc_auc_score(is_new, score)),
+        "auroc_ci_low": found.low,
+        "auroc_ci_high": found.high,
         "coverage": float(answered.mean()),
         "answered_acc": float(correct[answered].mean()) if answered.any() else float("nan"),
+        "answered_n": float(answered.sum()),
     }
 
 

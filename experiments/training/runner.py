@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ import pandas as pd
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 
 from data_tools import DERIVED, Dataset, DatasetError, load_splits
 from experiments.core import config
@@ -330,6 +332,30 @@ def log_answer_tta(run_id: str, data: StepData) -> None:
     client.log_metric(
         run_id, "answer_flops", per_image * len(SHIFTS) * sum(map(len, held.values()))
     )
+
+
+def score_logged_run(run_id: str, data: StepData) -> dict[str, float]:
+    """A logged run (a trial) scored on the step's evaluation sets after the fact, for the
+    record: its metrics and its predictions (with their digest) logged to the run, once. Used
+    for the searched-against-defaults comparison at trial fidelity; chooses nothing."""
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.metrics
+    if all(f"{name}_acc" in logged for name in data.eval_sets):
+        return dict(logged)
+    loaded = load_checkpoint(run_id, resolve_device("auto"))
+    device = next(loaded.model.parameters()).device
+    metrics, entries = {}, {}
+    for dataset in data.eval_sets.values():
+        evaluation = score_set(loaded.model, loaded.preprocessing, dataset, device)
+        metrics.update(evaluation.metrics)
+        entries[predictions.key(dataset.fingerprint, False)] = evaluation.probabilities
+    with tempfile.TemporaryDirectory() as tmp:
+        path = predictions.write(Path(tmp), entries)
+        client.log_artifact(run_id, str(path))
+        predictions.log_digest(path, run_id)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    return {**logged, **metrics}
 
 
 LOADER_MODULE = "experiments.serving.pyfunc_model"  # the served model's code, never logged

@@ -1,0 +1,199 @@
+"""Operating points: one row per budget profile and CPU class, written by `make reproduce`.
+
+`make reproduce` notes the time it started (before installing) and, once its report is
+written, calls `python -m experiments points --profile P --started T`: the row gives what
+that profile bought (the headline cells' mean accuracy, the Task 2 champion's TEST2, the
+quality conditions, TFLOP) and what it cost (the wall time, on the CPU named), read from
+the report just written (`comparison.csv`, `champions.csv`). Rows are kept in
+`reports/operating_points.csv`, one per (profile, CPU class), the newest winning; the table
+is written to `operating_points.md`, and between markers into the README and
+docs/reproduce.md, so that no number in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.core import config, machine
+from experiments.core.steps import STEPS
+from experiments.reporting import findings
+from experiments.tracking import store
+
+POINTS_CSV = "operating_points.csv"
+COLUMNS = [
+    *("profile", "cpu_class", "cpu", "cores", "wall_s", "task1_acc", "task1_low", "task1_high"),
+    *("task1_cells", "task2_acc", "task2_low", "task2_high", "task2_cells", "seeds"),
+    *("champion_test2", "champion_low", "champion_high", "black_met", "baseline_met"),
+    *("reference_met", "tflop", "date", "commit"),
+]
+START = "<!-- operating points: written by `make reproduce` (python -m experiments points) -->"
+END = "<!-- end of operating points -->"
+HEADLINE = {1: ("task1-step1",), 2: ("task2-step2", "task2-step3")}
+
+
+def _mean_of(cells: pd.DataFrame, steps: tuple[str, ...]) -> tuple[float, float, float, int]:
+    """The mean accuracy of the cells of `steps`, the mean of their 95 % limits, and how many."""
+    chosen = cells[cells["step"].isin(steps) & cells["estimate"].notna()]
+    if chosen.empty:
+        return float("nan"), float("nan"), float("nan"), 0
+    return (
+        float(chosen["estimate"].mean()),
+        float(chosen["estimate_low"].mean()),
+        float(chosen["estimate_high"].mean()),
+        len(chosen),
+    )
+
+
+def measure(profile: str, wall_s: float, reports: Path) -> dict:
+    """This profile's row from the report in `reports` and the measured wall time."""
+    cells = pd.read_csv(reports / "comparison.csv")
+    champions_path = reports / "champions.csv"
+    champions = pd.read_csv(champions_path) if champions_path.exists() else pd.DataFrame()
+    task2 = champions[champions["task"] == 2] if not champions.empty else champions
+    met = findings.conditions(cells).set_index("key")["met in"]
+    task1, task2_cells = _mean_of(cells, HEADLINE[1]), _mean_of(cells, HEADLINE[2])
+    searched = cells[cells["step"].map(lambda s: STEPS[s].kind == "search")]
+    commit = store.environment_tags().get("git_commit", "unknown")
+    return {
+        "profile": profile,
+        "cpu_class": machine.cpu_class(),
+        "cpu": machine.cpu_name(),
+        "cores": machine.cores(),
+        "wall_s": round(wall_s),
+        **dict(zip(("task1_acc", "task1_low", "task1_high", "task1_cells"), task1, strict=True)),
+        **dict(
+            zip(("task2_acc", "task2_low", "task2_high", "task2_cells"), task2_cells, strict=True)
+        ),
+        "seeds": int(cells["seeds"].max()) if cells["seeds"].notna().any() else 1,
+        "champion_test2": float(task2["eval_acc"].iloc[0]) if len(task2) else float("nan"),
+        "champion_low": float(task2["eval_low"].iloc[0]) if len(task2) else float("nan"),
+        "champion_high": float(task2["eval_high"].iloc[0]) if len(task2) else float("nan"),
+        "black_met": met.get("black", ""),
+        "baseline_met": met.get("baseline", ""),
+        "reference_met": met.get("reference", ""),
+        "tflop": round(float(searched.drop_duplicates("run_id")["study_tflop"].sum()), 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit[:12],
+    }
+
+
+def upsert(row: dict, path: Path) -> pd.DataFrame:
+    """`row` into the CSV at `path`, replacing the row of its (profile, CPU class)."""
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    keep = ~((old["profile"] == row["profile"]) & (old["cpu_class"] == row["cpu_class"]))
+    rows = [r for r in (old[keep], pd.DataFrame([row], columns=COLUMNS)) if not r.empty]
+    table = pd.concat(rows, ignore_index=True)
+    order = {name: i for i, name in enumerate(("quick", "cpu", "full", "gpu"))}
+    table = table.sort_values(
+        ["profile", "cpu_class"], key=lambda c: c.map(order) if c.name == "profile" else c
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return table
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def _with_interval(value: float, low: float, high: float, digits: int = 3) -> str:
+    if pd.isna(value):
+        return "—"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """The operating-points table as markdown, one row per measured (profile, CPU class)."""
+    shown = pd.DataFrame(
+        {
+            "profile": table["profile"],
+            "CPU": table["cpu"] + ", " + table["cores"].astype(str) + " cores",
+            "wall time": table["wall_s"].map(_minutes),
+            "Task 1 TEST, mean of cells": [
+                _with_interval(*v)
+                for v in zip(
+                    table["task1_acc"], table["task1_low"], table["task1_high"], strict=True
+                )
+            ],
+            "Task 2 TEST2, mean of cells": [
+                _with_interval(*v)
+                for v in zip(
+                    table["task2_acc"], table["task2_low"], table["task2_high"], strict=True
+                )
+            ],
+            "seeds": table["seeds"],
+            "Task 2 champion TEST2": [
+                _with_interval(*v, digits=4)
+                for v in zip(
+                    table["champion_test2"],
+                    table["champion_low"],
+                    table["champion_high"],
+                    strict=True,
+                )
+            ],
+            "black half >= 0.97": table["black_met"],
+            "not worse than baseline": table["baseline_met"],
+            "Task 2 >= ref - 0.005": table["reference_met"],
+            "TFLOP": table["tflop"].map(lambda v: f"{v:,.1f}"),
+            "measured": table["date"] + ", " + table["commit"].astype(str),
+        }
+    )
+    return shown.to_markdown(index=False)
+
+
+NOTE = (
+    "Each row is one `make reproduce PROFILE=<profile>` on a fresh clone, timed from the "
+    "command's start (install and data fetch included) to its report. Mean of cells: the mean "
+    "accuracy of the headline cells (Task 1: TRAIN / TEST, 4 models; Task 2: TEST / TEST2 and "
+    "TRAIN3 / TEST2, 8 cells), in brackets the mean of their 95 % limits; the champion's "
+    "interval is Wilson over TEST2's images. Conditions count studies, as in "
+    "reports/comparison.md. TFLOP: training and evaluation of every study's trials, final "
+    "and baseline."
+)
+
+
+def write_tables(table: pd.DataFrame, reports: Path, targets: list[Path]) -> list[Path]:
+    """operating_points.md in `reports`, and the table between the markers of each target."""
+    body = table_markdown(table)
+    written = [reports / "operating_points.md"]
+    written[0].write_text(f"# Operating points\n\n{NOTE}\n\n{body}\n")
+    for path in targets:
+        text = path.read_text() if path.exists() else ""
+        head, start, rest = text.partition(START)
+        _, end, tail = rest.partition(END)
+        if start and end:
+            path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+            written.append(path)
+    return written
+
+
+def record(profile: str, started: float, out: str | Path | None = None) -> list[Path]:
+    """Measure this profile's row (wall time since `started`, seconds since the epoch), keep
+    it in operating_points.csv and rewrite the tables. A report must exist in `out`."""
+    reports = config.reports_dir(out)
+    if not (reports / "comparison.csv").exists():
+        raise FileNotFoundError(
+            f"{reports / 'comparison.csv'}: no report to measure; run `make report` first"
+        )
+    wall = time.time() - started
+    if not 0 < wall < 7 * 24 * 3600:
+        raise ValueError(f"--started {started}: not a time in the past week (seconds since 1970)")
+    table = upsert(measure(profile, wall, reports), reports / POINTS_CSV)
+    own = reports.resolve() == (config.PROJECT_ROOT / "reports").resolve()
+    targets = [config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "reproduce.md"]
+    return write_tables(table, reports, targets if own else [])
+
+
+def render(out: str | Path | None = None) -> list[Path]:
+    """Rewrite the tables from operating_points.csv alone (no new measurement)."""
+    reports = config.reports_dir(out)
+    path = reports / POINTS_CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no operating points yet; run `make reproduce` first")
+    own = reports.resolve() == (config.PROJECT_ROOT / "reports").resolve()
+    targets = [config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "reproduce.md"]
+    return write_tables(pd.read_csv(path), reports, targets if own else [])

@@ -1,0 +1,106 @@
+"""The operating-points table: a row per (profile, CPU class) measured from the report that
+`make reproduce` just wrote, kept in a CSV, and written between markers, never by hand."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+from experiments.core import machine
+from experiments.reporting import points
+
+STEPS = ("task1-step1", "task2-step2", "task2-step3")
+MODELS = ("vgg", "resnet")
+
+
+def _report(folder, task1=0.5, task2=0.98):
+    """A report's two CSVs: cells of three steps for two models and the two champions."""
+    rows = []
+    for step in STEPS:
+        for i, model in enumerate(MODELS):
+            acc = (task1 if step.startswith("task1") else task2) + 0.01 * i
+            rows.append(
+                {
+                    "step": step,
+                    "model": model,
+                    "accuracy": acc,
+                    "estimate": acc,
+                    "estimate_low": acc - 0.01,
+                    "estimate_high": acc + 0.01,
+                    "reference": 0.5 if step.startswith("task1") else 0.99,
+                    "delta": acc - (0.5 if step.startswith("task1") else 0.99),
+                    "black_acc": 0.98 if model == "vgg" and step.startswith("task1") else 0.9,
+                    "vs_baseline": "worse"
+                    if model == "resnet" and step == "task2-step2"
+                    else "better",
+                    "searched_minus_baseline": 0.01,
+                    "seeds": 3 if step == "task2-step3" else 1,
+                    "run_id": f"{step}-{model}",
+                    "study_tflop": 1.25,
+                }
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "comparison.csv", index=False)
+    champions = pd.DataFrame(
+        [
+            {"task": 1, "eval_acc": 0.5, "eval_low": 0.49, "eval_high": 0.51},
+            {"task": 2, "eval_acc": 0.9885, "eval_low": 0.9854, "eval_high": 0.9911},
+        ]
+    )
+    champions.to_csv(folder / "champions.csv", index=False)
+
+
+def test_a_profile_row_is_measured_from_the_report_and_replaced_when_measured_again(tmp_path):
+    reports = tmp_path / "reports"
+    _report(reports)
+    points.record("quick", time.time() - 65, reports)
+    table = pd.read_csv(reports / points.POINTS_CSV)
+    (row,) = table.to_dict("records")
+    assert row["profile"] == "quick" and row["cpu_class"] == machine.cpu_class()
+    assert 64 <= row["wall_s"] <= 80
+    assert row["task1_acc"] == pytest.approx(0.505) and row["task1_cells"] == 2
+    assert row["task2_acc"] == pytest.approx(0.985) and row["task2_cells"] == 4
+    assert row["task2_low"] == pytest.approx(0.975) and row["seeds"] == 3
+    assert row["champion_test2"] == pytest.approx(0.9885)
+    assert row["black_met"].startswith("1 of 2")  # vgg's black half only
+    assert row["baseline_met"].startswith("5 of 6")  # task2-step2/resnet is worse
+    assert row["reference_met"].startswith("2 of 4")  # vgg (0.98) under 0.99 - 0.005
+    assert row["tflop"] == pytest.approx(7.5)  # 6 studies of 1.25
+    text = (reports / "operating_points.md").read_text()
+    assert "| quick" in text and "1 min 0" in text and "0.9885 [0.9854, 0.9911]" in text
+    _report(reports, task1=0.6)
+    points.record("cpu", time.time() - 600, reports)
+    points.record("quick", time.time() - 30, reports)  # measured again: replaces its row
+    table = pd.read_csv(reports / points.POINTS_CSV)
+    assert list(table["profile"]) == ["quick", "cpu"]
+    assert table.set_index("profile").loc["quick", "task1_acc"] == pytest.approx(0.605)
+
+
+def test_the_table_goes_between_the_markers_and_nowhere_else(tmp_path):
+    reports = tmp_path / "reports"
+    _report(reports)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{points.START}\nold table\n{points.END}\nafter\n")
+    plain = tmp_path / "other.md"
+    plain.write_text("no markers here\n")
+    table = points.upsert(points.measure("cpu", 1234, reports), reports / points.POINTS_CSV)
+    written = points.write_tables(table, reports, [readme, plain])
+    assert readme in written and plain not in written
+    text = readme.read_text()
+    assert "old table" not in text and "20 min 34 s" in text
+    assert text.startswith("intro\n") and text.endswith(f"{points.END}\nafter\n")
+    assert plain.read_text() == "no markers here\n"
+
+
+def test_without_a_report_or_with_a_bad_start_nothing_is_written(tmp_path):
+    reports = tmp_path / "reports"
+    with pytest.raises(FileNotFoundError, match="comparison.csv"):
+        points.record("cpu", time.time(), reports)
+    _report(reports)
+    with pytest.raises(ValueError, match="--started"):
+        points.record("cpu", time.time() + 3600, reports)  # in the future
+    assert not (reports / points.POINTS_CSV).exists()
+    with pytest.raises(FileNotFoundError, match="make reproduce"):
+        points.render(reports)

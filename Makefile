@@ -104,10 +104,12 @@ reproduce: $(STAMP) ## the whole study: installs, fetches the data when none are
 	$(MAKE) --no-print-directory check-args
 	$(PY) -m data_tools fetch --if-missing
 	$(MAKE) --no-print-directory data
+	@date +%s > $(VENV)/.reproduce-setup-done
 	$(MAKE) --no-print-directory studies WITH_STUDIES=analysis
 	$(if $(filter full,$(PROFILE)),$(MAKE) --no-print-directory full-seeds)
 	$(MAKE) --no-print-directory report
-	$(PY) -m experiments points --profile $(or $(PROFILE),auto) --started $(REPRODUCE_STARTED)
+	$(PY) -m experiments points --profile $(or $(PROFILE),auto) --started $(REPRODUCE_STARTED) \
+		--setup-done "$$(cat $(VENV)/.reproduce-setup-done)"
 
 setup: $(STAMP) ## create .venv and install the project with dev extras, versions pinned by requirements.lock
 

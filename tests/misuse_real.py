@@ -3,8 +3,8 @@
 `python tests/misuse_real.py` runs every case as a CLI subprocess against the real data
 (`DATA_DIR`, default the shared folder) in throw-away stores, counts per class of fault the
 tracebacks, the refusals slower than 30 s, the secrets printed, the runs left RUNNING and
-the files overwritten, and writes `reports/reliability.md` and the README's reliability
-table (between its markers). A case that breaks an expectation is listed as such.
+the files overwritten, and writes `reports/reliability.md` and the table in
+docs/reliability.md (between its markers). A case that breaks an expectation is listed as such.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ REAL = ROOT.parent / "shared" / "data" / "ann-numpy-array-images"
 SECRET = "s3cr3t-pw"
 TINY = ["--trials", "1", "--epochs", "1", "--final-epochs", "1", "--train-subset", "600"]
 STUDY = ["search", "--step", "task2-step3", "--model", "vgg"]
-README_START = "<!-- reliability table: written by `python tests/misuse_real.py` -->"
-README_END = "<!-- end of reliability table -->"
+DOC_START = "<!-- reliability table: written by `python tests/misuse_real.py` -->"
+DOC_END = "<!-- end of reliability table -->"
 
 
 @dataclass
@@ -451,9 +451,9 @@ def main() -> int:
     table = markdown(data, time.monotonic() - start)
     reports = ROOT / "reports"
     (reports / "reliability.md").write_text(f"# Misuse and faults on the real data\n\n{table}\n")
-    readme = ROOT / "README.md"
-    head, start_marker, rest = readme.read_text().partition(README_START)
-    _, end_marker, tail = rest.partition(README_END)
+    readme = ROOT / "docs" / "reliability.md"
+    head, start_marker, rest = readme.read_text().partition(DOC_START)
+    _, end_marker, tail = rest.partition(DOC_END)
     if start_marker and end_marker:
         readme.write_text(f"{head}{start_marker}\n{table}\n{end_marker}{tail}")
     print(table)

@@ -94,6 +94,7 @@ def test_conv_peak_counts_two_flops_per_multiply_add(monkeypatch):
     assert conv_peak(channels=8, side=6, batch=4, repeats=4) == pytest.approx(flops / 0.5)
 
 
+@pytest.mark.slow  # a benchmark command end to end: make test-all
 def test_fidelity_ranks_every_fidelity_against_the_final(study_data, tmp_path, monkeypatch):
     import experiments.search.fidelity as fidelity
 
@@ -112,6 +113,7 @@ def test_fidelity_ranks_every_fidelity_against_the_final(study_data, tmp_path, m
     assert tracked.data.params["configs"] == "1"
 
 
+@pytest.mark.slow  # a benchmark command end to end: make test-all
 def test_precision_bench_lists_every_model_and_the_auto_choice(study_data, tmp_path, monkeypatch):
     from experiments.training import inference
     from models import MODELS

@@ -158,7 +158,7 @@ def _condition(lines: list[str], start: str) -> list[str]:
 def test_search_conditions_count_each_miss_and_what_is_not_measured():
     cells = _condition_cells()
     lines = search_conditions(cells, models=2)
-    assert _condition(lines, "searched final not") == ["8 of 8", "none"]
+    assert _condition(lines, "searched answer not") == ["8 of 8", "none"]
     assert _condition(lines, "TEST / TEST2") == ["4 of 4", "none"]
     assert _condition(lines, "TEST black half") == ["4 of 4", "none"]
     # task2-step1 trains nothing: a loss there is no miss of the search
@@ -180,7 +180,7 @@ def test_search_conditions_count_each_miss_and_what_is_not_measured():
     cells.loc[at("task1-step2", "vgg"), "black_acc"] = 0.969
     cells.loc[at("task1-step1", "resnet"), "black_acc"] = float("nan")  # not measured yet
     lines = search_conditions(cells, models=2)
-    assert _condition(lines, "searched final not") == ["7 of 8", "task2-step2/vgg -0.006"]
+    assert _condition(lines, "searched answer not") == ["7 of 8", "task2-step2/vgg -0.006"]
     assert _condition(lines, "TEST / TEST2") == ["3 of 4", "task2-step3/resnet -0.006"]
     assert _condition(lines, "TEST black half") == [
         "2 of 3 (1 not measured)",

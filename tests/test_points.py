@@ -55,11 +55,11 @@ def _report(folder, task1=0.5, task2=0.98):
 def test_a_profile_row_is_measured_from_the_report_and_replaced_when_measured_again(tmp_path):
     reports = tmp_path / "reports"
     _report(reports)
-    points.record("quick", time.time() - 65, reports)
+    points.record("quick", time.time() - 65, reports, setup_done=time.time() - 45)
     table = pd.read_csv(reports / points.POINTS_CSV)
     (row,) = table.to_dict("records")
     assert row["profile"] == "quick" and row["cpu_class"] == machine.cpu_class()
-    assert 64 <= row["wall_s"] <= 80
+    assert 64 <= row["wall_s"] <= 80 and 19 <= row["setup_s"] <= 35
     assert row["task1_acc"] == pytest.approx(0.505) and row["task1_cells"] == 2
     assert row["task2_acc"] == pytest.approx(0.985) and row["task2_cells"] == 4
     assert row["task2_low"] == pytest.approx(0.975) and row["seeds"] == 3
@@ -70,6 +70,7 @@ def test_a_profile_row_is_measured_from_the_report_and_replaced_when_measured_ag
     assert row["tflop"] == pytest.approx(7.5)  # 6 studies of 1.25
     text = (reports / "operating_points.md").read_text()
     assert "| quick" in text and "1 min 0" in text and "0.9885 [0.9854, 0.9911]" in text
+    assert "(setup 0 min 2" in text
     _report(reports, task1=0.6)
     points.record("cpu", time.time() - 600, reports)
     points.record("quick", time.time() - 30, reports)  # measured again: replaces its row

@@ -190,7 +190,7 @@ def test_given_epochs_win_over_the_image_budgets():
 
 
 def test_budget_counts_the_training_images_at_the_val_fraction_a_run_uses(study_data):
-    from experiments.search.configs import train_images
+    from experiments.search.plan import StudyPlan
     from experiments.training.runner import load_step_data
     from experiments.training.train import dataset_split
 
@@ -200,7 +200,8 @@ def test_budget_counts_the_training_images_at_the_val_fraction_a_run_uses(study_
             split = len(dataset_split(data.train_set, fraction, seed=3)[0])
             assert data.training_images(fraction) == split
             budget = Budget(overrides={"val_fraction": str(fraction)})
-            assert train_images(data, "vgg", budget) == split
+            plan = StudyPlan.build(STEPS[step], "vgg", budget).with_data(data)
+            assert plan.train_images == split
         assert data.train_images == data.training_images(0.2) < data.training_images(0.1)
     # TRAIN2's grouped split is other data than the image-by-image one an older store saw
     from dataclasses import replace
@@ -356,6 +357,30 @@ def test_a_trial_baseline_compares_trial_0_with_the_best_trial_and_trains_no_bas
     baseline = client.get_run(trials["0"].info.run_id).data.metrics["TEST2_acc"]
     assert cell["ab_fidelity"] == "trial" and cell["baseline_acc"] == pytest.approx(baseline)
     assert "also_baseline" not in client.get_run(result.final_run_id).data.tags
+
+
+def test_the_study_plan_holds_every_role_s_settings_resolved_once(study_data):
+    """The plan, built once from step, model, budget and data: the pinned settings (the
+    step's and the user's), the training-set size, and the trial, final and baseline
+    settings that follow from the budget; a `--set` against the step is refused at build."""
+    from experiments.search.plan import StudyPlan
+
+    budget = Budget(trials=3, train_subset=60, overrides={"lr": "0.003"})
+    plan = StudyPlan.build(STEPS["task2-mixed"], "vgg", budget)
+    assert plan.pinned == {"polarity": "to_black", "lr": 0.003} and plan.train_images == 0
+    plan = plan.with_data()
+    assert plan.train_images == plan.data.training_images(None) > 0
+    params = plan.defaults()
+    assert "lr" not in params and "polarity" not in params  # pinned: never searched
+    trial = plan.trial(params, 2)
+    assert (trial.seed, trial.train_subset, trial.lr) == (budget.seed + 2, 60, 0.003)
+    assert trial.epochs == budget.trial_epochs(plan.train_images)
+    final = plan.final(params)
+    assert (final.train_subset, final.epochs) == (0, budget.retrain_epochs(plan.train_images))
+    assert plan.baseline() == final and final.polarity == "to_black"
+    assert plan.key(final) == plan.key(plan.baseline()) != plan.key(trial)
+    with pytest.raises(ValueError, match="contradicts step task2-mixed"):
+        StudyPlan.build(STEPS["task2-mixed"], "vgg", Budget(overrides={"polarity": "keep"}))
 
 
 def test_a_study_from_before_data_keys_is_not_resumed(study_data, capsys):

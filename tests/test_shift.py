@@ -38,6 +38,8 @@ def test_shift_command_on_tiny_data(study_data, tmp_path, monkeypatch):
             return clusterings[-1]
 
     monkeypatch.setattr(shift, "KMeans", RecordedKMeans)
+    monkeypatch.setattr(shift, "K_SHOTS", (1, 5))  # the two the checks below read
+    monkeypatch.setattr(shift, "SHOT_COPIES", 60)  # tiny data: a tiny fine-tune
     run_step("task1-step1", "vgg", Budget(trials=1, epochs=1, train_subset=0, final_epochs=1))
     results = run_shift(("vgg",))
     metrics = results["vgg"].metrics

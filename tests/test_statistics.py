@@ -381,3 +381,16 @@ def test_one_image_is_worth_one_over_the_set_size():
     assert one_image_worth(600) == pytest.approx(0.001667, abs=1e-6)
     with pytest.raises(ValueError):
         one_image_worth(0)
+
+
+def test_auroc_scores_many_resamples_at_once_as_sklearn_scores_each():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    labels = rng.random((5, 40)) < 0.4
+    scores = np.round(rng.random((5, 40)) + 0.3 * labels, 1)  # rounded: ties in every row
+    labels[4] = True  # one class only: no area
+    rows = auroc(labels, scores)
+    assert rows.shape == (5,) and np.isnan(rows[4])
+    expected = [roc_auc_score(labels[i], scores[i]) for i in range(4)]
+    assert rows[:4] == pytest.approx(expected)

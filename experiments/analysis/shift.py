@@ -133,6 +133,7 @@ def _halves_with_intervals(
 
 
 K_SHOTS = (1, 5, 20, 100)
+SHOT_COPIES = 500  # the k-shot images repeated to about this many, then as many TRAIN images
 
 
 def sample_k_shot(test_set: Dataset, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +163,7 @@ def fine_tune(
     by looking at evaluation labels.
     """
     generator = torch.Generator().manual_seed(seed)
-    repeats = max(1, 500 // len(labels))
+    repeats = max(1, SHOT_COPIES // len(labels))
     replay_idx = torch.randperm(len(replay), generator=generator)[: len(labels) * repeats]
     x = torch.cat([images.repeat(repeats, 1, 1, 1), replay.images[replay_idx]])
     y = torch.cat([labels.repeat(repeats), replay.labels[replay_idx]])
@@ -326,7 +327,7 @@ def run_shift(
         if adapt:
             result.metrics.update(adaptation(loaded, train_set, test_set))
         if curve:
-            result.metrics.update(label_efficiency(loaded, train_set, test_set))
+            result.metrics.update(label_efficiency(loaded, train_set, test_set, K_SHOTS))
         analysed[model] = result
         _log(model, source, result)
     return analysed

@@ -91,7 +91,8 @@ def _points(args: argparse.Namespace) -> None:
     else:
         from experiments.search.space import resolve_profile
 
-        written = points.record(resolve_profile(args.profile), args.started, args.out)
+        profile = resolve_profile(args.profile)
+        written = points.record(profile, args.started, args.out, args.setup_done)
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -109,6 +110,11 @@ def _add_points(commands) -> None:
     )
     found.add_argument(
         "--started", type=float, help="when `make reproduce` started, in seconds since 1970"
+    )
+    found.add_argument(
+        "--setup-done",
+        type=lambda text: float(text) if text.strip() else None,
+        help="when its install, fetch and data check ended (the rest: studies and report)",
     )
     found.add_argument("--out", help="reports folder (default: reports/)")
     found.set_defaults(func=_points)

@@ -69,8 +69,8 @@ def _budget(args: argparse.Namespace):
 def _search(args: argparse.Namespace) -> None:
     from experiments.core.steps import training_step
     from experiments.reporting.report import row_text
-    from experiments.search.configs import check_settings
     from experiments.search.driver import run_step
+    from experiments.search.plan import StudyPlan
     from experiments.search.study import summary_line
 
     budget = _budget(args)
@@ -78,7 +78,7 @@ def _search(args: argparse.Namespace) -> None:
     steps = list(dict.fromkeys(args.step))  # in the order given: a chain, sources first
     for name in steps:  # every study's settings are checked before the first one starts
         for model in models:
-            check_settings(training_step(name), model, budget)
+            StudyPlan.build(training_step(name), model, budget, args.storage)
     for name in steps:  # one process: imports, data cache and threads are set up once
         for model in models:
             result = run_step(name, model, budget, storage_url=args.storage, workers=args.workers)

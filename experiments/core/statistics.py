@@ -150,15 +150,19 @@ def bootstrap_interval(
     return Interval(estimate, float(ci.low), float(ci.high), sizes.pop(), level)
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The area under the ROC curve (positives: `labels` true), as the Mann-Whitney U / n1 n0."""
+def auroc(labels: np.ndarray, scores: np.ndarray, axis: int = -1) -> float | np.ndarray:
+    """The area under the ROC curve (positives: `labels` true), as the Mann-Whitney U / n1 n0:
+    the positives' rank sum (ties at their mean rank, scipy's `rankdata`) less n1 (n1 + 1) / 2.
+    Along `axis`, so that a bootstrap scores all its resamples in one call; nan where a row
+    lacks either class."""
     labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=float)
-    positive, negative = scores[labels], scores[~labels]
-    if positive.size == 0 or negative.size == 0:
-        return float("nan")
-    u = stats.mannwhitneyu(positive, negative, alternative="two-sided").statistic
-    return float(u) / (positive.size * negative.size)
+    ranks = stats.rankdata(np.asarray(scores, dtype=float), axis=axis)
+    positives = labels.sum(axis=axis)
+    negatives = labels.shape[axis] - positives
+    u = (ranks * labels).sum(axis=axis) - positives * (positives + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area = np.where((positives > 0) & (negatives > 0), u / (positives * negatives), np.nan)
+    return float(area) if area.ndim == 0 else area
 
 
 def _verdict(difference: float, p_value: float, alpha: float) -> str:

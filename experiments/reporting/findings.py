@@ -350,8 +350,9 @@ def conditions(cells: pd.DataFrame, models: int = 4) -> pd.DataFrame:
     black_ok = black["black_acc"].astype(float) >= BLACK_TARGET
     rows = [
         {
-            "condition": "searched final not significantly worse than its baseline "
-            "(paired test on the evaluation images, p < 0.05)",
+            "condition": "searched answer not significantly worse than the hand-set defaults "
+            "(paired test on the evaluation images, p < 0.05, at the fidelity its study "
+            "compared them)",
             "met in": _verdict(searched, "vs_baseline", baseline_ok, len(steps) * models),
             "misses": _listed(searched[~baseline_ok], "searched_minus_baseline", signed=True)
             or "none",

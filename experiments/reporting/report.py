@@ -23,18 +23,16 @@ import pandas as pd  # noqa: E402
 from data_tools import load_split  # noqa: E402
 from experiments.analysis import ensemble  # noqa: E402
 from experiments.core import config
-from experiments.core import statistics as st
 from experiments.core.steps import STEPS, training_step  # noqa: E402
 from experiments.reporting import findings, uncertainty
+from experiments.reporting.champions import SHIFT_EXPERIMENT, champions_markdown, shift_metrics
 from experiments.reporting.forest import forest_plot
-from experiments.serving import registry
 from experiments.tracking import results, store
 from experiments.training.checkpoint import load_checkpoint  # noqa: E402
 from experiments.training.inference import ProbabilityCache  # noqa: E402
 from models import MODELS, title  # noqa: E402
 
 REPORT_EXPERIMENT = "report"
-SHIFT_EXPERIMENT = "task1-shift"
 CELL_COLUMNS = [
     "step",
     "row",
@@ -260,6 +258,33 @@ def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+HEADLINE_NOTE = (
+    "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained\n"
+    "on the whole training split (where the budget also trains a baseline, the hand-set\n"
+    "defaults trained the same way, whichever of the two has the higher validation\n"
+    "accuracy). In square brackets its 95 % interval:\n"
+    "Wilson over the evaluation images (6,000 per set); for a cell with several seeds\n"
+    "(`make seeds`) the mean ± sd over seeds, the interval widened by the seed sd. In round\n"
+    "brackets the reference notebooks' number: *within noise* when it lies inside the\n"
+    "interval, else *above* / *below* (this study's number against it). docs/statistics.md\n"
+    "says what each interval and test means."
+)
+AB_NOTE = (
+    "Every study compares its searched settings with its model's hand-set defaults (its\n"
+    "trial 0) at one fidelity (*fidelity*). *final*: the defaults trained exactly like the\n"
+    "final (`role=baseline`), *searched* the best trial retrained, and the study's answer\n"
+    "(the cell above) is whichever of the two has the higher validation accuracy on the\n"
+    "full validation split (*selected*). *trial* (budgets that train no baseline): the\n"
+    "best trial against trial 0, both at trial fidelity, and the answer is the final.\n"
+    "Evaluation accuracy on the step's evaluation set; measured after the fact, never\n"
+    "used to choose.\n"
+    "The paired test runs on the same evaluation images: exact McNemar on the images the\n"
+    "two runs disagree on (a t-test over seeds where both have several); its interval is a\n"
+    "paired bootstrap of the difference. *better* / *worse*: p < 0.05; otherwise *no\n"
+    "detectable difference*."
+)
+
+
 def to_markdown(cells: pd.DataFrame) -> str:
     run = cells.groupby("step")["accuracy"].transform(lambda a: a.notna().any())
     not_run = list(dict.fromkeys(cells.loc[~run, "step"]))
@@ -271,14 +296,7 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "",
         "## Headline: evaluation accuracy with 95 % intervals",
         "",
-        "Each cell: evaluation accuracy of the study's answer: its best COMPLETE trial retrained",
-        "on the whole training split, or its baseline (the hand-set defaults trained the same way),",
-        "whichever has the higher validation accuracy. In square brackets its 95 % interval:",
-        "Wilson over the evaluation images (6,000 per set); for a cell with several seeds",
-        "(`make seeds`) the mean ± sd over seeds, the interval widened by the seed sd. In round",
-        "brackets the reference notebooks' number: *within noise* when it lies inside the",
-        "interval, else *above* / *below* (this study's number against it). docs/statistics.md",
-        "says what each interval and test means."
+        HEADLINE_NOTE
         + (
             f" Not run here (`make beyond` and the step targets): {', '.join(not_run)}."
             if not_run
@@ -291,22 +309,11 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "",
         "## Details per cell",
         "",
-        _missing_as_none(details).to_markdown(index=False, floatfmt=".4f", missingval="—"),
+        _missing_as_none(details).to_markdown(index=False, missingval="—", disable_numparse=True),
         "",
         "## Searched against the hand-set defaults",
         "",
-        "Every study compares its searched settings with its model's hand-set defaults (its",
-        "trial 0) at one fidelity (*fidelity*). *final*: the defaults trained exactly like the",
-        "final (`role=baseline`), *searched* the best trial retrained, and the study's answer",
-        "(the cell above) is whichever of the two has the higher validation accuracy on the",
-        "full validation split (*selected*). *trial* (budgets that train no baseline): the",
-        "best trial against trial 0, both at trial fidelity, and the answer is the final.",
-        "Evaluation accuracy on the step's evaluation set; measured after the fact, never",
-        "used to choose.",
-        "The paired test runs on the same evaluation images: exact McNemar on the images the",
-        "two runs disagree on (a t-test over seeds where both have several); its interval is a",
-        "paired bootstrap of the difference. *better* / *worse*: p < 0.05; otherwise *no",
-        "detectable difference*.",
+        AB_NOTE,
         "",
         _missing_as_none(baselines).to_markdown(index=False, floatfmt=".4f", missingval="—")
         if not baselines.empty
@@ -380,171 +387,6 @@ def ensembles_markdown(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-CHAMPION_COLUMNS = [
-    *("task", "champion", "runs", "selection_acc", "selection_low", "selection_high"),
-    *("selection_n", "eval_set", "eval_acc", "eval_low", "eval_high", "eval_n"),
-]
-
-
-def champions_markdown(
-    test2_cache: ProbabilityCache | None = None, tta: bool = True
-) -> tuple[list[str], pd.DataFrame]:
-    """The two champions first: their rule (validation only), selection and evaluation numbers.
-    `test2_cache`: TEST2 probabilities shared with the ensembles; `tta=False` leaves the TEST2
-    cell of the TTA candidates other than the champion empty (`make report TTA=1` fills it).
-    Returns the lines and the champions as a table (`champions.csv`: each accuracy with its
-    95 % Wilson interval and its images)."""
-    lines = ["## Champions (chosen on validation only; evaluation measured after)", ""]
-    records = []
-    field = registry.task2_candidates()  # SELECT2 predicted once for the table and the rule
-    table = registry.candidates_table("TEST2", field, test2_cache, tta)
-    for task, evaluated in ((1, "TEST"), (2, "TEST2")):
-        try:
-            champion = registry.choose(task, field if task == 2 else None)
-        except RuntimeError as exc:
-            lines.append(f"- Task {task}: no champion yet ({exc}).")
-            continue
-        runs = ", ".join(run_id[:12] for run_id in champion.run_ids)
-        measured = registry.task1_measures(champion) if champion.detector else {}
-        if task == 2:
-            row = table[table["champion"]].iloc[0]
-            evaluation = float(row[f"{evaluated}_acc (measured after)"])
-            evaluation_n = int(row[f"{evaluated}_n"])
-        elif measured:
-            evaluation, evaluation_n = measured["TEST_acc"], int(measured["TEST_n"])
-        else:
-            evaluation = registry.accuracy_on(champion, evaluated)
-            evaluation_n = len(load_split(evaluated, config.data_dir(), config.cache_dir()).labels)
-        wilson = uncertainty.wilson_text
-        chosen = (
-            st.accuracy_interval(
-                round(champion.selection_acc * champion.selection_n), champion.selection_n
-            )
-            if champion.selection_n
-            else None
-        )
-        measured_interval = st.accuracy_interval(round(evaluation * evaluation_n), evaluation_n)
-        records.append(
-            {
-                "task": task,
-                "champion": champion.label,
-                "runs": " ".join(champion.run_ids),
-                "selection_acc": champion.selection_acc,
-                "selection_low": chosen.low if chosen else None,
-                "selection_high": chosen.high if chosen else None,
-                "selection_n": champion.selection_n,
-                "eval_set": evaluated,
-                "eval_acc": evaluation,
-                "eval_low": measured_interval.low,
-                "eval_high": measured_interval.high,
-                "eval_n": evaluation_n,
-            }
-        )
-        lines.append(
-            f"- **Task {task}**: {champion.label} (run {runs}), selection accuracy "
-            f"{wilson(champion.selection_acc, champion.selection_n)} "
-            f"({champion.selection_n:,} validation images), **{evaluated} "
-            f"{wilson(evaluation, evaluation_n)}** ({evaluation_n:,} images; 95 % Wilson "
-            f"intervals). Rule: {registry.RULES[task]}."
-        )
-        if champion.detector:
-            lines += task1_detector_lines(champion, measured)
-        if task == 2:
-            lines += tie_set_lines(field)
-    if not table.empty:
-        lines += [
-            "",
-            "### Task 2 candidates (the rule's whole field; TEST2 measured after the choice)",
-            "",
-            "Study answers validated on SELECT2 and the fixed-recipe ensembles, with and "
-            "without TTA. Only the selection column chooses; a higher TEST2 number elsewhere "
-            "would be hindsight."
-            + (
-                ""
-                if tta
-                else " TEST2 of the TTA rows other than the champion: `make report TTA=1`."
-            ),
-            "",
-            _candidates_shown(table).to_markdown(index=False),
-        ]
-    return ["", *lines, ""], pd.DataFrame(records, columns=CHAMPION_COLUMNS)
-
-
-def _candidates_shown(table: pd.DataFrame) -> pd.DataFrame:
-    """The candidates table as shown: selection and evaluation accuracy, each with its 95 %
-    Wilson interval over its images (SELECT2; the evaluation set), the counts dropped."""
-    shown = table.copy()
-    for column in shown.columns:
-        if column.endswith("_n"):
-            continue
-        if column.startswith("selection_acc") or column.endswith("(measured after)"):
-            count = (
-                "selection_n" if column.startswith("selection_acc") else column.split("_")[0] + "_n"
-            )
-            shown[column] = [
-                uncertainty.wilson_text(v, n)
-                for v, n in zip(shown[column], shown[count], strict=True)
-            ]
-    return shown.drop(columns=[c for c in shown.columns if c.endswith("_n")])
-
-
-def tie_set_lines(field: list) -> list[str]:
-    """Task 2's tie set: the candidates SELECT2 cannot tell apart from the best, and the rule,
-    fixed in code before any evaluation number is read, that breaks the tie."""
-    from experiments.core.statistics import TIE_BREAK_RULE, one_image_worth
-
-    ties = registry.tied(field)
-    best = ties.loc[ties["select_acc"].idxmax()]
-    n = int(best["select_n"])
-    names = ", ".join(f"{row['name']} ({row['select_acc']:.4f})" for _, row in ties.iterrows())
-    return [
-        f"  - Tie set: {len(ties)} of {len(field)} candidates lie within the best SELECT2 "
-        f"accuracy's 95 % interval [{best['select_acc_low']:.4f}, {best['select_acc_high']:.4f}] "
-        f"({n} images; one image is {one_image_worth(n):.4f}): {names}.",
-        f"  - Tie-break: {TIE_BREAK_RULE}",
-    ]
-
-
-def task1_detector_lines(champion, measured: dict[str, float]) -> list[str]:
-    """The Task 1 detector: its TRAIN-only proxy scores, then TEST measured after the fact,
-    beside the hindsight-best (model, detector) pair of the shift analysis."""
-    detector = champion.detector
-    proxy = ", ".join(f"{k} {v:.3f}" for k, v in detector["proxy_auroc"].items())
-    lines = [
-        f"  - Detector **{detector['name']}**, {detector['chosen_by']}; AUROC on the "
-        f"TRAIN-only proxy ({detector['proxy']}): {proxy}; threshold {detector['threshold']:.4f} "
-        f"({detector['refuse_fraction']:.0%} of TRAIN validation refused).",
-        f"  - On TEST, measured after: new-script AUROC "
-        f"{uncertainty.interval_text(measured['auroc'], measured.get('auroc_ci_low'), measured.get('auroc_ci_high'), 3)}"
-        f" (bootstrap over images), coverage {uncertainty.wilson_text(measured['coverage'], measured.get('TEST_n'), 3)}, "
-        f"accuracy on the {int(measured.get('answered_n', 0)):,} answered images "
-        f"{uncertainty.wilson_text(measured['answered_acc'], measured.get('answered_n'), 3)} "
-        f"(all TEST {uncertainty.wilson_text(measured['TEST_acc'], measured.get('TEST_n'), 3)}; "
-        "95 % Wilson intervals).",
-    ]
-    pairs = [
-        (value, model, key[len("auroc_") :])
-        for model, metrics in shift_metrics().items()
-        for key, value in metrics.items()
-        if key.startswith("auroc_") and key != "auroc_background" and "_ci_" not in key
-    ]
-    if pairs:
-        value, model, name = max(pairs)
-        lines.append(
-            f"  - Hindsight (picked by TEST AUROC, not a result): {model} + {name}, "
-            f"AUROC {value:.3f}."
-        )
-    return lines
-
-
-def shift_metrics() -> dict[str, dict[str, float]]:
-    """The newest `task1-shift` run's metrics per model (empty without `make task1-shift`)."""
-    frame = results.runs(SHIFT_EXPERIMENT, state=None, newest=True, step=SHIFT_EXPERIMENT)
-    if frame.empty:
-        return {}
-    return {row["tags.model"]: results.metrics_of(row) for _, row in frame.iterrows()}
-
-
 def write_shift_report(out: str | Path | None = None) -> Path:
     """reports/task1_shift.md from every model's newest shift run."""
     out_dir = config.reports_dir(out)
@@ -572,16 +414,7 @@ def build_report(
     Task 1 section comes from the `task1-shift` runs. An empty store is an
     error: nothing is written and no `report` run is made; so is a negative `ensemble_k`.
     """
-    if ensemble_k < 0:
-        raise ValueError(
-            f"--ensemble {ensemble_k}: K must be 0 (no ensemble rows) or more; nothing written"
-        )
-    cells = collect()
-    if cells["accuracy"].isna().all():
-        raise RuntimeError(
-            f"no finished study in the tracking store {config.mask_secrets(config.tracking_uri())}: "
-            "run `make reproduce` (or a step's make target) first"
-        )
+    cells = _cells_to_report(ensemble_k)
     out_dir = config.reports_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensembles = []
@@ -624,6 +457,22 @@ def build_report(
         written.append("ensembles.csv")
     _log_report(out_dir, written, figure if has_figure else None, cells, ensembles, ensemble_k, tta)
     return out_dir, cells
+
+
+def _cells_to_report(ensemble_k: int) -> pd.DataFrame:
+    """Every cell of the store; an error, before anything is written, on a negative
+    `ensemble_k` or a store with no finished study."""
+    if ensemble_k < 0:
+        raise ValueError(
+            f"--ensemble {ensemble_k}: K must be 0 (no ensemble rows) or more; nothing written"
+        )
+    cells = collect()
+    if cells["accuracy"].isna().all():
+        raise RuntimeError(
+            f"no finished study in the tracking store {config.mask_secrets(config.tracking_uri())}: "
+            "run `make reproduce` (or a step's make target) first"
+        )
+    return cells
 
 
 def _log_report(out_dir, written, figure, cells, ensembles, ensemble_k, tta) -> None:

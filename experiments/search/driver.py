@@ -23,21 +23,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.core import config
 from experiments.core.settings import TrainConfig
 from experiments.core.steps import Step, get_step, training_step
 from experiments.search import process, study
-from experiments.search.configs import (
-    base_settings,
-    baseline_config,
-    baseline_key,
-    check_settings,
-    default_trial_params,
-    pinned,
-    run_config,
-    run_key,
-    train_images,
-)
+from experiments.search.plan import StudyPlan
 from experiments.search.space import Budget, Pinned, suggest, suggest_fine_tune
 from experiments.search.study import StudyResult, summary_line  # noqa: F401 (the driver's result)
 from experiments.tracking import results, store
@@ -55,42 +44,31 @@ def _transfer_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"pretrained_run": cfg.init_from, "freeze": cfg.freeze} if cfg.init_from else {}
 
 
-def warm_start(
-    handle: optuna.Study,
-    step: Step,
-    model: str,
-    budget: Budget,
-    storage_url: str | None,
-    parent: str,
-) -> None:
+def warm_start(handle: optuna.Study, plan: StudyPlan, parent: str) -> None:
     """Enqueue the best params of the related step's study (if it exists) as trial 1."""
-    if step.warm_start is None:
+    if plan.step.warm_start is None:
         return
-    name = study.study_name(step.warm_start, model)
+    name = study.study_name(plan.step.warm_start, plan.model)
     try:
-        source = optuna.load_study(study_name=name, storage=study.make_storage(storage_url))
+        source = optuna.load_study(study_name=name, storage=study.make_storage(plan.storage_url))
     except KeyError:
         return
     best = study.best_complete_trial(source)
     if best is None or best.user_attrs.get("defaults"):  # the defaults are trial 0 already
         return
-    keep = pinned(step, model, budget)
-    params = {k: v for k, v in best.params.items() if k not in keep}
+    params = {k: v for k, v in best.params.items() if k not in plan.pinned}
     handle.enqueue_trial(params, user_attrs={"warm_start_from": f"{name}#{best.number}"})
     MlflowClient().set_tag(parent, "warm_start_from", f"{name} trial {best.number}")
     print(f"[{handle.study_name}] warm start: {name} trial {best.number} enqueued", flush=True)
 
 
-def make_objective(data: StepData, model: str, parent: str, budget: Budget, base: dict[str, Any]):
+def make_objective(plan: StudyPlan, parent: str):
     """A trial: suggest (pinned settings kept), resolve, train on the subset, report per epoch."""
-    suggest_fn = suggest_fine_tune if data.step.kind == "fine_tune" else suggest
-    keep = pinned(data.step, model, budget)
-    images = train_images(data, model, budget)
+    suggest_fn = suggest_fine_tune if plan.step.kind == "fine_tune" else suggest
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest_fn(Pinned(trial, keep), model)
-        role = budget.trial_role(params, images, trial.number)
-        cfg = run_config(data.step, model, budget, base, params, role)
+        params = suggest_fn(Pinned(trial, plan.pinned), plan.model)
+        cfg = plan.trial(params, trial.number)
 
         def report(row: dict[str, float]) -> None:
             trial.report(row["val_acc"], int(row["epoch"]))
@@ -98,19 +76,19 @@ def make_objective(data: StepData, model: str, parent: str, budget: Budget, base
                 raise optuna.TrialPruned(f"pruned at epoch {int(row['epoch'])}")
 
         outcome = train_and_log(
-            data,
+            plan.data,
             cfg,
             run_name=f"trial-{trial.number}",
             parent_run_id=parent,
             extra_tags={
-                "study": study.study_name(data.step.name, model),
+                "study": plan.name,
                 "trial_number": str(trial.number),
                 "role": "trial",
                 **_transfer_tags(cfg),
             },
             on_epoch=[report],
             log_figures=False,
-            score=budget.score_trials,
+            score=plan.budget.score_trials,
             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
         )
         return outcome.result.best_val_acc
@@ -119,9 +97,8 @@ def make_objective(data: StepData, model: str, parent: str, budget: Budget, base
 
 
 def train_final(
-    data: StepData,
+    plan: StudyPlan,
     cfg: TrainConfig,
-    name: str,
     trial: int | None,
     parent: str | None = None,
     **tags: str,
@@ -129,12 +106,12 @@ def train_final(
     """The `final` run of a study: train, log tags that the report finds it by, log the model
     once. `trial`: the retrained trial's number (None: a recipe, no trial)."""
     outcome = train_and_log(
-        data,
+        plan.data,
         cfg,
         run_name="final",
         parent_run_id=parent,
         extra_tags={
-            "study": name,
+            "study": plan.name,
             "role": "final",
             "best": "true",
             **({"retrain_of_trial": str(trial)} if trial is not None else {}),
@@ -156,22 +133,21 @@ def run_step(
     workers: int = 1,
 ) -> StudyResult:
     """Run (or resume) what step `step_name` declares for `model`; see the module's table."""
-    budget = budget or Budget()
     step = training_step(step_name)
     if step is not get_step(step_name):
         print(f"{step_name} trains nothing: its cells come from the {step.name} study", flush=True)
     # everything is checked before anything exists: settings, storage, then the data
-    check_settings(step, model, budget)
+    plan = StudyPlan.build(step, model, budget or Budget(), storage_url)
     study.check_storage(storage_url)
-    data = data or load_step_data(step)
+    plan = plan.with_data(data)
     if step.kind == "retrain":
-        return retrain_best(step, model, budget, storage_url, data)
+        return retrain_best(plan)
     if step.kind == "recipe":
-        return train_recipe(step, model, budget, data, storage_url)
-    return search_step(step, model, budget, storage_url, data, final, workers)
+        return train_recipe(plan)
+    return search_step(plan, final, workers)
 
 
-def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | None, data: StepData):
+def prepare_study(plan: StudyPlan) -> tuple[optuna.Study, str]:
     """Create or load the study and its parent run, and fail trials left RUNNING by a dead process.
 
     Runs once in the launcher, before any worker starts, so that the database,
@@ -179,21 +155,22 @@ def prepare_study(step: Step, model: str, budget: Budget, storage_url: str | Non
     """
     if store.store_exists():  # reached (a server: answering) before the study is touched
         store.init()
-    handle = study.load_or_create_study(step.name, model, study.make_storage(storage_url), budget)
+    storage = study.make_storage(plan.storage_url)
+    handle = study.load_or_create_study(plan.step.name, plan.model, storage, plan.budget)
     # a refused resume changes nothing: checked before any trial, run or parent is touched
-    study.bind_store(handle, storage_url)  # before a missing local database is created
+    study.bind_store(handle, plan.storage_url)  # before a missing local database is created
     store.init()
-    check_data(handle, data)
-    check_profile(handle, budget)
-    study.check_pinned(handle, pinned(step, model, budget))
-    stale = study.fail_stale_trials(handle, study.is_rdb(storage_url))
+    check_data(handle, plan.data)
+    check_profile(handle, plan.budget)
+    study.check_pinned(handle, plan.pinned)
+    stale = study.fail_stale_trials(handle, plan.rdb)
     if stale:
         print(f"[{handle.study_name}] marked interrupted trials {stale} as FAIL", flush=True)
-    orphans = [] if study.is_rdb(storage_url) else end_orphans(step, handle.study_name)
+    orphans = [] if plan.rdb else end_orphans(plan.step, handle.study_name)
     if orphans:
         print(f"[{handle.study_name}] ended interrupted runs {orphans} as KILLED", flush=True)
     parent = study.ensure_parent_run(
-        handle, step.name, model, config.study_storage(storage_url), budget
+        handle, plan.step.name, plan.model, plan.storage_at, plan.budget
     )
     return handle, parent
 
@@ -215,37 +192,29 @@ def end_orphans(step: Step, name: str) -> list[str]:
     return ended
 
 
-def search_step(
-    step: Step,
-    model: str,
-    budget: Budget,
-    storage_url: str | None,
-    data: StepData,
-    final: bool,
-    workers: int,
-) -> StudyResult:
+def search_step(plan: StudyPlan, final: bool, workers: int) -> StudyResult:
     """A study until it holds `budget.trials` finished trials, then its best trial retrained;
     the study is held by this process throughout (`study.study_lock`)."""
-    with study.study_lock(study.study_name(step.name, model), storage_url):
-        handle, parent = prepare_study(step, model, budget, storage_url, data)
+    with study.study_lock(plan.name, plan.storage_url):
+        handle, parent = prepare_study(plan)
         try:
-            base = study_base(handle, step, model, budget, parent)  # before any worker starts
-            enqueue_starts(handle, step, model, budget, storage_url, parent, base)
+            plan = study_base(handle, plan, parent)  # before any worker starts
+            enqueue_starts(handle, plan, parent)
             finished = len(handle.get_trials(deepcopy=False, states=study.FINISHED))
-            remaining = max(0, budget.trials - finished)
+            remaining = max(0, plan.budget.trials - finished)
             print(
                 f"[{handle.study_name}] {finished} finished trials, running {remaining} more",
                 flush=True,
             )
             if remaining and workers > 1:
                 entry = [sys.executable, "-m", "experiments", "worker"]  # runs `worker_main`
+                step, model = plan.step.name, plan.model
                 study.spawn_workers(
-                    entry, step.name, model, budget, storage_url, remaining, workers
+                    entry, step, model, plan.budget, plan.storage_url, remaining, workers
                 )
             elif remaining:
-                objective = make_objective(data, model, parent, budget, base)
-                study.optimize(handle, objective, remaining, budget.timeout)
-            return finish_study(handle, step, model, parent, budget, data, base, final)
+                study.optimize(handle, make_objective(plan, parent), remaining, plan.budget.timeout)
+            return finish_study(handle, plan, parent, final)
         except BaseException as exc:
             study.end_parent(parent, exc)
             raise
@@ -280,36 +249,25 @@ def check_profile(handle: optuna.Study, budget: Budget) -> None:
         )
 
 
-def study_base(
-    handle: optuna.Study, step: Step, model: str, budget: Budget, parent: str
-) -> dict[str, Any]:
-    """The study's base settings; a fine-tune study keeps the pretrained run it started from."""
+def study_base(handle: optuna.Study, plan: StudyPlan, parent: str) -> StudyPlan:
+    """The plan with the study's base settings; a fine-tune study keeps the pretrained run it
+    started from."""
     pretrained = handle.user_attrs.get("pretrained_run")
-    base = base_settings(step, model, budget, create=True, run_id=pretrained)
-    if base.get("init_from") and pretrained is None:
-        handle.set_user_attr("pretrained_run", base["init_from"])
-        MlflowClient().set_tag(parent, "pretrained_run", base["init_from"])
-    return base
+    plan = plan.with_base(create=True, run_id=pretrained)
+    if plan.base.get("init_from") and pretrained is None:
+        handle.set_user_attr("pretrained_run", plan.base["init_from"])
+        MlflowClient().set_tag(parent, "pretrained_run", plan.base["init_from"])
+    return plan
 
 
-def enqueue_starts(
-    handle: optuna.Study,
-    step: Step,
-    model: str,
-    budget: Budget,
-    storage_url: str | None,
-    parent: str,
-    base: dict[str, Any],
-) -> None:
+def enqueue_starts(handle: optuna.Study, plan: StudyPlan, parent: str) -> None:
     """Trial 0 is the hand-set defaults, then the warm start; each enqueued again if a crash
     left it FAIL, so a resumed study never loses them."""
     alive = [t for t in handle.trials if t.state != TrialState.FAIL]
     if not any(t.user_attrs.get("defaults") for t in alive):
-        handle.enqueue_trial(
-            default_trial_params(step, model, budget, base), user_attrs={"defaults": True}
-        )
+        handle.enqueue_trial(plan.defaults(), user_attrs={"defaults": True})
     if not any(t.user_attrs.get("warm_start_from") for t in alive):
-        warm_start(handle, step, model, budget, storage_url, parent)
+        warm_start(handle, plan, parent)
 
 
 def worker_main(
@@ -319,24 +277,14 @@ def worker_main(
     process.die_with_launcher()
     torch.set_num_threads(threads)
     store.init()
-    step = training_step(step_name)
-    handle = study.join_study(step.name, model, budget, index)
+    plan = StudyPlan.build(training_step(step_name), model, budget).with_data()
+    handle = study.join_study(plan.step.name, model, budget, index)
     parent = handle.user_attrs["mlflow_parent_run_id"]
-    base = base_settings(step, model, budget, False, handle.user_attrs.get("pretrained_run"))
-    objective = make_objective(load_step_data(step), model, parent, budget, base)
-    return study.optimize(handle, objective, quota, budget.timeout)
+    plan = plan.with_base(False, handle.user_attrs.get("pretrained_run"))
+    return study.optimize(handle, make_objective(plan, parent), quota, budget.timeout)
 
 
-def finish_study(
-    handle: optuna.Study,
-    step: Step,
-    model: str,
-    parent: str,
-    budget: Budget,
-    data: StepData,
-    base: dict[str, Any],
-    final: bool,
-) -> StudyResult:
+def finish_study(handle: optuna.Study, plan: StudyPlan, parent: str, final: bool) -> StudyResult:
     """Tag the best trial, retrain it on the full split (once), train the baseline (once),
     select the better of the two by validation accuracy, fill the parent run."""
     best = study.best_complete_trial(handle)
@@ -349,22 +297,22 @@ def finish_study(
     study.tag_best_trials(handle, best)
     final_run_id = handle.user_attrs.get("final_run_id")
     final_metrics: dict[str, float] = {}
-    role = budget.final_role(best.params, train_images(data, model, budget))
-    cfg = run_config(step, model, budget, base, best.params, role)
-    key = run_key(cfg, data)  # a new budget, seed, --set or data: a new final
+    cfg = plan.final(best.params)
+    key = plan.key(cfg)  # a new budget, seed, --set or data: a new final
     if final and (final_run_id is None or handle.user_attrs.get("final_key") != key):
         print(
             f"[{handle.study_name}] retraining trial {best.number} on the full training split",
             flush=True,
         )
         tags = {}
+        trained_baseline = plan.budget.baseline == "final"
         if (
-            budget.baseline == "final"
+            trained_baseline
             and best.user_attrs.get("defaults")
-            and baseline_key(step, model, budget, data, base) == key
+            and plan.key(plan.baseline()) == key
         ):
             tags = {"baseline_key": key, "also_baseline": "true"}  # trial 0 won: one run
-        outcome = train_final(data, cfg, handle.study_name, best.number, parent, **tags)
+        outcome = train_final(plan, cfg, best.number, parent, **tags)
         handle.set_user_attr("final_run_id", outcome.run_id)
         handle.set_user_attr("final_of_trial", best.number)
         handle.set_user_attr("final_key", key)
@@ -374,16 +322,14 @@ def finish_study(
     result = StudyResult(
         handle.study_name, parent, best.number, best.params, best.value, final_run_id, final_metrics
     )
-    if final and final_run_id and budget.baseline == "trial":
-        chosen, baseline_metrics = compare_trials(handle, parent, best, data, final_run_id)
+    if final and final_run_id and plan.budget.baseline == "trial":
+        chosen, baseline_metrics = compare_trials(handle, plan, parent, best, final_run_id)
     elif final and final_run_id:
-        baseline_id, baseline_metrics = train_baseline(
-            handle, step, model, parent, budget, data, base
-        )
+        baseline_id, baseline_metrics = train_baseline(handle, plan, parent)
         chosen = select(handle, parent, final_run_id, final_metrics, baseline_id, baseline_metrics)
     if final and final_run_id:
-        if step.val_set is not None:  # a Task 2 champion candidate: its TTA views, once
-            log_answer_tta(chosen, data)
+        if plan.step.val_set is not None:  # a Task 2 champion candidate: its TTA views, once
+            log_answer_tta(chosen, plan.data)
         result.answer(chosen, final_metrics if chosen == final_run_id else baseline_metrics)
     study.log_parent(handle, best, parent)
     return result
@@ -391,9 +337,9 @@ def finish_study(
 
 def compare_trials(
     handle: optuna.Study,
+    plan: StudyPlan,
     parent: str,
     best: optuna.trial.FrozenTrial,
-    data: StepData,
     final_id: str,
 ) -> tuple[str, dict[str, float]]:
     """The `trial` baseline: the searched settings against the hand-set defaults at one
@@ -415,13 +361,12 @@ def compare_trials(
     if defaults is not None and best.user_attrs.get("mlflow_run_id"):
         tags["ab_baseline_run"] = defaults.user_attrs["mlflow_run_id"]
         tags["ab_searched_run"] = best.user_attrs["mlflow_run_id"]
-        baseline_metrics = score_logged_run(tags["ab_baseline_run"], data)  # measuring only
+        baseline_metrics = score_logged_run(tags["ab_baseline_run"], plan.data)  # measuring only
         if tags["ab_searched_run"] != tags["ab_baseline_run"]:
-            score_logged_run(tags["ab_searched_run"], data)
+            score_logged_run(tags["ab_searched_run"], plan.data)
     for key, value in tags.items():
         client.set_tag(parent, key, value)
-    step_name, model = handle.study_name.split("/", 1)
-    earlier = results.runs(step_name, model=model, state=None, study=handle.study_name)
+    earlier = results.runs(plan.step.name, model=plan.model, state=None, study=plan.name)
     for run_id in _answers(earlier) | {final_id}:  # one selected run per study
         client.set_tag(run_id, "selected", "true" if run_id == final_id else "false")
     handle.set_user_attr("selected_run_id", final_id)
@@ -429,28 +374,22 @@ def compare_trials(
 
 
 def train_baseline(
-    handle: optuna.Study,
-    step: Step,
-    model: str,
-    parent: str,
-    budget: Budget,
-    data: StepData,
-    base: dict[str, Any],
+    handle: optuna.Study, plan: StudyPlan, parent: str
 ) -> tuple[str, dict[str, float]]:
     """The hand-set defaults trained exactly like a final (`role=baseline`), once per settings
     and data: trial 0's settings (each default as the search space holds it, e.g. a weight
     decay of 0 at the range's lower bound), so that when trial 0 wins, final and baseline
     are one run (the final, tagged `also_baseline`)."""
-    cfg = baseline_config(step, model, budget, data, base)
-    key = run_key(cfg, data)
-    found = results.runs(step.name, model=model, role="baseline", baseline_key=key)
+    cfg = plan.baseline()
+    key = plan.key(cfg)
+    found = results.runs(plan.step.name, model=plan.model, role="baseline", baseline_key=key)
     if found.empty:  # the defaults trial won: its final is the baseline
-        found = results.runs(step.name, model=model, role="final", baseline_key=key)
+        found = results.runs(plan.step.name, model=plan.model, role="final", baseline_key=key)
     if not found.empty:
         return found.iloc[0]["run_id"], results.metrics_of(found.iloc[0])
     print(f"[{handle.study_name}] training the baseline (hand-set defaults)", flush=True)
     outcome = train_and_log(
-        data,
+        plan.data,
         cfg,
         run_name="baseline",
         parent_run_id=parent,
@@ -506,87 +445,85 @@ def select(
     return chosen
 
 
-def retrain_best(
-    step: Step, model: str, budget: Budget, storage_url: str | None, data: StepData
-) -> StudyResult:
+def retrain_best(plan: StudyPlan) -> StudyResult:
     """A `retrain` step: the best trial of the source study retrained with the step's settings.
 
     The run is the step's `final` (tags study, role=final, best=true, params_from,
     retrain_of_trial); it is made once per source trial and found again after.
     """
     store.init()
-    source_name = study.study_name(step.source, model)
+    step = plan.step
+    source_name = study.study_name(step.source, plan.model)
+    storage = study.make_storage(plan.storage_url)
     try:
-        source = optuna.load_study(study_name=source_name, storage=study.make_storage(storage_url))
+        source = optuna.load_study(study_name=source_name, storage=storage)
     except KeyError:
         raise RuntimeError(
             f"{step.name} retrains the best trial of {source_name}, which does not exist yet: "
-            f"run `make {step.source} MODELS={model}` first"
+            f"run `make {step.source} MODELS={plan.model}` first"
         ) from None
-    study.bind_store(source, storage_url, bind=False)  # the source's runs are in this store
-    check_data(source, data)  # the source's trials were scored on the data this step trains on
+    study.bind_store(source, plan.storage_url, bind=False)  # the source's runs are in this store
+    check_data(source, plan.data)  # the source's trials were scored on the data this step trains on
     best = study.best_complete_trial(source)
     if best is None:
         raise RuntimeError(f"{source_name} has no COMPLETE trial to retrain")
-    name = study.study_name(step.name, model)
-    if not study.is_rdb(storage_url):
-        end_orphans(step, name)
-    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.role_settings}
-    cfg = run_config(step, model, budget, {}, best.params, role)
+    if not plan.rdb:
+        end_orphans(step, plan.name)
+    role = {"train_subset": 0, "val_subset": 0, "seed": plan.budget.seed, **step.role_settings}
+    cfg = plan.settings(best.params, role)
     what = f"retraining {source_name} trial {best.number}"
-    run_id, metrics = final_once(
-        step, model, name, cfg, data, what, best.number, params_from=source_name
-    )
+    run_id, metrics = final_once(plan, cfg, what, best.number, params_from=source_name)
     return StudyResult(
-        name, "", best.number, best.params, best.value, run_id, metrics, run_id, "final", metrics
+        plan.name,
+        "",
+        best.number,
+        best.params,
+        best.value,
+        run_id,
+        metrics,
+        run_id,
+        "final",
+        metrics,
     )
 
 
 def final_once(
-    step: Step,
-    model: str,
-    name: str,
-    cfg: TrainConfig,
-    data: StepData,
-    what: str,
-    trial: int | None,
-    **tags: str,
+    plan: StudyPlan, cfg: TrainConfig, what: str, trial: int | None, **tags: str
 ) -> tuple[str, dict[str, float]]:
     """A retrain's or a recipe's `final`, made once: found again by its resolved settings and
     data (`retrain_key`, and `tags`), else trained. Returns (run id, metrics)."""
-    key = run_key(cfg, data)  # other settings (a --set, a seed) or data: another run
-    found = results.runs(step.name, model=model, role="final", study=name, retrain_key=key, **tags)
+    key = plan.key(cfg)  # other settings (a --set, a seed) or data: another run
+    step, name = plan.step, plan.name
+    found = results.runs(
+        step.name, model=plan.model, role="final", study=name, retrain_key=key, **tags
+    )
     if not found.empty:
         run = found.iloc[0]
         print(f"[{name}] already trained: run {run['run_id']}", flush=True)
         run_id, metrics = run["run_id"], results.metrics_of(run)
     else:
         flat = cfg.flat()  # model knobs included
-        shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(model))  # as resolved
+        shown = ", ".join(f"{k}={flat[k]}" for k in step.settings_for(plan.model))  # as resolved
         print(f"[{name}] {what}: {shown}", flush=True)
-        outcome = train_final(data, cfg, name, trial, retrain_key=key, **tags)
+        outcome = train_final(plan, cfg, trial, retrain_key=key, **tags)
         run_id, metrics = outcome.run_id, outcome.metrics
     if step.val_set is not None:  # the step's answer, a Task 2 champion candidate
-        log_answer_tta(run_id, data)
+        log_answer_tta(run_id, plan.data)
     return run_id, metrics
 
 
-def train_recipe(
-    step: Step, model: str, budget: Budget, data: StepData, storage_url: str | None = None
-) -> StudyResult:
+def train_recipe(plan: StudyPlan) -> StudyResult:
     """A `recipe` step: no search; the step's settings for `model` trained once on the whole
     split as the step's `final` (tag `recipe=true`), found again by its settings and data."""
     store.init()
-    name = study.study_name(step.name, model)
-    if not study.is_rdb(storage_url):  # with a shared RDB, another machine may be training it
-        end_orphans(step, name)
-    role = {"train_subset": 0, "val_subset": 0, "seed": budget.seed, **step.settings_for(model)}
-    cfg = run_config(step, model, budget, {}, {}, role)
-    run_id, metrics = final_once(
-        step, model, name, cfg, data, "training the recipe", None, recipe="true"
-    )
+    if not plan.rdb:  # with a shared RDB, another machine may be training it
+        end_orphans(plan.step, plan.name)
+    fixed = plan.step.settings_for(plan.model)
+    role = {"train_subset": 0, "val_subset": 0, "seed": plan.budget.seed, **fixed}
+    cfg = plan.settings({}, role)
+    run_id, metrics = final_once(plan, cfg, "training the recipe", None, recipe="true")
     accuracy = metrics.get("best_val_acc", float("nan"))
-    return StudyResult(name, "", -1, {}, accuracy, run_id, metrics, run_id, "final", metrics)
+    return StudyResult(plan.name, "", -1, {}, accuracy, run_id, metrics, run_id, "final", metrics)
 
 
 def train_once(
@@ -594,12 +531,10 @@ def train_once(
 ) -> tuple[Step, RunOutcome]:
     """The `train` command: one run of `step_name` with its defaults, settings and the user's."""
     step = training_step(step_name)
-    budget = Budget(overrides=user)
     role = step.settings_for(model) if step.kind in ("retrain", "recipe") else {}
-    check_settings(step, model, budget)
-    data = load_step_data(step, data_dir)
-    base = base_settings(step, model, budget, create=True)
-    if base.get("init_from"):
-        print(f"fine-tuning the pretrained run {base['init_from']}")
-    cfg = run_config(step, model, budget, base, {}, role)
-    return step, train_and_log(data, cfg, run_name=f"train-{cfg.model}")
+    plan = StudyPlan.build(step, model, Budget(overrides=user))
+    plan = plan.with_data(load_step_data(step, data_dir)).with_base(create=True)
+    if plan.base.get("init_from"):
+        print(f"fine-tuning the pretrained run {plan.base['init_from']}")
+    cfg = plan.settings({}, role)
+    return step, train_and_log(plan.data, cfg, run_name=f"train-{cfg.model}")

@@ -105,7 +105,7 @@ class Budget:
     Epoch counts left at None follow from image budgets, so every study spends
     about the same compute whatever the size of its training set: a trial sees
     `trial_images` images (2..20 epochs), the final retrain about `final_images`
-    (the nearest whole number of epochs, `final_min_epochs`..`final_max_epochs`, the whole cosine schedule, the epoch with the
+    (whole epochs rounded up to the budget, `final_min_epochs`..`final_max_epochs`, the whole cosine schedule, the epoch with the
     best validation loss restored: no early stopping cuts a final short).
     `overrides` are the user's `--set` values: fixed for every run of the study.
     """
@@ -191,10 +191,10 @@ class Budget:
 # trial fidelity: no baseline run), sized for `make reproduce` on a 2-core CPU
 # (README "Results" gives its measured wall time). `gpu` spends about 5x the images per study
 # (twice the trials, each 6x longer, on 3x larger subsets, scored on the whole validation
-# split; finals of ~300k images, 10 epochs of TRAIN); README "On a GPU" says what one lent
+# split; finals of at least 300k images, 11 epochs of TRAIN); README "On a GPU" says what one lent
 # H200 measured of it.
 # `quick` runs the whole pipeline (every step, model, report) at a smoke-test budget; `full`
-# spends what the quality goals need (about 10 epochs of TRAIN per final, where the TEST
+# spends what the quality goals need (11 epochs of TRAIN per final, where the TEST
 # black half reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every
 # answer). docs/reproduce.md has each profile's measured row.
 PROFILES: dict[str, dict[str, Any]] = {

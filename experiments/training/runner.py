@@ -30,7 +30,7 @@ from data_tools import DERIVED, Dataset, DatasetError, load_splits
 from experiments.core import config
 from experiments.core.settings import TrainConfig, resolve_device
 from experiments.core.steps import Step
-from experiments.tracking import store
+from experiments.tracking import results, store
 from experiments.training import predictions
 from experiments.training.checkpoint import load_checkpoint, make_checkpoint
 from experiments.training.evaluation import plot_confusion, plot_curves, plot_misclassified
@@ -338,8 +338,7 @@ def score_logged_run(run_id: str, data: StepData) -> dict[str, float]:
     """A logged run (a trial) scored on the step's evaluation sets after the fact, for the
     record: its metrics and its predictions (with their digest) logged to the run, once. Used
     for the searched-against-defaults comparison at trial fidelity; chooses nothing."""
-    client = mlflow.MlflowClient()
-    logged = client.get_run(run_id).data.metrics
+    logged = results.run_metrics(run_id)
     if all(f"{name}_acc" in logged for name in data.eval_sets):
         return dict(logged)
     loaded = load_checkpoint(run_id, resolve_device("auto"))
@@ -349,6 +348,7 @@ def score_logged_run(run_id: str, data: StepData) -> dict[str, float]:
         evaluation = score_set(loaded.model, loaded.preprocessing, dataset, device)
         metrics.update(evaluation.metrics)
         entries[predictions.key(dataset.fingerprint, False)] = evaluation.probabilities
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         path = predictions.write(Path(tmp), entries)
         client.log_artifact(run_id, str(path))

@@ -167,9 +167,32 @@ NOTE = (
 )
 
 
+# where each profile's targets are stated (docs/reproduce.md): the CPU profiles on both
+# 2-core CPU classes, `gpu` on one GPU
+TARGET_CLASSES = {"bf16": "a CPU with native bf16", "avx2": "an AVX2-only CPU"}
+CPU_PROFILES = ("quick", "cpu", "full")
+
+
+def unmeasured(table: pd.DataFrame) -> str:
+    """One line naming the (profile, CPU class) pairs with a stated target and no row."""
+    measured = set(zip(table["profile"], table["cpu_class"], strict=True))
+    missing = [
+        f"{profile} on {label}"
+        for profile in CPU_PROFILES
+        for cpu_class, label in TARGET_CLASSES.items()
+        if (profile, cpu_class) not in measured
+    ]
+    if "gpu" not in set(table["profile"]):
+        missing.append("gpu on a GPU")
+    return f"Not measured: {', '.join(missing)}." if missing else ""
+
+
 def write_tables(table: pd.DataFrame, reports: Path, targets: list[Path]) -> list[Path]:
-    """operating_points.md in `reports`, and the table between the markers of each target."""
+    """operating_points.md in `reports`, and the table between the markers of each target,
+    each followed by the line naming the profiles and CPU classes without a row."""
     body = table_markdown(table)
+    missing = unmeasured(table)
+    body = f"{body}\n\n{missing}" if missing else body
     written = [reports / "operating_points.md"]
     written[0].write_text(f"# Operating points\n\n{NOTE}\n\n{body}\n")
     for path in targets:

@@ -156,6 +156,20 @@ def _check_versus_baseline(reported):
     assert cell["vs_baseline_p"] == pytest.approx(expected.p_value)
     assert cell["vs_baseline_diff"] == pytest.approx(expected.difference)
     assert cell["vs_baseline"] == expected.verdict
+    from experiments.reporting.report import _p_text
+
+    out, _ = reported  # the markdown row shows the same test, p never rounded to zero
+    section = (out / "comparison.md").read_text().split("## Searched against the hand-set")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| task2-step3 | vgg"))
+    cols = [part.strip() for part in row.split("|")]
+    assert f"{expected.difference:+.4f}" in cols and _p_text(expected.p_value) in cols
+
+
+def test_a_p_value_is_shown_with_its_digits_and_never_as_zero():
+    from experiments.reporting.report import _p_text
+
+    assert _p_text(1.234e-05) == "1.23e-05" and _p_text(0.04567) == "0.0457"
+    assert _p_text(0.0) == "< 1e-10" and _p_text(float("nan")) == ""
 
 
 def _check_forest(reported):

@@ -229,6 +229,13 @@ def _get(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame else pd.Series(float("nan"), index=frame.index)
 
 
+def _p_text(p: float) -> str:
+    """A p-value as text: three significant digits, "< 1e-10" below that (never "0")."""
+    if pd.isna(p):
+        return ""
+    return "< 1e-10" if p < 1e-10 else f"{p:.3g}"
+
+
 def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
     """Searched final against baseline: both accuracies, the paired test's difference, its
     95 % interval, p-value and verdict."""
@@ -247,9 +254,11 @@ def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
             "searched_acc [95 %]": _with_intervals(
                 frame, "searched_acc", "searched_low", "searched_high"
             ),
-            "searched - baseline": frame["vs_baseline_diff"],
+            "searched - baseline": frame["vs_baseline_diff"].map(
+                lambda v: "" if pd.isna(v) else f"{v:+.4f}"
+            ),
             "95 % interval": interval,
-            "p": frame["vs_baseline_p"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}"),
+            "p": frame["vs_baseline_p"].map(_p_text),
             "verdict": frame["vs_baseline"],
             "test": frame["vs_baseline_test"],
             "fidelity": _get(frame, "ab_fidelity"),
@@ -315,7 +324,7 @@ def to_markdown(cells: pd.DataFrame) -> str:
         "",
         AB_NOTE,
         "",
-        _missing_as_none(baselines).to_markdown(index=False, floatfmt=".4f", missingval="—")
+        _missing_as_none(baselines).to_markdown(index=False, missingval="—", disable_numparse=True)
         if not baselines.empty
         else "No baseline runs yet.",
         "",

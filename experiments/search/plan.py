@@ -1,12 +1,13 @@
-"""A study's plan, resolved once and passed down (docs/STYLE.md, point 9).
+"""A study's plan, resolved once and passed down to everything that runs the study.
 
 `StudyPlan.build(step, model, budget, storage_url)` checks the step's fixed settings and the
 user's `--set` values against each other and against the model, then holds what every part
 of a study reads: the pinned settings (fixed by the step or the user, never searched), the
-resolved storage, the training data and the training-set size the budget's epochs follow
-from, the base a fine-tune starts from, and the settings of each role (trial, final,
-baseline), each through the one resolver (`experiments.core.settings.resolve`). The user's
-`--set` values are `budget.overrides`, kept apart from the budget's sizes.
+storage URL as given (`storage_at`: where it resolves), the training data and the
+training-set size the budget's epochs follow from, the base a fine-tune starts from, and
+the settings of each role (trial, final, baseline), each through the one resolver
+(`experiments.core.settings.resolve`). The user's `--set` values are `budget.overrides`,
+kept apart from the budget's sizes.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class StudyPlan:
     step: Step
     model: str
     budget: Budget
-    storage_url: str | None = None  # the user's storage (None: the project's journal)
+    storage_url: str | None = None  # the user's (None: OPTUNA_STORAGE, else the project's journal)
     pinned: dict[str, Any] = field(default_factory=dict)  # the step's fixed and the user's
     data: StepData | None = None
     train_images: int = 0  # the images a final trains on (0 until the data are loaded)
@@ -131,7 +132,8 @@ class StudyPlan:
         return replace(self, data=data, train_images=images)
 
     def with_base(self, create: bool, run_id: str | None = None) -> StudyPlan:
-        """The plan with what a fine-tune starts from (its pretrained run, found or made)."""
+        """The plan with what a fine-tune starts from: its pretrained run, found, or made when
+        `create` (a worker only finds the run its launcher made)."""
         return replace(self, base=base_settings(self.step, self.model, self.budget, create, run_id))
 
     @property
@@ -145,7 +147,8 @@ class StudyPlan:
 
     @property
     def storage_at(self) -> str:
-        """Where the study storage is, secrets masked where shown."""
+        """Where the study storage is: the URL given, else OPTUNA_STORAGE, else the journal
+        (unmasked: mask it with `config.mask_secrets` before showing it)."""
         return config.study_storage(self.storage_url)
 
     def settings(self, searched: dict[str, Any], role: dict[str, Any]) -> TrainConfig:

@@ -71,6 +71,7 @@ def test_a_profile_row_is_measured_from_the_report_and_replaced_when_measured_ag
     text = (reports / "operating_points.md").read_text()
     assert "| quick" in text and "1 min 0" in text and "0.9885 [0.9854, 0.9911]" in text
     assert "(setup 0 min 2" in text
+    assert "resumed run" not in text  # no study in the store before the command started
     _report(reports, task1=0.6)
     points.record("cpu", time.time() - 600, reports)
     points.record("quick", time.time() - 30, reports)  # measured again: replaces its row
@@ -111,3 +112,24 @@ def test_without_a_report_or_with_a_bad_start_nothing_is_written(tmp_path):
     assert not (reports / points.POINTS_CSV).exists()
     with pytest.raises(FileNotFoundError, match="make reproduce"):
         points.render(reports)
+
+
+def test_a_run_resumed_on_a_store_with_older_studies_says_its_time_is_the_last_sitting(
+    tmp_path,
+):
+    import mlflow
+
+    from experiments.tracking import store
+
+    store.init()
+    with mlflow.start_run(experiment_id=store.experiment_id("task1-step1")):
+        pass  # a study's run from an earlier sitting
+    time.sleep(1.2)
+    reports = tmp_path / "reports"
+    _report(reports)
+    points.record("full", time.time() - 0.1, reports)
+    table = pd.read_csv(reports / points.POINTS_CSV)
+    assert bool(table.set_index("profile").loc["full", "resumed"]) is True
+    lines = (reports / "operating_points.md").read_text().splitlines()
+    (row,) = [line for line in lines if line.startswith("| full")]
+    assert "last sitting of a resumed run" in row

@@ -20,7 +20,7 @@ import pandas as pd
 from experiments.core import config, machine
 from experiments.core.steps import STEPS
 from experiments.reporting import findings
-from experiments.tracking import store
+from experiments.tracking import results, store
 
 POINTS_CSV = "operating_points.csv"
 COLUMNS = [
@@ -28,7 +28,7 @@ COLUMNS = [
     "task1_high",
     *("task1_cells", "task2_acc", "task2_low", "task2_high", "task2_cells", "seeds"),
     *("champion_test2", "champion_low", "champion_high", "black_met", "baseline_met"),
-    *("reference_met", "tflop", "date", "commit"),
+    *("reference_met", "tflop", "date", "commit", "resumed"),
 ]
 START = "<!-- operating points: written by `make reproduce` (python -m experiments points) -->"
 END = "<!-- end of operating points -->"
@@ -48,9 +48,16 @@ def _mean_of(cells: pd.DataFrame, steps: tuple[str, ...]) -> tuple[float, float,
     )
 
 
-def measure(profile: str, wall_s: float, reports: Path, setup_s: float | None = None) -> dict:
+def measure(
+    profile: str,
+    wall_s: float,
+    reports: Path,
+    setup_s: float | None = None,
+    resumed: bool = False,
+) -> dict:
     """This profile's row from the report in `reports` and the measured wall time (`setup_s`
-    of it: install, fetch and data check)."""
+    of it: install, fetch and data check; `resumed`: the time of the last sitting only, the
+    store holding studies from before it)."""
     cells = pd.read_csv(reports / "comparison.csv")
     champions_path = reports / "champions.csv"
     champions = pd.read_csv(champions_path) if champions_path.exists() else pd.DataFrame()
@@ -80,6 +87,7 @@ def measure(profile: str, wall_s: float, reports: Path, setup_s: float | None = 
         "tflop": round(float(searched.drop_duplicates("run_id")["study_tflop"].sum()), 1),
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit[:12],
+        "resumed": bool(resumed),
     }
 
 
@@ -107,7 +115,14 @@ def _wall(row: pd.Series) -> str:
     """'30 min 08 s (setup 1 min 47 s)': the whole command, and its install, fetch and check."""
     setup = row.get("setup_s")
     text = _minutes(row["wall_s"])
-    return text if setup is None or pd.isna(setup) else f"{text} (setup {_minutes(setup)})"
+    if setup is not None and not pd.isna(setup):
+        text = f"{text} (setup {_minutes(setup)})"
+    resumed = row.get("resumed")
+    if isinstance(resumed, str):  # read back from the CSV
+        resumed = resumed.strip().lower() == "true"
+    elif resumed is None or pd.isna(resumed):  # a row from before the column
+        resumed = False
+    return f"{text}, last sitting of a resumed run" if bool(resumed) else text
 
 
 def _with_interval(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -163,7 +178,8 @@ NOTE = (
     "TRAIN3 / TEST2, 8 cells), in brackets the mean of their 95 % limits; the champion's "
     "interval is Wilson over TEST2's images. Conditions count studies, as in "
     "reports/comparison.md. TFLOP: training and evaluation of every study's trials, final "
-    "and baseline."
+    "and baseline. A run finished over several sittings (the studies resume) gives the time "
+    "of its last sitting only, and says so."
 )
 
 
@@ -222,7 +238,9 @@ def record(
     setup = None
     if setup_done is not None and started <= setup_done <= time.time():
         setup = setup_done - started
-    table = upsert(measure(profile, wall, reports, setup), reports / POINTS_CSV)
+    first = results.first_start([s.name for s in STEPS.values() if s.kind != "reuse"])
+    resumed = first is not None and first < started - 1  # studies older than this command
+    table = upsert(measure(profile, wall, reports, setup, resumed), reports / POINTS_CSV)
     own = reports.resolve() == (config.PROJECT_ROOT / "reports").resolve()
     targets = [config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "reproduce.md"]
     return write_tables(table, reports, targets if own else [])

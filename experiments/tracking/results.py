@@ -76,6 +76,15 @@ def runs(
     return frame.reset_index(drop=True)
 
 
+def first_start(experiments: list[str]) -> float | None:
+    """When the first run of the named experiments started (seconds since the epoch), or None
+    where they hold no run."""
+    frame = search(experiments, order_by=["attributes.start_time ASC"], max_results=1)
+    if frame.empty:
+        return None
+    return float(frame["start_time"].iloc[0].timestamp())
+
+
 def study_models(experiment: str) -> pd.DataFrame:
     """Each model's study answer in a step, indexed by model: the run its newest study parent
     names in `selected_run` (the best trial's retrain or the baseline, chosen on validation)

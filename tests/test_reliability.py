@@ -247,21 +247,20 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """`make reproduce` starts its first jobs together on a fresh clone: each opens the new
     SQLite store. MLflow creates the tables without a lock, so without the file lock in
     `store.init` some of them fail ("table alembic_version already exists", or a
-    migration that matched no row); 4 of 4 such rounds failed here before the lock."""
+    migration that matched no row); 4 of 4 such attempts failed before the lock."""
 
     code = "from experiments.tracking import store; store.init(); store.experiment_id('x')"
-    for attempt in range(1):  # one round: each failed before the lock
-        env = {**os.environ, "MLRUNS_DIR": str(tmp_path / f"store{attempt}")}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        procs = [
-            subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-            for _ in range(3)
-        ]
-        errors = [p.communicate(timeout=120)[1].decode() for p in procs]
-        failed = [
-            e.strip().splitlines()[-1] for p, e in zip(procs, errors, strict=True) if p.returncode
-        ]
-        assert not failed, failed
+    env = {**os.environ, "MLRUNS_DIR": str(tmp_path / "store")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    failed = [
+        e.strip().splitlines()[-1] for p, e in zip(procs, errors, strict=True) if p.returncode
+    ]
+    assert not failed, failed
 
 
 def test_a_copied_store_is_refused_in_one_line_until_relocated(study_data, tmp_path, monkeypatch,

@@ -12,6 +12,7 @@ docs/reproduce.md, so that no number in it is typed by hand.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def write_tables(table: pd.DataFrame, reports: Path, targets: list[Path]) -> lis
     each followed by the line naming the profiles and CPU classes without a row."""
     body = table_markdown(table)
     missing = unmeasured(table)
-    body = f"{body}\n\n{missing}" if missing else body
+    body = f"{body}\n\n{textwrap.fill(missing, 90)}" if missing else body
     written = [reports / "operating_points.md"]
     written[0].write_text(f"# Operating points\n\n{NOTE}\n\n{body}\n")
     for path in targets:

@@ -189,10 +189,10 @@ class Budget:
 
 # Named defaults. `cpu` is the dataclass above (comparing the search with the defaults at
 # trial fidelity: no baseline run), sized for `make reproduce` on a 2-core CPU
-# (README "Results" gives its measured wall time). `gpu` spends about 5x the images per study
-# (twice the trials, each 6x longer, on 3x larger subsets, scored on the whole validation
-# split; finals of at least 300k images, 11 epochs of TRAIN); README "On a GPU" says what one lent
-# H200 measured of it.
+# (docs/reproduce.md, "Operating points", gives its measured wall time). `gpu` spends about
+# 5x the images per study (twice the trials, each 6x longer, on 3x larger subsets, scored on
+# the whole validation split; finals of at least 300k images, 11 epochs of TRAIN);
+# docs/reproduce.md, "On a GPU", says what one H200 measured of it.
 # `quick` runs the whole pipeline (every step, model, report) at a smoke-test budget; `full`
 # spends what the quality goals need (11 epochs of TRAIN per final, where the TEST
 # black half reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every

@@ -82,3 +82,12 @@ def test_two_workers_on_postgres_and_mlflow_server(study_data, engines, tmp_path
     assert len(final) == 1
     assert "TEST2_acc" in final[0].data.metrics
     assert any(engines["artifacts"].rglob("model.pt")), "artifacts land in the server's destination"
+
+    # more seeds of the answer, from another process, through the same server
+    seeds = [sys.executable, "-m", "experiments", "seeds", "--step", "task2-step3",
+             "--model", "vgg", "--seeds", "1"]  # fmt: skip
+    proc = subprocess.run(seeds, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = client.search_runs([experiment.experiment_id], "tags.role = 'seed'", max_results=10)
+    assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == parent
+    assert "TEST2_acc_ci_low" in runs[0].data.metrics

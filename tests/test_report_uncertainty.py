@@ -156,7 +156,7 @@ def _check_versus_baseline(reported):
     assert cell["vs_baseline_p"] == pytest.approx(expected.p_value)
     assert cell["vs_baseline_diff"] == pytest.approx(expected.difference)
     assert cell["vs_baseline"] == expected.verdict
-    from experiments.reporting.report import _p_text
+    from experiments.core.statistics import p_text as _p_text
 
     out, _ = reported  # the markdown row shows the same test, p never rounded to zero
     section = (out / "comparison.md").read_text().split("## Searched against the hand-set")[1]
@@ -166,7 +166,7 @@ def _check_versus_baseline(reported):
 
 
 def test_a_p_value_is_shown_with_its_digits_and_never_as_zero():
-    from experiments.reporting.report import _p_text
+    from experiments.core.statistics import p_text as _p_text
 
     assert _p_text(1.234e-05) == "1.23e-05" and _p_text(0.04567) == "0.0457"
     assert _p_text(0.0) == "< 1e-10" and _p_text(float("nan")) == ""

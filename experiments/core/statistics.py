@@ -85,7 +85,9 @@ class PairedTest:
     def format(self, digits: int = 4) -> str:
         """E.g. "+0.0133 [+0.0050, +0.0217], p = 0.0386: better"."""
         interval = f"[{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
-        return f"{self.difference:+.{digits}f} {interval}, p = {self.p_value:.4g}: {self.verdict}"
+        p = p_text(self.p_value, 4)
+        p = p if p.startswith("<") else f"= {p}"
+        return f"{self.difference:+.{digits}f} {interval}, p {p}: {self.verdict}"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,14 @@ class SeedSummary:
         if self.sd is None:
             return f"{self.mean:.{digits}f} (1 seed)"
         return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} ({self.n} seeds)"
+
+
+def p_text(p: float, digits: int = 3) -> str:
+    """A p-value as text: `digits` significant digits, "< 1e-10" below that (never "0"), ""
+    for none."""
+    if p is None or math.isnan(p):
+        return ""
+    return "< 1e-10" if p < 1e-10 else f"{p:.{digits}g}"
 
 
 def accuracy_interval(correct: int, total: int, level: float = LEVEL) -> Interval:

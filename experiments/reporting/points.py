@@ -118,12 +118,8 @@ def _wall(row: pd.Series) -> str:
     text = _minutes(row["wall_s"])
     if setup is not None and not pd.isna(setup):
         text = f"{text} (setup {_minutes(setup)})"
-    resumed = row.get("resumed")
-    if isinstance(resumed, str):  # read back from the CSV
-        resumed = resumed.strip().lower() == "true"
-    elif resumed is None or pd.isna(resumed):  # a row from before the column
-        resumed = False
-    return f"{text}, last sitting of a resumed run" if bool(resumed) else text
+    resumed = row.get("resumed")  # missing (nan) in a row from before the column
+    return f"{text}, last sitting of a resumed run" if pd.notna(resumed) and bool(resumed) else text
 
 
 def _with_interval(value: float, low: float, high: float, digits: int = 3) -> str:

@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from data_tools import load_split  # noqa: E402
 from experiments.analysis import ensemble  # noqa: E402
 from experiments.core import config
+from experiments.core.statistics import p_text
 from experiments.core.steps import STEPS, training_step  # noqa: E402
 from experiments.reporting import findings, uncertainty
 from experiments.reporting.champions import SHIFT_EXPERIMENT, champions_markdown, shift_metrics
@@ -229,13 +230,6 @@ def _get(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame else pd.Series(float("nan"), index=frame.index)
 
 
-def _p_text(p: float) -> str:
-    """A p-value as text: three significant digits, "< 1e-10" below that (never "0")."""
-    if pd.isna(p):
-        return ""
-    return "< 1e-10" if p < 1e-10 else f"{p:.3g}"
-
-
 def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
     """Searched final against baseline: both accuracies, the paired test's difference, its
     95 % interval, p-value and verdict."""
@@ -258,7 +252,7 @@ def _baselines(cells: pd.DataFrame) -> pd.DataFrame:
                 lambda v: "" if pd.isna(v) else f"{v:+.4f}"
             ),
             "95 % interval": interval,
-            "p": frame["vs_baseline_p"].map(_p_text),
+            "p": frame["vs_baseline_p"].map(p_text),
             "verdict": frame["vs_baseline"],
             "test": frame["vs_baseline_test"],
             "fidelity": _get(frame, "ab_fidelity"),

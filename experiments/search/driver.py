@@ -305,9 +305,8 @@ def finish_study(handle: optuna.Study, plan: StudyPlan, parent: str, final: bool
             flush=True,
         )
         tags = {}
-        trained_baseline = plan.budget.baseline == "final"
         if (
-            trained_baseline
+            plan.budget.baseline == "final"
             and best.user_attrs.get("defaults")
             and plan.key(plan.baseline()) == key
         ):

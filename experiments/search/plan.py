@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from experiments.core import config
-from experiments.core.settings import TrainConfig, check_user_against_fixed, coerce, resolve
+from experiments.core.settings import TrainConfig, coerce, resolve
 from experiments.core.steps import Step
 from experiments.search import transfer
 from experiments.search.space import FINE_TUNE_DEFAULTS, Budget, Pinned, suggest, suggest_fine_tune
@@ -119,9 +119,8 @@ class StudyPlan:
     ) -> StudyPlan:
         """The plan before any data, store or study exists: a bad key or value, a `--set`
         that contradicts the step, or a pretrained run of another model stops it here."""
-        check_settings(step, model, budget.overrides)
+        check_settings(step, model, budget.overrides)  # the resolver checks user against fixed
         fixed, user = coerce(model, step.fixed_settings), coerce(model, budget.overrides)
-        check_user_against_fixed(step.name, fixed, user)
         return cls(step, model, budget, storage_url, {**fixed, **user})
 
     def with_data(self, data: StepData | None = None) -> StudyPlan:

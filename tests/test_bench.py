@@ -273,8 +273,10 @@ def test_gpu_bench_script_runs_in_tiny_cpu_mode_and_appends(study_data, tmp_path
     assert {(r[1].strip(), r[2].strip()) for r in rows} == {
         (m, b) for m in MODELS for b in ("8", "16")
     }
-    assert all(float(r[4]) > 0 for r in rows)  # images/s measured
-    assert "`make -n reproduce PROFILE=gpu`: dry run" in section
+    assert all(float(r[4]) > 0 and float(r[6]) > 0 for r in rows)  # eager and graphed images/s
+    # on a CPU the static step runs eagerly: the same weights as the eager loop, exactly
+    assert all(float(r[9]) == 0 for r in rows)
+    assert "`make -n reproduce PROFILE=gpu` (JOBS=" in section and ": dry run" in section
 
 
 def test_study_flops_from_store_count_what_the_runs_trained(study_data):

@@ -4,9 +4,13 @@ It measures, on whatever device torch sees (CUDA when there is one):
 1. single-process training images/s of every registered model at batch 128 and 512 (the
    default settings, `precision=auto`, channels-last, random 28x28 images: speed does not
    depend on the pixels), with model-FLOP utilisation against a bf16 matmul measured in the
-   same run;
+   same run; each eager and through the static step captured as a CUDA graph
+   (experiments/training/graphs.py), side by side, with how far 20 graphed steps land from
+   the same 20 eager ones (`graph_agreement`: about 1e-6 or less is rounding; a graph that
+   missed the learning-rate schedule lands orders of magnitude further);
 2. the wall time of `make reproduce PROFILE=gpu` into a throw-away store, bounded by
-   `--reproduce-timeout`;
+   `--reproduce-timeout`, with the environment's `JOBS` (processes sharing the GPU) and
+   `GLYPH_CUDA_GRAPHS` (graphed steps in the runs) named in its line;
 3. GPU utilisation and memory, sampled from `nvidia-smi` every 2 s while both run.
 
 `--tiny` runs the same script in seconds on a CPU (a few images, small batches, `make -n
@@ -90,39 +94,90 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_rate(name: str, batch: int, images: int, device) -> tuple[float, str]:
-    """Images/s of this project's training loop for model `name` at `batch` on `device`."""
+def _stepper(name: str, batch: int, device, graphed: bool, precision: str, images):
+    """A training step of model `name` as the runs build it (default settings, channels-last,
+    the default augmentation); `graphed`: through a static step, captured as a CUDA graph on
+    CUDA (graphs.py), run eagerly on fixed buffers elsewhere."""
     import torch
 
     from experiments.core.settings import TrainConfig
-    from experiments.training.inference import training_precision
-    from experiments.training.train import Stepper, make_optimizer, train_one_epoch
+    from experiments.training.graphs import StaticStep
+    from experiments.training.train import Stepper, make_optimizer, make_scheduler
     from models import create_model
 
-    cfg = TrainConfig(model=name, batch_size=batch)
+    cfg = TrainConfig(model=name, batch_size=batch, schedule="cosine", epochs=1)
+    prep = cfg.preprocessing().fit(images.cpu())
+    model = create_model(name).to(device, memory_format=torch.channels_last)
+    captured = graphed and device.type == "cuda"
+    optimizer = make_optimizer(cfg, model.parameters(), captured)
+    augment = prep.augmenter()
+    step = Stepper(
+        model,
+        optimizer,
+        torch.nn.CrossEntropyLoss(),
+        batch,
+        torch.Generator().manual_seed(0),
+        scheduler=make_scheduler(cfg, optimizer, max(1, len(images) // batch)),
+        augment=augment.to(device) if augment else None,
+        precision=precision,
+    )
+    step.static = StaticStep(step, capture=captured) if graphed else None
+    return step, prep
+
+
+def training_rate(
+    name: str, batch: int, images: int, device, graphed: bool = False
+) -> tuple[float, str]:
+    """Images/s of this project's training loop for model `name` at `batch` on `device`,
+    eager or (`graphed`) through the static step."""
+    import torch
+
+    from experiments.training.inference import training_precision
+    from experiments.training.train import train_one_epoch
+
     precision = training_precision("auto", device, name)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(images, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 6, (images,), generator=generator).to(device)
-    prep = cfg.preprocessing().fit(x.cpu())
+    step, prep = _stepper(name, batch, device, graphed, precision, x)
     x = prep.transform(x)
-    model = create_model(name).to(device, memory_format=torch.channels_last)
-    augment = prep.augmenter()
-    step = Stepper(
-        model,
-        make_optimizer(cfg, model.parameters()),
-        torch.nn.CrossEntropyLoss(),
-        batch,
-        generator,
-        augment=augment.to(device) if augment else None,
-        precision=precision,
-    )
-    train_one_epoch(step, x[: 4 * batch], y[: 4 * batch])  # warm-up: kernels, allocator
+    train_one_epoch(step, x[: 4 * batch], y[: 4 * batch])  # warm-up (and capture), allocator
     _sync(device)
     start = time.perf_counter()
     train_one_epoch(step, x, y)
     _sync(device)
     return images / (time.perf_counter() - start), precision
+
+
+def graph_agreement(name: str, batch: int, device, steps: int = 20) -> float:
+    """How far `steps` graphed training steps land from the same eager steps: the distance
+    between the two final weight vectors over the length of the eager update (fp32, no
+    dropout or augmentation, the same batches, a cosine schedule that ends at 0 on the last
+    step, so a learning rate the graph failed to follow shows). 0 on a CPU, where the static
+    step runs eagerly."""
+    import torch
+
+    from experiments.training.train import train_one_epoch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(steps * batch, 1, 28, 28, generator=generator).to(device)
+    y = torch.randint(0, 6, (steps * batch,), generator=generator).to(device)
+    weights = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        step, prep = _stepper(name, batch, device, graphed, "fp32", x)
+        step.augment = None
+        for module in step.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "drop_path_rate"):
+                module.drop_path_rate = 0.0
+        start = torch.cat([p.detach().flatten().clone() for p in step.model.parameters()])
+        train_one_epoch(step, prep.transform(x), y)
+        end = torch.cat([p.detach().flatten() for p in step.model.parameters()])
+        weights.append((start, end))
+    (start, eager), (_, graphed_end) = weights
+    return float((eager - graphed_end).norm() / (eager - start).norm())
 
 
 def time_reproduce(tiny: bool, timeout: float) -> tuple[str, float]:
@@ -155,7 +210,12 @@ def time_reproduce(tiny: bool, timeout: float) -> tuple[str, float]:
         except subprocess.TimeoutExpired:
             _stop_group(process)
             state = f"stopped at the {timeout:.0f} s bound, not finished"
-    return f"`{' '.join(command)}`: {state}", time.perf_counter() - start
+    from experiments.training.graphs import ENV
+
+    jobs = os.environ.get("JOBS", "").strip() or "default (one per core, at most 8)"
+    graphs = os.environ.get(ENV, "").strip() or "0"
+    settings = f"JOBS={jobs}, {ENV}={graphs}"
+    return f"`{' '.join(command)}` ({settings}): {state}", time.perf_counter() - start
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -193,6 +253,8 @@ def run_gpu_bench(
         flops = 3 * forward_flops(create_model(model))
         for batch in batches:
             rate, precision = training_rate(model, batch, images, device)
+            graphed, _ = training_rate(model, batch, images, device, graphed=True)
+            apart = graph_agreement(model, batch, device, steps=4 if tiny else 20)
             rows.append(
                 {
                     "model": model,
@@ -200,9 +262,17 @@ def run_gpu_bench(
                     "precision": precision,
                     "images/s": round(rate),
                     "MFU": f"{flops * rate / peak:.1%}",
+                    "graphed images/s": round(graphed),
+                    "graphed / eager": f"{graphed / rate:.2f}",
+                    "graphed MFU": f"{flops * graphed / peak:.1%}",
+                    "graph vs eager weights": f"{apart:.1e}",
                 }
             )
-            print(f"  {model:<13} batch {batch:>4} {precision}: {rate:9,.0f} img/s", flush=True)
+            print(
+                f"  {model:<13} batch {batch:>4} {precision}: {rate:9,.0f} img/s eager, "
+                f"{graphed:9,.0f} graphed ({graphed / rate:.2f}x), weights apart {apart:.1e}",
+                flush=True,
+            )
     what, seconds = time_reproduce(tiny, reproduce_timeout)
     print(f"  {what} in {seconds:.1f} s", flush=True)
     samples = sampler.stop()

@@ -30,6 +30,13 @@ from data_tools import NUM_CLASSES, Dataset
 from experiments.core.preprocess import Preprocessing
 from experiments.core.settings import TrainConfig, resolve_device
 from experiments.training.checkpoint import Loaded, load_checkpoint
+from experiments.training.graphs import (
+    StaticStep,
+    capturable_optimizer_args,
+    graph_blocker,
+    graphs_requested,
+    static_epoch,
+)
 from experiments.training.inference import autocast, predict_logits, training_precision
 from models import create_model
 
@@ -149,19 +156,24 @@ def load_pretrained(model: nn.Module, cfg: TrainConfig, source: Loaded | None = 
         parameter.requires_grad_(False)
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params, captured: bool = False) -> torch.optim.Optimizer:
+    """The run's optimizer; `captured`: one a CUDA graph can replay (graphs.py)."""
     params = [p for p in params if p.requires_grad]
     # on CUDA one fused kernel updates every parameter (the CPU keeps torch's default
     # foreach path, so CPU runs give the numbers they always gave)
     fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    lr = cfg.lr
+    if captured:
+        fused = capturable_optimizer_args(cfg, params[0].device)
+        lr = fused.pop("lr")
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, **fused)
     # Nesterov needs a momentum: momentum=0 is plain SGD
     return torch.optim.SGD(
         params,
-        lr=cfg.lr,
+        lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
@@ -199,13 +211,15 @@ class Stepper:
     precision: str | None = None
     averaged: AveragedModel | None = None
     mixer: Callable | None = None
+    static: StaticStep | None = None  # every step on fixed buffers (a CUDA graph: graphs.py)
 
 
 def train_one_epoch(
     step: Stepper, images: torch.Tensor, labels: torch.Tensor, progress: tqdm | None = None
 ) -> tuple[float, float]:
     """One pass over the training images in random order; returns (mean loss, accuracy).
-    The accuracy counts the argmax against the batch's own labels (before any mixing)."""
+    The accuracy counts the argmax against the batch's own labels (before any mixing). With
+    `step.static` (graphs.py) it trains whole batches only, through the static step."""
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
     augment, mixer, averaged = step.augment, step.mixer, step.averaged
     batch_size, loss_fn, generator, precision = (
@@ -216,6 +230,9 @@ def train_one_epoch(
     )
     model.train()
     order = torch.randperm(len(labels), generator=generator).to(images.device)
+    if step.static is not None:
+        total_loss, correct, n = static_epoch(step, images, labels, order, progress)
+        return _epoch_means(total_loss, correct, n)
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for start in range(0, len(order), batch_size):
@@ -240,7 +257,10 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum()
         if progress is not None:
             progress.update(len(batch))
-    n = len(labels)
+    return _epoch_means(total_loss, correct, len(labels))
+
+
+def _epoch_means(total_loss: torch.Tensor, correct: torch.Tensor, n: int) -> tuple[float, float]:
     mean_loss = float(total_loss) / n  # one host sync per epoch, not per batch
     if not math.isfinite(mean_loss):
         raise Diverged(f"training loss is {mean_loss}; try a lower learning rate")
@@ -473,6 +493,17 @@ def _epoch(
     return row
 
 
+def _captured(cfg: TrainConfig, device: torch.device, label: str) -> bool:
+    """Whether this run's steps replay as a CUDA graph: asked for (`GLYPH_CUDA_GRAPHS=1`) and
+    possible; when asked for but not possible, one line says why and the run trains eagerly."""
+    if not graphs_requested():
+        return False
+    reason = graph_blocker(cfg, device)
+    if reason is not None:
+        print(f"{label} eager steps: {reason}", file=sys.stderr, flush=True)
+    return reason is None
+
+
 def fit(
     cfg: TrainConfig,
     train_set: Dataset,
@@ -496,7 +527,8 @@ def fit(
     )
     if cfg.init_from:
         load_pretrained(model, cfg, data.source)
-    optimizer = make_optimizer(cfg, model.parameters())
+    captured = _captured(cfg, device, label)
+    optimizer = make_optimizer(cfg, model.parameters(), captured)
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
     step = Stepper(
         model,
@@ -510,6 +542,7 @@ def fit(
     )
     average = WeightAverage(cfg, model, optimizer, label)
     step.averaged, step.mixer = average.averaged, batch_mixer(cfg)
+    step.static = StaticStep(step, capture=True) if captured else None
     history: list[dict[str, float]] = []
     best = BestEpoch()
     for epoch in range(cfg.epochs):
@@ -528,5 +561,6 @@ def fit(
         "train_images": data.train_images,
         "val_images": data.val_images,
         "precision_used": precision,
+        "step_engine": "cuda-graph" if captured else "eager",
     }
     return FitResult(model, data.prep, cfg, history, best.epoch, best.loss, best.acc, split, device)

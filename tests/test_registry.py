@@ -83,6 +83,30 @@ def test_promote_registers_each_champion_once_and_loads_by_alias(studies, monkey
     assert (frame["unknown"].to_numpy() == flagged).all()
 
 
+def test_the_task1_detector_is_fitted_once_per_run_data_and_recipe(studies, monkeypatch, capsys):
+    """The report and every promote ask for the detector: the second ask reads the cache; a
+    damaged entry or another recipe fits it again."""
+    import torch
+
+    run_id = choose(1).run_id  # fits and caches it
+    first = registry.detector_of(run_id)
+    fitted = []
+    real_fit = registry.fit_detector
+    monkeypatch.setattr(registry, "fit_detector", lambda *a: fitted.append(a) or real_fit(*a))
+    again = registry.detector_of(run_id)
+    assert fitted == [] and again["name"] == first["name"]
+    assert again["threshold"] == first["threshold"]
+    assert all(torch.equal(again[k], v) for k, v in first.items() if isinstance(v, torch.Tensor))
+    (entry,) = (config.cache_dir() / "detectors").glob("*.pt")
+    entry.write_bytes(b"not a torch file")
+    assert registry.detector_of(run_id)["threshold"] == first["threshold"] and len(fitted) == 1
+    assert "unreadable cached detector" in capsys.readouterr().err
+    assert torch.load(entry, weights_only=True)["threshold"] == first["threshold"]  # replaced
+    monkeypatch.setattr(registry, "DETECTOR_RECIPE", registry.DETECTOR_RECIPE + 1)
+    registry.detector_of(run_id)
+    assert len(fitted) == 2 and len(list(entry.parent.glob("*.pt"))) == 2
+
+
 def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, monkeypatch):
     from experiments.analysis.detectors import score_shipped
     from experiments.training.checkpoint import load_checkpoint
@@ -112,7 +136,7 @@ def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, mon
             values = iter(scripted)
             patch.setattr(registry, "roc_auc_score", lambda truth, score, v=values: next(v))
             patch.setattr(registry, "load_checkpoint", keeps_polarity)
-            picked = registry.detector_of(champion.run_id)
+            picked = registry.fit_detector(champion.run_id, real("TRAIN", studies), 6000)
         assert picked["name"] == expected and picked["chosen_by"].startswith(rule)
 
     def to_black(run_id):  # a model that turns every image black-background
@@ -122,7 +146,7 @@ def test_task1_detector_is_chosen_on_train_alone_and_any_kind_ships(studies, mon
 
     with monkeypatch.context() as patch:
         patch.setattr(registry, "load_checkpoint", to_black)
-        blind = registry.detector_of(champion.run_id)
+        blind = registry.fit_detector(champion.run_id, real("TRAIN", studies), 6000)
     assert blind["name"] == registry.DECLARED_DETECTOR
     assert blind["chosen_by"].startswith("declared default")
     monkeypatch.setattr(registry, "MODEL_DETECTORS", ("mahalanobis",))  # the hardest to ship

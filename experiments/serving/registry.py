@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import pickle
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -320,7 +322,42 @@ def task2_candidates() -> list[Champion]:
     return candidates
 
 
+# Bump when `fit_detector` changes what it computes: cached detectors of another recipe are
+# not read (the cache key holds this, the run, TRAIN's fingerprint and the constants).
+DETECTOR_RECIPE = 1
+
+
 def detector_of(run_id: str, fit_images: int = 6000) -> dict:
+    """The Task 1 detector of `run_id` (`fit_detector`), from the cache when this recipe has
+    fitted it on these TRAIN images before: the report and every `make promote` ask for it,
+    and fitting runs the model over about 17,000 images. The cache holds tensors, numbers and
+    text only (`torch.load(weights_only=True)`); an entry that does not load is refitted."""
+    train = load_split("TRAIN", config.data_dir(), config.cache_dir())
+    recipe = (DETECTOR_RECIPE, fit_images, REFUSE_FRACTION, PROXY_MARGIN, MODEL_DETECTORS)
+    key = hashlib.sha256(f"{run_id}|{train.fingerprint}|{recipe}".encode()).hexdigest()[:24]
+    path = config.cache_dir() / "detectors" / f"{key}.pt"
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(cached, dict) and {"name", "threshold"} <= cached.keys():
+            return cached
+        print(f"{path}: not a detector; refitting it", file=sys.stderr, flush=True)
+    except FileNotFoundError:
+        pass
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        print(f"{path}: unreadable cached detector ({exc}); refitting it", file=sys.stderr)
+    detector = fit_detector(run_id, train, fit_images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        try:
+            torch.save(detector, tmp)
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    Path(tmp.name).replace(path)
+    return detector
+
+
+def fit_detector(run_id: str, train, fit_images: int) -> dict:
     """The Task 1 detector, chosen and calibrated with TRAIN alone.
 
     Proxy for the unseen new script: the run's TRAIN validation images (in-script)
@@ -331,7 +368,6 @@ def detector_of(run_id: str, fit_images: int = 6000) -> dict:
     on `fit_images` of the run's TRAIN training split. No TEST image is read.
     """
     loaded = load_checkpoint(run_id)
-    train = load_split("TRAIN", config.data_dir(), config.cache_dir())
     cfg = loaded.checkpoint["config"]
     train_idx, val_idx = dataset_split(train, cfg["val_fraction"], cfg["split_seed"])
     generator = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ itself, which needs a GPU (`make gpu-bench` compares it with eager steps there).
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -88,13 +89,17 @@ def test_static_steps_drop_the_last_partial_batch_and_count_only_what_trained():
 
 
 def test_graph_blocker_names_what_cannot_be_captured():
-    base = TrainConfig(model="vgg")
-    assert graph_blocker(base, CUDA) is None
-    assert "CUDA device" in graph_blocker(base, torch.device("cpu"))
-    assert "MixUp" in graph_blocker(TrainConfig(model="vgg", mixup_alpha=0.2), CUDA)
-    assert "MixUp" in graph_blocker(TrainConfig(model="vgg", cutmix_alpha=1.0), CUDA)
-    assert "onecycle" in graph_blocker(TrainConfig(model="vgg", schedule="onecycle"), CUDA)
-    assert "SWA" in graph_blocker(TrainConfig(model="vgg", swa_start=0.5, epochs=4), CUDA)
+    base = TrainConfig(model="vgg", batch_size=128)
+    assert graph_blocker(base, CUDA, 128) is None
+    assert "CUDA device" in graph_blocker(base, torch.device("cpu"), 128)
+    assert graph_blocker(base, CUDA, 127) == "127 training images make no whole batch of 128"
+    for settings, reason in (
+        ({"mixup_alpha": 0.2}, "MixUp"),
+        ({"cutmix_alpha": 1.0}, "MixUp"),
+        ({"schedule": "onecycle"}, "onecycle"),
+        ({"swa_start": 0.5, "epochs": 4}, "SWA"),
+    ):
+        assert reason in graph_blocker(TrainConfig(model="vgg", **settings), CUDA, 10_000)
 
 
 @pytest.mark.parametrize(
@@ -148,3 +153,39 @@ def test_asking_for_graphs_on_a_cpu_trains_eagerly_and_says_why(monkeypatch, cap
     )
     assert result.split["step_engine"] == "eager"
     assert "probe eager steps: CUDA graphs need a CUDA device, not cpu" in capsys.readouterr().err
+
+
+def test_a_run_through_the_static_step_logs_numbers_and_ends_its_schedule(monkeypatch):
+    """`fit` as it runs under a CUDA graph, minus the capture (forced on a CPU): the epoch rows
+    hold plain numbers (the learning rate is a tensor in the optimizer), the schedule counts
+    the whole batches it trains, and the run says how its steps ran."""
+    import json
+
+    from experiments.training import train
+
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(train, "graph_blocker", lambda *args: None)
+    images, labels = _data(45)
+    files = tuple(f"{i}.npy" for i in range(45))
+    dataset = Dataset("synthetic", images, labels, files, "0" * 64)
+    cfg = TrainConfig(
+        model="vgg",
+        batch_size=16,
+        epochs=3,
+        patience=3,
+        optimizer="sgd",
+        schedule="cosine",
+        lr=0.01,
+        val_fraction=0.2,
+        device="cpu",
+    )
+    result = fit(cfg, dataset, label="probe")
+    assert result.split["step_engine"] == "static buffers"
+    json.dumps(result.history)  # what the runner logs: no tensor in a row
+    rates = [row["lr"] for row in result.history]
+    assert all(type(rate) is float for rate in rates) and rates[0] == pytest.approx(0.01)
+    whole = result.split["train_images"] // 16
+    assert result.split["train_images"] % 16  # a partial batch, dropped in every epoch
+    # cosine over the steps taken (whole batches), read as each epoch begins
+    expected = [0.005 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]
+    assert whole == 2 and rates == pytest.approx(expected)

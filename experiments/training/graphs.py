@@ -39,10 +39,13 @@ def graphs_requested() -> bool:
     raise ValueError(f"{ENV}={value!r}: expected 1 or 0")
 
 
-def graph_blocker(cfg: TrainConfig, device: torch.device) -> str | None:
-    """Why a run with these settings on `device` trains eagerly (None: it can be captured)."""
+def graph_blocker(cfg: TrainConfig, device: torch.device, images: int) -> str | None:
+    """Why a run with these settings on `device`, training on `images` images per epoch,
+    trains eagerly (None: it can be captured)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
+    if images < cfg.batch_size:
+        return f"{images} training images make no whole batch of {cfg.batch_size}"
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         return "MixUp / CutMix draw their mixing on the host"
     if cfg.schedule == "onecycle":

@@ -462,10 +462,13 @@ def _epoch(
     progress = None
     if _show_progress():
         progress = tqdm(
-            total=len(data.y_train), desc=f"{label} epoch {epoch}", unit="img", leave=False
+            total=trained_per_epoch(step, len(data.y_train)),
+            desc=f"{label} epoch {epoch}",
+            unit="img",
+            leave=False,
         )
     in_swa = average.begin_epoch(epoch)
-    lr = step.optimizer.param_groups[0]["lr"]
+    lr = float(step.optimizer.param_groups[0]["lr"])  # a device tensor under a CUDA graph
     this_epoch = replace(step, scheduler=None, averaged=None) if in_swa else step
     train_loss, train_acc = train_one_epoch(this_epoch, data.x_train, data.y_train, progress)
     swa = average.end_epoch(in_swa)
@@ -493,15 +496,27 @@ def _epoch(
     return row
 
 
-def _captured(cfg: TrainConfig, device: torch.device, label: str) -> bool:
+def _captured(cfg: TrainConfig, device: torch.device, images: int, label: str) -> bool:
     """Whether this run's steps replay as a CUDA graph: asked for (`GLYPH_CUDA_GRAPHS=1`) and
     possible; when asked for but not possible, one line says why and the run trains eagerly."""
     if not graphs_requested():
         return False
-    reason = graph_blocker(cfg, device)
+    reason = graph_blocker(cfg, device, images)
     if reason is not None:
         print(f"{label} eager steps: {reason}", file=sys.stderr, flush=True)
     return reason is None
+
+
+def trained_per_epoch(step: Stepper, images: int) -> int:
+    """The images an epoch trains on: all of them, or whole batches under a static step."""
+    return images - images % step.batch_size if step.static is not None else images
+
+
+def step_engine(step: Stepper) -> str:
+    """How the run's steps ran (logged as `split.step_engine`)."""
+    if step.static is None:
+        return "eager"
+    return "cuda-graph" if step.static.capture else "static buffers"
 
 
 def fit(
@@ -527,9 +542,11 @@ def fit(
     )
     if cfg.init_from:
         load_pretrained(model, cfg, data.source)
-    captured = _captured(cfg, device, label)
+    captured = _captured(cfg, device, len(data.y_train), label)
     optimizer = make_optimizer(cfg, model.parameters(), captured)
-    steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
+    # a static step drops the last partial batch: the schedule counts the steps it takes
+    whole, partial = divmod(len(data.y_train), cfg.batch_size)
+    steps_per_epoch = whole if captured else whole + (partial > 0)
     step = Stepper(
         model,
         optimizer,
@@ -542,7 +559,7 @@ def fit(
     )
     average = WeightAverage(cfg, model, optimizer, label)
     step.averaged, step.mixer = average.averaged, batch_mixer(cfg)
-    step.static = StaticStep(step, capture=True) if captured else None
+    step.static = StaticStep(step, capture=device.type == "cuda") if captured else None
     history: list[dict[str, float]] = []
     best = BestEpoch()
     for epoch in range(cfg.epochs):
@@ -561,6 +578,6 @@ def fit(
         "train_images": data.train_images,
         "val_images": data.val_images,
         "precision_used": precision,
-        "step_engine": "cuda-graph" if captured else "eager",
+        "step_engine": step_engine(step),
     }
     return FitResult(model, data.prep, cfg, history, best.epoch, best.loss, best.acc, split, device)

@@ -119,6 +119,7 @@ def train_final(
             **tags,
         },
         log_model=True,
+        resumable=True,
     )
     return outcome
 
@@ -399,6 +400,7 @@ def train_baseline(
             **_transfer_tags(cfg),
         },
         log_model=True,
+        resumable=True,
     )
     return outcome.run_id, outcome.metrics
 
@@ -536,4 +538,4 @@ def train_once(
     if plan.base.get("init_from"):
         print(f"fine-tuning the pretrained run {plan.base['init_from']}")
     cfg = plan.settings({}, role)
-    return step, train_and_log(plan.data, cfg, run_name=f"train-{cfg.model}")
+    return step, train_and_log(plan.data, cfg, run_name=f"train-{cfg.model}", resumable=True)

@@ -86,6 +86,7 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
             parent_run_id=parent_id or None,
             extra_tags={"study": name, "role": SEED_ROLE, "seed_of": answer_id, "seed": str(seed)},
             log_model=True,
+            resumable=True,
         )
         if step.val_set is not None:  # like every Task 2 answer: its TTA views, once
             log_answer_tta(outcome.run_id, data)

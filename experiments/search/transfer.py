@@ -97,6 +97,7 @@ def _pretrain(model: str, settings: dict[str, Any], key: str, origin: str, budge
             "polarity": cfg.polarity,
             "settings_from": origin,
         },
+        resumable=True,
     )
     return outcome.run_id
 

@@ -178,8 +178,13 @@ def train_and_log(
     on_start: Callable[[str], None] | None = None,
     score: bool = True,
     log_model: bool = False,
+    resumable: bool = False,
 ) -> RunOutcome:
-    """Train `cfg` on the step's training set and leave a complete run in MLflow."""
+    """Train `cfg` on the step's training set and leave a complete run in MLflow.
+    `resumable`: keep the training state after each epoch (`resume_path`), so that this run,
+    interrupted, continues at its next epoch when the same settings on the same data train
+    again; the state is deleted once the run is complete."""
+    resume = resume_path(data, cfg) if resumable else None
     experiment = store.experiment_id(data.step.name)
     run = mlflow.start_run(
         experiment_id=experiment,
@@ -198,6 +203,7 @@ def train_and_log(
             on_epoch=[_epoch_sink, *on_epoch],
             label=run_name,
             val_set=data.val_set,
+            resume=resume,
         )
         mlflow.log_params({f"split.{k}": v for k, v in result.split.items() if k not in cfg.flat()})
         metrics, evaluations = _score(data, result, score)
@@ -208,7 +214,16 @@ def train_and_log(
         raise
     mlflow.set_tag("state", "COMPLETE")
     mlflow.end_run("FINISHED")
+    if resume is not None:
+        resume.unlink(missing_ok=True)
     return RunOutcome(run.info.run_id, metrics, result)
+
+
+def resume_path(data: StepData, cfg: TrainConfig) -> Path:
+    """Where a resumable run keeps its state: `CACHE_DIR/resume/`, keyed by the run's
+    settings and its data, so only the same training continues from it."""
+    text = json.dumps({**cfg.flat(), "data": data.data_key}, sort_keys=True, default=str)
+    return config.cache_dir() / "resume" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
 
 
 def _score(data: StepData, result, score: bool) -> tuple[dict[str, float], dict]:

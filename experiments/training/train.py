@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from experiments.training.graphs import (
     static_epoch,
 )
 from experiments.training.inference import autocast, predict_logits, training_precision
+from experiments.training.resume import restore, resumable, save
 from models import create_model
 
 
@@ -525,11 +527,14 @@ def fit(
     on_epoch: Iterable[Callable[[dict[str, float]], None]] = (),
     label: str = "",
     val_set: Dataset | None = None,
+    resume: Path | None = None,
 ) -> FitResult:
     """Train `cfg.model`; stop early on validation loss; restore the best epoch.
 
     Validation is `val_set` when given (all of `train_set` trains), else a stratified
-    split of `train_set` (`val_fraction`, `split_seed`).
+    split of `train_set` (`val_fraction`, `split_seed`). `resume`: where the run's state is
+    kept after each epoch and read back at the start (resume.py); the restored epochs' rows
+    go to the sinks again, so a new tracked run gets the whole curve.
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -560,9 +565,13 @@ def fit(
     average = WeightAverage(cfg, model, optimizer, label)
     step.averaged, step.mixer = average.averaged, batch_mixer(cfg)
     step.static = StaticStep(step, capture=device.type == "cuda") if captured else None
-    history: list[dict[str, float]] = []
     best = BestEpoch()
-    for epoch in range(cfg.epochs):
+    resume = resume if resume is not None and resumable(cfg) else None
+    start, history = restore(resume, step, average, best, label) if resume else (0, [])
+    for row in history:
+        for sink in on_epoch:
+            sink(row)
+    for epoch in range(start, cfg.epochs):
         row = _epoch(epoch, step, data, average, label)
         history.append(row)
         best.offer(row, average.scored)
@@ -570,6 +579,8 @@ def fit(
             sink(row)  # may raise optuna.TrialPruned
         if best.patience_spent(epoch, cfg.patience):
             break
+        if resume is not None and epoch + 1 < cfg.epochs:
+            save(resume, epoch, step, average, best, history)
     model.load_state_dict(best.state)
     split = {
         "val_set": val_set.name if val_set is not None else "split of the training set",
@@ -579,5 +590,6 @@ def fit(
         "val_images": data.val_images,
         "precision_used": precision,
         "step_engine": step_engine(step),
+        **({"resumed_at_epoch": start} if start else {}),
     }
     return FitResult(model, data.prep, cfg, history, best.epoch, best.loss, best.acc, split, device)

@@ -135,3 +135,21 @@ def test_a_run_resumed_on_a_store_with_older_studies_says_its_time_is_the_last_s
     lines = (reports / "operating_points.md").read_text().splitlines()
     (row,) = [line for line in lines if line.startswith("| full")]
     assert "last sitting of a resumed run" in row
+
+
+def test_a_run_that_continued_from_a_saved_state_marks_its_row_resumed(tmp_path):
+    """A store made after the command started, but holding a run that continued from a state
+    an earlier process saved (a kept CACHE_DIR): its time is not the whole run's either."""
+    import mlflow
+
+    from experiments.tracking import store
+
+    store.init()
+    started = time.time() - 0.1
+    with mlflow.start_run(experiment_id=store.experiment_id("task1-step1")):
+        mlflow.log_param("split.resumed_at_epoch", 3)
+    reports = tmp_path / "reports"
+    _report(reports)
+    points.record("full", started, reports)
+    table = pd.read_csv(reports / points.POINTS_CSV)
+    assert bool(table.set_index("profile").loc["full", "resumed"]) is True

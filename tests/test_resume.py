@@ -92,3 +92,41 @@ def test_a_tracked_run_resumes_under_its_settings_and_data_and_cleans_up(study_d
     assert sorted(m.step for m in curve) == [0, 1, 2]
     train_and_log(data, cfg, "trial", on_epoch=[])  # not resumable: writes no state
     assert not path.exists()
+
+
+def test_a_restored_optimizer_keeps_the_learning_rate_tensor_a_graph_reads(tmp_path):
+    """Under a CUDA graph the optimizer's learning rate is a device tensor the schedule fills
+    in place; `load_state_dict` swaps in a copy, which the restore must not leave there."""
+    from torch import nn
+
+    from experiments.training.resume import restore, save
+    from experiments.training.train import (
+        BestEpoch,
+        Stepper,
+        WeightAverage,
+        make_optimizer,
+        make_scheduler,
+    )
+
+    cfg = TrainConfig(model="vgg", optimizer="sgd", schedule="cosine", lr=0.01)
+
+    def stepper():
+        model = nn.Linear(4, 2)
+        optimizer = make_optimizer(cfg, model.parameters(), captured=True)
+        step = Stepper(model, optimizer, nn.CrossEntropyLoss(), 4, torch.Generator())
+        step.scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=5)
+        return step, WeightAverage(cfg, model, optimizer, "probe"), BestEpoch()
+
+    step, average, best = stepper()
+    for _ in range(3):
+        step.optimizer.step()
+        step.scheduler.step()
+    best.state = step.model.state_dict()
+    saved_lr = float(step.optimizer.param_groups[0]["lr"])
+    save(tmp_path / "state.pt", 0, step, average, best, [])
+    step, average, best = stepper()
+    live = step.optimizer.param_groups[0]["lr"]
+    assert restore(tmp_path / "state.pt", step, average, best, "probe")[0] == 1
+    assert step.optimizer.param_groups[0]["lr"] is live and float(live) == saved_lr
+    step.scheduler.step()
+    assert step.optimizer.param_groups[0]["lr"] is live and float(live) < saved_lr

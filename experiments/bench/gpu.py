@@ -193,7 +193,12 @@ def time_reproduce(tiny: bool, timeout: float) -> tuple[str, float]:
     study keeps the GPU after the bench has moved on."""
     command = ["make", "-n" if tiny else "-s", "reproduce", "PROFILE=gpu"]
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "MLRUNS_DIR": f"{tmp}/mlruns", "REPORTS_DIR": f"{tmp}/reports"}
+        env = {
+            **os.environ,
+            "MLRUNS_DIR": f"{tmp}/mlruns",
+            "REPORTS_DIR": f"{tmp}/reports",
+            "RESUME_DIR": f"{tmp}/resume",  # a run stopped at the bound leaves nothing behind
+        }
         start = time.perf_counter()
         output = subprocess.DEVNULL if tiny else None
         try:

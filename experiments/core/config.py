@@ -37,6 +37,7 @@ __all__ = [
     "mask_secrets",
     "mlruns_dir",
     "reports_dir",
+    "resume_dir",
     "store_dir",
     "study_storage",
     "tracking_uri",
@@ -45,6 +46,11 @@ __all__ = [
 
 def mlruns_dir() -> Path:
     return env_path("MLRUNS_DIR") or PROJECT_ROOT / "mlruns"
+
+
+def resume_dir() -> Path:
+    """Where long runs keep their state between epochs (experiments/training/resume.py)."""
+    return env_path("RESUME_DIR") or cache_dir() / "resume"
 
 
 def store_dir() -> Path:

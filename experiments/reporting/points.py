@@ -235,8 +235,10 @@ def record(
     setup = None
     if setup_done is not None and started <= setup_done <= time.time():
         setup = setup_done - started
-    first = results.first_start([s.name for s in STEPS.values() if s.kind != "reuse"])
-    resumed = first is not None and first < started - 1  # studies older than this command
+    names = [s.name for s in STEPS.values() if s.kind != "reuse"]
+    first = results.first_start(names)
+    # studies older than this command, or runs that continued from an earlier process's state
+    resumed = (first is not None and first < started - 1) or results.resumed_runs(names) > 0
     table = upsert(measure(profile, wall, reports, setup, resumed), reports / POINTS_CSV)
     own = reports.resolve() == (config.PROJECT_ROOT / "reports").resolve()
     targets = [config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "reproduce.md"]

@@ -85,6 +85,14 @@ def first_start(experiments: list[str]) -> float | None:
     return float(frame["start_time"].iloc[0].timestamp())
 
 
+def resumed_runs(experiments: list[str]) -> int:
+    """How many runs of the named experiments continued from a state an earlier process
+    saved (param `split.resumed_at_epoch`, experiments/training/resume.py)."""
+    frame = search(experiments)
+    column = "params.split.resumed_at_epoch"
+    return 0 if column not in frame else int(frame[column].notna().sum())
+
+
 def study_models(experiment: str) -> pd.DataFrame:
     """Each model's study answer in a step, indexed by model: the run its newest study parent
     names in `selected_run` (the best trial's retrain or the baseline, chosen on validation)

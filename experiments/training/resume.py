@@ -6,7 +6,7 @@ optimizer, schedule, EMA average, best epoch so far (its weights included), the 
 and the random-number generators' states to `path` (atomically: a temporary file, then a
 rename), and reads it back when it starts. The file holds tensors, numbers and text only and
 is read with `torch.load(weights_only=True)`; one that does not load is reported in one line
-and the run starts at epoch 0. The caller keys `path` by the run's settings and data
+and the run starts at epoch 0. The caller keys `path` by the run's settings, data, device and step engine
 (`experiments.training.runner.resume_path`) and deletes it once the run is complete.
 Runs with SWA are not resumed (its average and schedule start mid-run): they start over.
 """
@@ -82,7 +82,14 @@ def restore(path: Path, step, average, best, label: str) -> tuple[int, list[dict
 def _apply(state: dict, step, average, best) -> None:
     device = next(step.model.parameters()).device
     step.model.load_state_dict(state["model"])
+    # load_state_dict swaps in copies of the saved groups: a learning rate that is a device
+    # tensor (graphs.py: the graph reads it, the schedule fills it) must stay that tensor
+    live = [group["lr"] for group in step.optimizer.param_groups]
     step.optimizer.load_state_dict(state["optimizer"])
+    for group, lr in zip(step.optimizer.param_groups, live, strict=True):
+        if isinstance(lr, torch.Tensor):
+            lr.copy_(group["lr"])
+            group["lr"] = lr
     if step.scheduler is not None:
         step.scheduler.load_state_dict(state["scheduler"])
     if average.averaged is not None:

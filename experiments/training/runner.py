@@ -35,6 +35,7 @@ from experiments.training import predictions
 from experiments.training.checkpoint import load_checkpoint, make_checkpoint
 from experiments.training.evaluation import plot_confusion, plot_curves, plot_misclassified
 from experiments.training.evaluation import score as score_set
+from experiments.training.graphs import graphs_requested
 from experiments.training.inference import SHIFTS, forward_flops, probabilities
 from experiments.training.train import Diverged, FitResult, dataset_split, fit
 from models import count_parameters
@@ -220,10 +221,12 @@ def train_and_log(
 
 
 def resume_path(data: StepData, cfg: TrainConfig) -> Path:
-    """Where a resumable run keeps its state: `CACHE_DIR/resume/`, keyed by the run's
-    settings and its data, so only the same training continues from it."""
-    text = json.dumps({**cfg.flat(), "data": data.data_key}, sort_keys=True, default=str)
-    return config.cache_dir() / "resume" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
+    """Where a resumable run keeps its state: `config.resume_dir()` (`RESUME_DIR`, default
+    `CACHE_DIR/resume`), keyed by the run's settings, its data, the device it resolves to
+    and its step engine (`GLYPH_CUDA_GRAPHS`), so only the same training continues from it."""
+    engine = {"device": resolve_device(cfg.device).type, "graphs": graphs_requested()}
+    text = json.dumps({**cfg.flat(), **engine, "data": data.data_key}, sort_keys=True, default=str)
+    return config.resume_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
 
 
 def _score(data: StepData, result, score: bool) -> tuple[dict[str, float], dict]:

@@ -161,10 +161,10 @@ def test_a_run_through_the_static_step_logs_numbers_and_ends_its_schedule(monkey
     the whole batches it trains, and the run says how its steps ran."""
     import json
 
-    from experiments.training import train
+    from experiments.training import graphs
 
     monkeypatch.setenv(ENV, "1")
-    monkeypatch.setattr(train, "graph_blocker", lambda *args: None)
+    monkeypatch.setattr(graphs, "graph_blocker", lambda *args: None)
     images, labels = _data(45)
     files = tuple(f"{i}.npy" for i in range(45))
     dataset = Dataset("synthetic", images, labels, files, "0" * 64)

@@ -20,6 +20,7 @@ losses stray from the eager ones on the same batches.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -53,6 +54,29 @@ def graph_blocker(cfg: TrainConfig, device: torch.device, images: int) -> str | 
     if cfg.swa_start > 0:
         return "SWA replaces the learning-rate schedule mid-run"
     return None
+
+
+def wants_graph(cfg: TrainConfig, device: torch.device, images: int, label: str) -> bool:
+    """Whether this run's steps replay as a CUDA graph: asked for (`GLYPH_CUDA_GRAPHS=1`) and
+    possible; when asked for but not possible, one line says why and the run trains eagerly."""
+    if not graphs_requested():
+        return False
+    reason = graph_blocker(cfg, device, images)
+    if reason is not None:
+        print(f"{label} eager steps: {reason}", file=sys.stderr, flush=True)
+    return reason is None
+
+
+def trained_per_epoch(step, images: int) -> int:
+    """The images an epoch trains on: all of them, or whole batches under a static step."""
+    return images - images % step.batch_size if step.static is not None else images
+
+
+def step_engine(step) -> str:
+    """How the run's steps ran (logged as `split.step_engine`)."""
+    if step.static is None:
+        return "eager"
+    return "cuda-graph" if step.static.capture else "static buffers"
 
 
 def capturable_optimizer_args(cfg: TrainConfig, device: torch.device) -> dict:

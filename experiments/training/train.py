@@ -34,9 +34,10 @@ from experiments.training.checkpoint import Loaded, load_checkpoint
 from experiments.training.graphs import (
     StaticStep,
     capturable_optimizer_args,
-    graph_blocker,
-    graphs_requested,
     static_epoch,
+    step_engine,
+    trained_per_epoch,
+    wants_graph,
 )
 from experiments.training.inference import autocast, predict_logits, training_precision
 from experiments.training.resume import restore, resumable, save
@@ -498,27 +499,34 @@ def _epoch(
     return row
 
 
-def _captured(cfg: TrainConfig, device: torch.device, images: int, label: str) -> bool:
-    """Whether this run's steps replay as a CUDA graph: asked for (`GLYPH_CUDA_GRAPHS=1`) and
-    possible; when asked for but not possible, one line says why and the run trains eagerly."""
-    if not graphs_requested():
-        return False
-    reason = graph_blocker(cfg, device, images)
-    if reason is not None:
-        print(f"{label} eager steps: {reason}", file=sys.stderr, flush=True)
-    return reason is None
-
-
-def trained_per_epoch(step: Stepper, images: int) -> int:
-    """The images an epoch trains on: all of them, or whole batches under a static step."""
-    return images - images % step.batch_size if step.static is not None else images
-
-
-def step_engine(step: Stepper) -> str:
-    """How the run's steps ran (logged as `split.step_engine`)."""
-    if step.static is None:
-        return "eager"
-    return "cuda-graph" if step.static.capture else "static buffers"
+def _stepper(cfg: TrainConfig, data: FitData, device, precision, label: str) -> Stepper:
+    """The run's model (on `device`, channels-last, its pretrained weights loaded), optimizer,
+    schedule, augmentation, weight average and, under `GLYPH_CUDA_GRAPHS=1`, static step."""
+    augment = data.prep.augmenter()
+    # channels-last activations: 1.3-1.6x faster convolutions on CPU (measured by `make bench`)
+    model = create_model(cfg.model, **cfg.model_kwargs).to(
+        device, memory_format=torch.channels_last
+    )
+    if cfg.init_from:
+        load_pretrained(model, cfg, data.source)
+    captured = wants_graph(cfg, device, len(data.y_train), label)
+    optimizer = make_optimizer(cfg, model.parameters(), captured)
+    # a static step drops the last partial batch: the schedule counts the steps it takes
+    whole, partial = divmod(len(data.y_train), cfg.batch_size)
+    steps_per_epoch = whole if captured else whole + (partial > 0)
+    step = Stepper(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        cfg.batch_size,
+        torch.Generator().manual_seed(cfg.seed),
+        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
+        augment=augment.to(device) if augment is not None else None,
+        precision=precision,
+    )
+    step.mixer = batch_mixer(cfg)
+    step.static = StaticStep(step, capture=device.type == "cuda") if captured else None
+    return step
 
 
 def fit(
@@ -540,31 +548,9 @@ def fit(
     device = resolve_device(cfg.device)
     precision = training_precision(cfg.precision, device, cfg.model)
     data = prepare_data(cfg, train_set, val_set, device)
-    augment = data.prep.augmenter()
-    # channels-last activations: 1.3-1.6x faster convolutions on CPU (measured by `make bench`)
-    model = create_model(cfg.model, **cfg.model_kwargs).to(
-        device, memory_format=torch.channels_last
-    )
-    if cfg.init_from:
-        load_pretrained(model, cfg, data.source)
-    captured = _captured(cfg, device, len(data.y_train), label)
-    optimizer = make_optimizer(cfg, model.parameters(), captured)
-    # a static step drops the last partial batch: the schedule counts the steps it takes
-    whole, partial = divmod(len(data.y_train), cfg.batch_size)
-    steps_per_epoch = whole if captured else whole + (partial > 0)
-    step = Stepper(
-        model,
-        optimizer,
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        cfg.batch_size,
-        torch.Generator().manual_seed(cfg.seed),
-        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
-        augment=augment.to(device) if augment is not None else None,
-        precision=precision,
-    )
-    average = WeightAverage(cfg, model, optimizer, label)
-    step.averaged, step.mixer = average.averaged, batch_mixer(cfg)
-    step.static = StaticStep(step, capture=device.type == "cuda") if captured else None
+    step = _stepper(cfg, data, device, precision, label)
+    average = WeightAverage(cfg, step.model, step.optimizer, label)
+    step.averaged = average.averaged
     best = BestEpoch()
     resume = resume if resume is not None and resumable(cfg) else None
     start, history = restore(resume, step, average, best, label) if resume else (0, [])
@@ -581,7 +567,7 @@ def fit(
             break
         if resume is not None and epoch + 1 < cfg.epochs:
             save(resume, epoch, step, average, best, history)
-    model.load_state_dict(best.state)
+    step.model.load_state_dict(best.state)
     split = {
         "val_set": val_set.name if val_set is not None else "split of the training set",
         "val_fraction": cfg.val_fraction if val_set is None else 0.0,
@@ -592,4 +578,6 @@ def fit(
         "step_engine": step_engine(step),
         **({"resumed_at_epoch": start} if start else {}),
     }
-    return FitResult(model, data.prep, cfg, history, best.epoch, best.loss, best.acc, split, device)
+    return FitResult(
+        step.model, data.prep, cfg, history, best.epoch, best.loss, best.acc, split, device
+    )

@@ -79,7 +79,7 @@ CHECK_MODELS = $(if $(SELECTED),,$(error MODELS=$(MODELS): none of them is a reg
 non_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
 
 .DEFAULT_GOAL := help
-.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),study.$(s).$(m))) studies levers gpu-bench fetch promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard serve check-args seeds full-seeds \
+.PHONY: $(foreach s,$(STEPS),$(foreach m,$(ALL_MODELS),study.$(s).$(m))) $(foreach c,$(CHAINS),$(foreach m,$(ALL_MODELS),chain.$(c).$(m))) $(foreach s,$(RECIPE_STEPS),$(foreach m,$(MODELS_$(s)),study.$(s).$(m))) studies levers gpu-bench fetch progress promote task2-champion task2-champion-studies predict fidelity help setup lock test test-all lint format data analysis train report bench ui dashboard serve check-args seeds full-seeds \
 	reproduce beyond cluster-test clean-cache task1-shift task2-long task2-transfer
 
 help: ## list the targets by workflow, then the variables
@@ -181,6 +181,9 @@ beyond: $(STAMP) ## after reproduce: task2-mixed, task2-long, task2-transfer, ta
 	$(MAKE) --no-print-directory report TTA=1
 
 ##@ Results and models
+
+progress: $(STAMP) ## where make reproduce stands: each study's state, trials, answer and seeds; lane-minutes so far
+	$(PY) -m experiments progress
 
 report: $(STAMP) ## comparison table, ensembles (ENSEMBLE=K, default 3; TTA=1 adds TTA), Task 1/2 findings into reports/
 	$(PY) -m experiments report $(REPORT_FLAGS)

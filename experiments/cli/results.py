@@ -154,9 +154,21 @@ def _add_shift(commands) -> None:
     shift.set_defaults(func=_shift)
 
 
+def _progress(args: argparse.Namespace) -> None:
+    from experiments.reporting.progress import progress_text
+
+    print(progress_text())
+
+
 def add_commands(commands) -> None:
     _add_report(commands)
     _add_points(commands)
+    progress = commands.add_parser(
+        "progress",
+        help="where make reproduce stands: each study's state, trials, answer and seeds, and "
+        "the lane-minutes of the runs so far (read from the store; safe while it runs)",
+    )
+    progress.set_defaults(func=_progress)
     _add_shift(commands)
     analyze = "data figures and data_summary.md, logged as a data-analysis MLflow run"
     reports_command(commands, "analyze", analyze, _analyze)

@@ -32,7 +32,8 @@ def test_a_finished_study_shows_its_trials_answer_and_interval_and_the_rest_not_
     assert (state, trials, seeds) == ("finished", "2", "0") and answer in ("final", "baseline")
     assert re.fullmatch(r"TEST2 0\.\d{4} \[0\.\d{4}, (0\.\d{4}|1\.0000)\]", evaluation)
     others = [cells for study, cells in rows.items() if study != "task2-step3/vgg"]
-    assert len(others) == 19 and all(cells[0] == "not started" for cells in others)
+    assert len(others) == 19 and all(cells[0].startswith("not started") for cells in others)
+    assert rows["task2-step1/vgg"][:2] == ["not started (reuses task1-step1)", "-"]
     assert "Studies of `make reproduce`: 20 (19 not started, 1 finished)." in text
     lanes = {
         cells[1]: cells[2:-1]
@@ -41,3 +42,29 @@ def test_a_finished_study_shows_its_trials_answer_and_interval_and_the_rest_not_
         if len(cells) > 2 and cells[1] in ("trial", "final", "baseline")
     }
     assert lanes["trial"][0] == "2" and lanes["final"][0] == "1"  # runs per role
+
+
+def test_a_study_still_running_alone_in_its_experiment_is_shown_with_its_time_so_far(
+    study_data, capsys
+):
+    """The start of a run: a study parent and its first trial, both RUNNING, beside a
+    finished study of another experiment (MLflow gives such an experiment no end times)."""
+    import mlflow
+
+    from experiments.tracking import store
+
+    run_step("task2-step3", "vgg", Budget(**TINY))
+    store.init()
+    experiment = store.experiment_id("task1-step1")
+    parent = mlflow.start_run(experiment_id=experiment, tags={"role": "study", "model": "vgg"})
+    mlflow.start_run(experiment_id=experiment, nested=True, tags={"role": "trial", "model": "vgg"})
+    try:
+        text = progress_text()
+    finally:
+        mlflow.end_run()
+        mlflow.end_run()
+    assert parent.info.run_id
+    (row,) = [line for line in text.splitlines() if line.startswith("| task1-step1/vgg ")]
+    assert "| running " in row
+    (trials,) = [line for line in text.splitlines() if line.startswith("| trial ")]
+    assert trials.split("|")[2].strip() == "3"  # two finished, one running

@@ -5,9 +5,10 @@ It measures, on whatever device torch sees (CUDA when there is one):
    default settings, `precision=auto`, channels-last, random 28x28 images: speed does not
    depend on the pixels), with model-FLOP utilisation against a bf16 matmul measured in the
    same run; each eager and through the static step captured as a CUDA graph
-   (experiments/training/graphs.py), side by side, with how far 20 graphed steps land from
-   the same 20 steps run uncaptured (`graph_agreement`: 0 is bit for bit; a graph that froze
-   the learning rate lands about a whole update away, about 1);
+   (experiments/training/graphs.py), side by side (both with a cosine schedule), with how far
+   20 steps (3 eager warm-up steps, then 17 through the graph) land from the same 20 steps
+   run uncaptured (`graph_agreement`: 0 is bit for bit; a graph that froze the learning
+   rate lands about a whole update away, about 1);
 2. the wall time of `make reproduce PROFILE=gpu` into a throw-away store, bounded by
    `--reproduce-timeout`, with the environment's `JOBS` (processes sharing the GPU) and
    `GLYPH_CUDA_GRAPHS` (graphed steps in the runs) named in its line;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 from tabulate import tabulate
 
-from experiments.core.steps import REPRODUCE_CHAINS, get_step
+from experiments.core.steps import REPRODUCE_CHAINS, training_step
 from experiments.tracking import results
 from models import MODELS
 
@@ -27,9 +27,8 @@ def _state(parents: pd.DataFrame) -> str:
     if parents.empty:
         return "not started"
     status = str(parents.iloc[0]["status"])
-    return {"FINISHED": "finished", "RUNNING": "running", "KILLED": "interrupted"}.get(
-        status, status.lower()
-    )
+    states = {"FINISHED": "finished", "RUNNING": "running", "KILLED": "interrupted"}
+    return states.get(status, status.lower())
 
 
 def _evaluation(answer: pd.Series | None) -> str:
@@ -47,56 +46,64 @@ def _evaluation(answer: pd.Series | None) -> str:
 
 
 def study_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
-    """One row per (step, model) of `make reproduce`, from every run of its experiments."""
+    """One row per (step, model) of `make reproduce`, from every run of its experiments. A
+    step that reuses another's answers (task2-step1) shows that step's study."""
     rows = []
     for _, chain in REPRODUCE_CHAINS:
         for step_name in chain:
-            runs = frame[frame["experiment"] == step_name]
-            trains = get_step(step_name).kind != "reuse"
+            source = training_step(step_name).name
+            runs = frame[frame["experiment"] == source]
             for model in MODELS:
-                own = runs[runs.get("tags.model") == model] if "tags.model" in runs else runs[:0]
-                roles = own.get("tags.role", pd.Series(dtype=str))
+                own = runs[_column(runs, "tags.model") == model]
+                roles = _column(own, "tags.role")
                 parents = own[roles == "study"]
                 state = _state(parents)
-                done = own.get("tags.state", pd.Series(dtype=str)).isin(DONE)
-                trials = own[(roles == "trial") & done]
-                answer = results.final_run(step_name, model) if state == "finished" else None
-                seeds = own[(roles == "seed") & (own.get("tags.state") == "COMPLETE")]
+                done = _column(own, "tags.state").isin(DONE)
+                answer = results.final_run(source, model) if state == "finished" else None
+                seeds = own[(roles == "seed") & done]
+                reuse = source != step_name
                 rows.append(
                     {
                         "study": f"{step_name}/{model}",
-                        "state": state,
-                        "trials": str(len(trials)) if trains else "-",
+                        "state": f"{state} (reuses {source})" if reuse else state,
+                        "trials": "-" if reuse else str(int(((roles == "trial") & done).sum())),
                         "answer": "" if answer is None else str(results.tag(answer, "role")),
-                        "seeds": str(seeds["tags.seed"].nunique()) if len(seeds) else "0",
+                        "seeds": "-" if reuse else str(_column(seeds, "tags.seed").nunique()),
                         "evaluation (after the choice)": _evaluation(answer),
                     }
                 )
     return rows
 
 
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """`frame[name]`, or an empty-valued column where no run has that tag yet."""
+    return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
+
+
 def lane_minutes(frame: pd.DataFrame) -> pd.DataFrame:
     """Minutes the runs took, summed by role (a study's parent run spans its children and is
     left out): those that ended as they should (complete, or a pruned trial) apart from the
-    interrupted, failed or running ones; a running run counts up to now."""
+    interrupted, failed or running ones; a running run counts up to now (one left RUNNING by
+    a process killed with -9 keeps counting until its study runs again and ends it)."""
     columns = ["role", "runs", "complete or pruned", "interrupted, failed or running"]
-    if frame.empty or "tags.role" not in frame:
+    roles = _column(frame, "tags.role")
+    runs = frame[roles.notna() & (roles != "study")]
+    if runs.empty:
         return pd.DataFrame(columns=columns)
-    runs = frame[frame["tags.role"].notna() & (frame["tags.role"] != "study")].copy()
-    end = runs["end_time"].fillna(pd.Timestamp.now(tz=runs["start_time"].dt.tz))
-    runs["minutes"] = (end - runs["start_time"]).dt.total_seconds() / 60
-    runs["done"] = runs.get("tags.state", pd.Series(index=runs.index, dtype=str)).isin(DONE)
-    table = runs.groupby("tags.role").apply(
-        lambda g: pd.Series(
-            {
-                "runs": len(g),
-                columns[2]: round(g.loc[g["done"], "minutes"].sum(), 1),
-                columns[3]: round(g.loc[~g["done"], "minutes"].sum(), 1),
-            }
-        ),
-        include_groups=False,
+    start = pd.to_datetime(runs["start_time"], utc=True)
+    end = pd.to_datetime(runs["end_time"], utc=True).fillna(pd.Timestamp.now(tz="UTC"))
+    minutes = (end - start).dt.total_seconds() / 60
+    done = _column(runs, "tags.state").isin(DONE)
+    table = pd.DataFrame(
+        {
+            "role": runs["tags.role"],
+            "runs": 1,
+            columns[2]: minutes.where(done, 0.0),
+            columns[3]: minutes.where(~done, 0.0),
+        }
     )
-    return table.reset_index(names="role")
+    table = table.groupby("role", as_index=False).sum()
+    return table.round({columns[2]: 1, columns[3]: 1})[columns]
 
 
 def progress_text() -> str:
@@ -111,7 +118,7 @@ def progress_text() -> str:
     rows = study_rows(frame) if not frame.empty else []
     if not rows:
         return "No study of `make reproduce` in this store yet."
-    counts = pd.Series([row["state"] for row in rows]).value_counts()
+    counts = pd.Series([row["state"].split(" (")[0] for row in rows]).value_counts()
     head = ", ".join(f"{counts[state]} {state}" for state in counts.index)
     lanes = lane_minutes(frame)
     return "\n".join(

@@ -13,8 +13,8 @@ the optimizer's learning-rate tensor in place, which the graph reads), the EMA u
 running loss and accuracy sums. What cannot be captured is refused, not approximated:
 MixUp / CutMix draw their mixing on the host, `onecycle` cycles the optimizer's momentum as
 Python floats and SWA swaps in its own schedule; those runs stay eager (`graph_blocker`).
-`make gpu-bench` measures eager and graphed images/s side by side and how far the graphed
-losses stray from the eager ones on the same batches.
+`make gpu-bench` measures eager and graphed images/s side by side and how far the weights
+after graph replays land from those of the same steps run uncaptured.
 """
 
 from __future__ import annotations

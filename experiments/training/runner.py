@@ -223,8 +223,9 @@ def train_and_log(
 def resume_path(data: StepData, cfg: TrainConfig) -> Path:
     """Where a resumable run keeps its state: `config.resume_dir()` (`RESUME_DIR`, default
     `CACHE_DIR/resume`), keyed by the run's settings, its data, the device it resolves to
-    and its step engine (`GLYPH_CUDA_GRAPHS`), so only the same training continues from it."""
-    engine = {"device": resolve_device(cfg.device).type, "graphs": graphs_requested()}
+    and, on CUDA, `GLYPH_CUDA_GRAPHS`, so only the same training continues from it."""
+    device = resolve_device(cfg.device).type
+    engine = {"device": device, "graphs": device == "cuda" and graphs_requested()}
     text = json.dumps({**cfg.flat(), **engine, "data": data.data_key}, sort_keys=True, default=str)
     return config.resume_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
 

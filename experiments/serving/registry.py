@@ -58,7 +58,7 @@ from experiments.core.statistics import auroc, bootstrap_interval, tie_set
 from experiments.core.steps import STEPS
 from experiments.serving import integrity
 from experiments.tracking import results, store
-from experiments.training.checkpoint import load_checkpoint
+from experiments.training.checkpoint import load_checkpoint, save_atomically
 from experiments.training.inference import ProbabilityCache
 from experiments.training.runner import log_pyfunc_model, short_digest
 from experiments.training.train import dataset_split
@@ -346,14 +346,7 @@ def detector_of(run_id: str, fit_images: int = 6000) -> dict:
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         print(f"{path}: unreadable cached detector ({exc}); refitting it", file=sys.stderr)
     detector = fit_detector(run_id, train, fit_images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            torch.save(detector, tmp)
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    Path(tmp.name).replace(path)
+    save_atomically(detector, path)
     return detector
 
 

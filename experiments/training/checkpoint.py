@@ -29,6 +29,19 @@ ARTIFACT_PATH = "checkpoint/model.pt"
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
+def save_atomically(obj: Any, path: Path) -> None:
+    """`torch.save(obj)` to `path` through a temporary file beside it and a rename, so a
+    reader never sees half a file and a failed write leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    Path(tmp.name).replace(path)
+
+
 def make_checkpoint(
     model_name: str,
     model_kwargs: dict[str, Any],

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from experiments.training.checkpoint import save_atomically
 
 FORMAT = 1  # bump when the saved fields change: a state of another format is not read
 
@@ -44,14 +45,7 @@ def save(path: Path, epoch: int, step, average, best, history: list[dict[str, fl
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            torch.save(state, tmp)
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    Path(tmp.name).replace(path)
+    save_atomically(state, path)
 
 
 def restore(path: Path, step, average, best, label: str) -> tuple[int, list[dict[str, float]]]:

@@ -25,6 +25,8 @@ def isolated_stores(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("RESUME_DIR", raising=False)  # long runs' states: under CACHE_DIR
+    monkeypatch.delenv("GLYPH_CUDA_GRAPHS", raising=False)
     yield
     if "mlflow" in sys.modules:
         import mlflow

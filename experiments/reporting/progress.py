@@ -53,13 +53,15 @@ def study_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
         for step_name in chain:
             source = training_step(step_name).name
             runs = frame[frame["experiment"] == source]
+            answers = results.study_models(source) if len(runs) else None  # once per step
             for model in MODELS:
                 own = runs[_column(runs, "tags.model") == model]
                 roles = _column(own, "tags.role")
                 parents = own[roles == "study"]
                 state = _state(parents)
                 done = _column(own, "tags.state").isin(DONE)
-                answer = results.final_run(source, model) if state == "finished" else None
+                found = state == "finished" and answers is not None and model in answers.index
+                answer = answers.loc[model] if found else None
                 seeds = own[(roles == "seed") & done]
                 reuse = source != step_name
                 rows.append(

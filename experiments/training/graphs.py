@@ -25,6 +25,7 @@ import sys
 import torch
 
 from experiments.core.settings import TrainConfig
+from experiments.training.inference import autocast
 
 ENV = "GLYPH_CUDA_GRAPHS"
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator, cuDNN, optimizer state)
@@ -107,12 +108,7 @@ class StaticStep:
     def _body(self, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.step
         x = step.augment(self.x) if step.augment is not None else self.x
-        with torch.autocast(
-            self.x.device.type,
-            dtype=torch.bfloat16,
-            enabled=step.precision == "bf16",
-            cache_enabled=cache,
-        ):
+        with autocast(self.x.device, step.precision, cache):
             logits = step.model(x)
             loss = step.loss_fn(logits.float(), self.y)
         loss.backward()

@@ -46,11 +46,14 @@ def training_precision(precision: str, device: torch.device, model: str | None =
     return "bf16" if device.type == "cpu" and cpu_has_bf16() and fast else "fp32"
 
 
-def autocast(device: torch.device, precision: str | None = None):
+def autocast(device: torch.device, precision: str | None = None, cache: bool = True):
     """bf16 autocast where `precision` (a training run's resolved one) asks for it. Prediction
     (`precision=None`) is fp32 on every device, so a run's logged accuracy (scored on the
-    training device) is what its checkpoint gives when the report reloads it on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    training device) is what its checkpoint gives when the report reloads it on the CPU.
+    `cache=False` under CUDA-graph capture (torch caches no cast weights there)."""
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache
+    )
 
 
 # Prediction batch on the CPU: on the AVX2-only EPYC, 256 predicted 0.9-2.1x as many images/s

@@ -116,25 +116,56 @@ def test_without_a_report_or_with_a_bad_start_nothing_is_written(tmp_path):
         points.render(reports)
 
 
-def test_a_run_resumed_on_a_store_with_older_studies_says_its_time_is_the_last_sitting(
-    tmp_path,
-):
+def test_a_run_resumed_on_a_store_with_older_studies_adds_the_earlier_sittings(tmp_path):
+    """Two earlier sittings: one run that ended, and one killed -9 (left RUNNING) whose
+    process was found dead 20 minutes after its last metric, ended then by an older version.
+    Each sitting counts from its first start to its last logged metric, not to when it was
+    found dead, and the row says the whole and the last sitting."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from experiments.tracking import store
 
     store.init()
-    with mlflow.start_run(experiment_id=store.experiment_id("task1-step1")):
-        pass  # a study's run from an earlier sitting
-    time.sleep(1.2)
+    client = MlflowClient()
+    hour = 3600 * 1000
+    now_ms = int(time.time() * 1000)
+    first = client.create_run(store.experiment_id("task1-step1"), start_time=now_ms - 5 * hour)
+    client.log_metric(first.info.run_id, "val_acc", 0.9, timestamp=now_ms - 4 * hour)
+    client.set_terminated(first.info.run_id, "FINISHED", end_time=now_ms - 4 * hour)
+    second = client.create_run(store.experiment_id("task1-step1"), start_time=now_ms - 3 * hour)
+    client.log_metric(second.info.run_id, "val_acc", 0.9, timestamp=now_ms - 2 * hour)
+    client.set_tag(second.info.run_id, "interrupted", "true")
+    client.set_terminated(second.info.run_id, "KILLED", end_time=now_ms - 2 * hour + 1_200_000)
+    with mlflow.start_run(experiment_id=store.experiment_id("task2-step3")):
+        mlflow.log_metric("val_acc", 0.5)  # this sitting's: not an earlier one
     reports = tmp_path / "reports"
     _report(reports)
-    points.record("full", time.time() - 0.1, reports)
-    table = pd.read_csv(reports / points.POINTS_CSV)
-    assert bool(table.set_index("profile").loc["full", "resumed"]) is True
+    points.record("full", time.time() - 60, reports)
+    row = pd.read_csv(reports / points.POINTS_CSV).set_index("profile").loc["full"]
+    assert bool(row["resumed"]) is True
+    assert row["sittings"] == 3
+    assert row["earlier_s"] == pytest.approx(2 * 3600, abs=2)
     lines = (reports / "operating_points.md").read_text().splitlines()
-    (row,) = [line for line in lines if line.startswith("| full")]
-    assert "last sitting of a resumed run" in row
+    (line,) = [line for line in lines if line.startswith("| full")]
+    assert "2 h 01 min in 3 sittings, the last 1 min 00 s" in line
+
+
+def test_earlier_sittings_are_the_runs_spans_joined_across_short_gaps_and_cut_at_the_start():
+    at = pd.Timestamp("2026-01-01T00:00Z")
+    minute = pd.Timedelta(minutes=1)
+    spans = pd.DataFrame(
+        {
+            "start": [at + 10 * minute, at, at + 28 * minute, at + 95 * minute],
+            "end": [at + 20 * minute, at + 12 * minute, at + 40 * minute, at + 200 * minute],
+        }
+    )
+    blocks = points.earlier_sittings(spans, before=at + 100 * minute)
+    assert blocks == [
+        (at, at + 40 * minute),
+        (at + 95 * minute, at + 100 * minute),
+    ]  # 8 min: joined
+    assert points.earlier_sittings(spans.iloc[0:0], before=at) == []
 
 
 def test_a_run_that_continued_from_a_saved_state_marks_its_row_resumed(tmp_path):

@@ -68,3 +68,27 @@ def test_a_study_still_running_alone_in_its_experiment_is_shown_with_its_time_so
     assert "| running " in row
     (trials,) = [line for line in text.splitlines() if line.startswith("| trial ")]
     assert trials.split("|")[2].strip() == "3"  # two finished, one running
+
+
+def test_a_run_found_dead_ends_when_it_last_logged_and_counts_only_until_then(tmp_path):
+    """A trial killed -9 an hour after its start, its last epoch logged then, found dead an
+    hour later: it ends at its last metric, and its lane-minutes are 60, not 120."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from experiments.reporting.progress import lane_minutes
+    from experiments.tracking import results, store
+
+    store.init()
+    client = MlflowClient()
+    start = int(time.time() * 1000) - 2 * 3600 * 1000
+    run = client.create_run(store.experiment_id("task1-step1"), start_time=start)
+    run_id = run.info.run_id
+    client.set_tag(run_id, "role", "trial")
+    client.log_metric(run_id, "val_acc", 0.5, timestamp=start + 30 * 60 * 1000)
+    client.log_metric(run_id, "val_acc", 0.6, timestamp=start + 60 * 60 * 1000)
+    store.mark_interrupted(client, run_id, results.last_logged(client, run_id))
+    assert client.get_run(run_id).info.end_time == start + 60 * 60 * 1000
+    lanes = lane_minutes(results.search("task1-step1")).set_index("role")
+    assert lanes.loc["trial", "interrupted, failed or running"] == 60.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.core import config, machine
-from experiments.core.steps import STEPS
+from experiments.core.steps import PRETRAIN, STEPS
 from experiments.reporting import findings
 from experiments.tracking import results, store
 
@@ -29,8 +29,9 @@ COLUMNS = [
     "task1_high",
     *("task1_cells", "task2_acc", "task2_low", "task2_high", "task2_cells", "seeds"),
     *("champion_test2", "champion_low", "champion_high", "black_met", "baseline_met"),
-    *("reference_met", "tflop", "date", "commit", "resumed"),
+    *("reference_met", "tflop", "date", "commit", "resumed", "earlier_s", "sittings"),
 ]
+SITTING_GAP_S = 600  # runs of one sitting follow each other within seconds; a longer gap ends it
 START = "<!-- operating points: written by `make reproduce` (python -m experiments points) -->"
 END = "<!-- end of operating points -->"
 HEADLINE = {1: ("task1-step1",), 2: ("task2-step2", "task2-step3")}
@@ -55,10 +56,12 @@ def measure(
     reports: Path,
     setup_s: float | None = None,
     resumed: bool = False,
+    earlier: list[tuple[pd.Timestamp, pd.Timestamp]] = (),
 ) -> dict:
     """This profile's row from the report in `reports` and the measured wall time (`setup_s`
     of it: install, fetch and data check; `resumed`: the time of the last sitting only, the
-    store holding studies from before it)."""
+    store holding studies from before it; `earlier`: the spans of the sittings before this
+    one, from `earlier_sittings`)."""
     cells = pd.read_csv(reports / "comparison.csv")
     champions_path = reports / "champions.csv"
     champions = pd.read_csv(champions_path) if champions_path.exists() else pd.DataFrame()
@@ -89,7 +92,26 @@ def measure(
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit[:12],
         "resumed": bool(resumed),
+        "earlier_s": round(sum((end - start).total_seconds() for start, end in earlier)),
+        "sittings": len(earlier) + 1,
     }
+
+
+def earlier_sittings(
+    spans: pd.DataFrame, before: pd.Timestamp, gap_s: float = SITTING_GAP_S
+) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """The sittings before `before` (this sitting's start), each as (start, end): the runs'
+    spans (`results.run_spans`, rows `start`, `end`) cut at `before` and joined where less
+    than `gap_s` apart. Their install time and anything between their runs and a longer gap
+    is not in them."""
+    cut = spans[spans["start"] < before].sort_values("start")
+    blocks: list[tuple[pd.Timestamp, pd.Timestamp]] = []
+    for start, end in zip(cut["start"], cut["end"].clip(upper=before), strict=True):
+        if blocks and (start - blocks[-1][1]).total_seconds() < gap_s:
+            blocks[-1] = (blocks[-1][0], max(blocks[-1][1], end))
+        else:
+            blocks.append((start, end))
+    return blocks
 
 
 def upsert(row: dict, path: Path) -> pd.DataFrame:
@@ -109,6 +131,8 @@ def upsert(row: dict, path: Path) -> pd.DataFrame:
 
 def _minutes(seconds: float) -> str:
     minutes, rest = divmod(int(round(seconds)), 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
     return f"{minutes} min {rest:02d} s"
 
 
@@ -118,7 +142,10 @@ def _wall(row: pd.Series) -> str:
     text = _minutes(row["wall_s"])
     if setup is not None and not pd.isna(setup):
         text = f"{text} (setup {_minutes(setup)})"
-    resumed = row.get("resumed")  # missing (nan) in a row from before the column
+    sittings, earlier = row.get("sittings"), row.get("earlier_s")  # nan in an older row
+    if pd.notna(sittings) and sittings > 1 and pd.notna(earlier):
+        return f"{_minutes(row['wall_s'] + earlier)} in {int(sittings)} sittings, the last {text}"
+    resumed = row.get("resumed")
     return f"{text}, last sitting of a resumed run" if pd.notna(resumed) and bool(resumed) else text
 
 
@@ -175,8 +202,11 @@ NOTE = (
     "TRAIN3 / TEST2, 8 cells), in brackets the mean of their 95 % limits; the champion's "
     "interval is Wilson over TEST2's images. Conditions count studies, as in "
     "reports/comparison.md. TFLOP: training and evaluation of every study's trials, final "
-    "and baseline. A run finished over several sittings (the studies resume) gives the time "
-    "of its last sitting only, and says so."
+    "and baseline. A run finished over several sittings (the studies resume) gives their "
+    "sum: the last one timed as above, each one before it as the span of its runs, from the "
+    "first start to the last logged metric (gaps under 10 min joined; the install of a "
+    "sitting before the last is left out, and a pause that stopped the processes without "
+    "ending them is counted)."
 )
 
 
@@ -218,6 +248,23 @@ def write_tables(table: pd.DataFrame, reports: Path, targets: list[Path]) -> lis
     return written
 
 
+def _profile_spans(profile: str, names: list[str]) -> pd.DataFrame:
+    """The spans of the runs (study parents left out) of the named experiments and the
+    pretraining since this profile's first study began (all of them where no study parent
+    names its profile), runs still RUNNING from a dead process ending when they last logged."""
+    frame = results.search([*names, PRETRAIN.name])
+    if frame.empty:
+        return pd.DataFrame(columns=["start", "end"])
+    study = frame.get("tags.role", pd.Series(None, index=frame.index, dtype=object)) == "study"
+    if "tags.budget.profile" in frame:
+        own = frame[study & (frame["tags.budget.profile"] == profile)]
+        if len(own):
+            frame, study = (
+                f[frame["start_time"] >= own["start_time"].min()] for f in (frame, study)
+            )
+    return results.run_spans(frame[~study], alive=False)
+
+
 def record(
     profile: str, started: float, out: str | Path | None = None, setup_done: float | None = None
 ) -> list[Path]:
@@ -239,7 +286,11 @@ def record(
     first = results.first_start(names)
     # studies older than this command, or runs that continued from an earlier process's state
     resumed = (first is not None and first < started - 1) or results.resumed_runs(names) > 0
-    table = upsert(measure(profile, wall, reports, setup, resumed), reports / POINTS_CSV)
+    earlier = earlier_sittings(
+        _profile_spans(profile, names), pd.Timestamp(started, unit="s", tz="UTC")
+    )
+    row = measure(profile, wall, reports, setup, resumed, earlier)
+    table = upsert(row, reports / POINTS_CSV)
     own = reports.resolve() == (config.PROJECT_ROOT / "reports").resolve()
     targets = [config.PROJECT_ROOT / "README.md", config.PROJECT_ROOT / "docs" / "reproduce.md"]
     return write_tables(table, reports, targets if own else [])

@@ -85,16 +85,16 @@ def _column(frame: pd.DataFrame, name: str) -> pd.Series:
 def lane_minutes(frame: pd.DataFrame) -> pd.DataFrame:
     """Minutes the runs took, summed by role (a study's parent run spans its children and is
     left out): those that ended as they should (complete, or a pruned trial) apart from the
-    interrupted, failed or running ones; a running run counts up to now (one left RUNNING by
-    a process killed with -9 keeps counting until its study runs again and ends it)."""
+    interrupted, failed or running ones. An interrupted run counts until it last logged a
+    metric; a running run up to now (one left RUNNING by a process killed with -9 keeps
+    counting until its study runs again and ends it)."""
     columns = ["role", "runs", "complete or pruned", "interrupted, failed or running"]
     roles = _column(frame, "tags.role")
     runs = frame[roles.notna() & (roles != "study")]
     if runs.empty:
         return pd.DataFrame(columns=columns)
-    start = pd.to_datetime(runs["start_time"], utc=True)
-    end = pd.to_datetime(runs["end_time"], utc=True).fillna(pd.Timestamp.now(tz="UTC"))
-    minutes = (end - start).dt.total_seconds() / 60
+    spans = results.run_spans(runs)
+    minutes = (spans["end"] - spans["start"]).dt.total_seconds() / 60
     done = _column(runs, "tags.state").isin(DONE)
     table = pd.DataFrame(
         {

@@ -188,7 +188,9 @@ def end_orphans(step: Step, name: str) -> list[str]:
     ended = []
     for _, run in results.running(step.name, name).iterrows():
         if results.tag(run, "role") in ("final", "study", "baseline"):
-            store.mark_interrupted(client, run["run_id"])
+            store.mark_interrupted(
+                client, run["run_id"], results.last_logged(client, run["run_id"])
+            )
             ended.append(f"{results.tag(run, 'role')} {run['run_id'][:8]}")
     return ended
 

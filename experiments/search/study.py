@@ -246,7 +246,7 @@ def fail_stale_trials(study: optuna.Study, rdb: bool) -> list[int]:
     for trial in stale:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            store.mark_interrupted(client, run_id)
+            store.mark_interrupted(client, run_id, results.last_logged(client, run_id))
     return [t.number for t in stale]
 
 

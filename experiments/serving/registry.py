@@ -449,7 +449,8 @@ def promotion_lock() -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / "promote.lock")):
         for run_id in results.running_runs(REGISTRY_EXPERIMENT):
-            store.mark_interrupted(MlflowClient(), run_id)
+            client = MlflowClient()
+            store.mark_interrupted(client, run_id, results.last_logged(client, run_id))
         yield
 
 

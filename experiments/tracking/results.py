@@ -93,6 +93,37 @@ def resumed_runs(experiments: list[str]) -> int:
     return 0 if column not in frame else int(frame[column].notna().sum())
 
 
+def last_logged(client: MlflowClient, run_id: str) -> int | None:
+    """When the run last logged a metric value (milliseconds since the epoch): the last sign
+    of life of a run whose process died. None for a run that logged none."""
+    run = client.get_run(run_id)
+    stamps = [
+        point.timestamp
+        for key in run.data.metrics
+        for point in client.get_metric_history(run_id, key)
+    ]
+    return max(stamps) if stamps else None
+
+
+def run_spans(frame: pd.DataFrame, alive: bool = True) -> pd.DataFrame:
+    """`start` and `end` (UTC timestamps) of each run of `frame` (rows of `search`). A run
+    ended as interrupted by an older version, which ended it when found dead, ends when it
+    last logged a metric (`last_logged`; its start where it logged none). A RUNNING run
+    ends now where `alive`, else (runs of a sitting that is over) when it last logged."""
+    spans = pd.DataFrame(index=frame.index)
+    spans["start"] = pd.to_datetime(frame["start_time"], utc=True)
+    spans["end"] = pd.to_datetime(frame["end_time"], utc=True)
+    tags = frame.get("tags.interrupted", pd.Series(None, index=frame.index, dtype=object))
+    dead = (tags == "true") | ((frame["status"] == "RUNNING") & (not alive))
+    client = MlflowClient()
+    for index in frame.index[dead]:
+        stamp = last_logged(client, frame.at[index, "run_id"])
+        last = pd.Timestamp(stamp, unit="ms", tz="UTC") if stamp else spans.at[index, "start"]
+        ended = spans.at[index, "end"]
+        spans.at[index, "end"] = last if pd.isna(ended) else min(ended, last)
+    return spans.fillna({"end": pd.Timestamp.now(tz="UTC")})
+
+
 def study_models(experiment: str) -> pd.DataFrame:
     """Each model's study answer in a step, indexed by model: the run its newest study parent
     names in `selected_run` (the best trial's retrain or the baseline, chosen on validation)

@@ -222,11 +222,14 @@ def log_input(dataset, context: str, attempts: int = 5) -> None:
             time.sleep(0.1 * (attempt + 1))
 
 
-def mark_interrupted(client: MlflowClient, run_id: str) -> None:
-    """End a run whose process died: KILLED, `state=FAIL`, `interrupted=true`."""
+def mark_interrupted(client: MlflowClient, run_id: str, end_time: int | None = None) -> None:
+    """End a run whose process died: KILLED, `state=FAIL`, `interrupted=true`, ended at
+    `end_time` (milliseconds since the epoch; None: now). Pass when it last logged
+    (`results.last_logged`), not when it is found dead: a machine switched off for a night
+    would otherwise count as the run's time."""
     client.set_tag(run_id, "state", "FAIL")
     client.set_tag(run_id, "interrupted", "true")
-    client.set_terminated(run_id, status="KILLED")
+    client.set_terminated(run_id, status="KILLED", end_time=end_time)
 
 
 MODEL_PACKAGES = ("torch", "numpy", "pandas", "mlflow", "kornia", "scikit-learn", "sqlalchemy")

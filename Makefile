@@ -141,9 +141,19 @@ train: $(STAMP) ## train one model on one step: make train STEP=task1-step1 MODE
 SEEDS ?= 2
 SEEDED_STEPS = $(filter-out task2-step1,$(STEPS))# the steps whose studies train (full's seeds)
 FULL_SEEDS ?= 2
-# PROFILE=full: FULL_SEEDS more seeds of every trained answer (a sub-make: it reads the registry)
+# PROFILE=full: FULL_SEEDS more seeds of every trained answer, one goal per missing seed, all
+# steps at once, longest first (`seeds --plan`), JOBS at a time with NPROC / JOBS threads each
+FULL_SEED_THREADS = $(shell t=$$(( $(NPROC) / $(JOBS) )); echo $$(( t > 0 ? t : 1 )))
 full-seeds: $(STAMP)
-	$(foreach s,$(SEEDED_STEPS),$(MAKE) --no-print-directory seeds STEP=$(s) SEEDS=$(FULL_SEEDS) &&) true
+	$(CHECK_MODELS)
+	goals=$$($(PY) -m experiments seeds --plan $(foreach s,$(SEEDED_STEPS),--step $(s)) \
+		$(foreach m,$(SELECTED),--model $(m)) --seeds $(FULL_SEEDS)) || exit 1; \
+	echo "$$(echo $$goals | wc -w) seed runs to train, $(JOBS) at a time"; \
+	[ -z "$$goals" ] || $(MAKE) --no-print-directory -j$(JOBS) \
+		$$(printf 'seed.%s ' $$goals) STUDY_THREADS=$(FULL_SEED_THREADS)
+
+seed.%: $(STAMP)
+	OMP_NUM_THREADS=$(STUDY_THREADS) $(PY) -m experiments seeds --step $(word 1,$(subst ., ,$*)) --model $(word 2,$(subst ., ,$*)) --seeds $(FULL_SEEDS) --only $(word 3,$(subst ., ,$*))
 SEED_GOALS = $(foreach m,$(SELECTED),seeds.$(STEP).$(m))
 SEED_THREADS = $(shell j=$(JOBS); g=$(words $(SEED_GOALS)); j=$$(( j < g ? j : g )); \
 	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); echo $$(( t > 0 ? t : 1 )))

@@ -46,3 +46,41 @@ def test_seeds_of_a_study_that_never_ran_is_one_line(study_data, capsys):
     assert main(["seeds", "--step", "task2-step3", "--model", "vgg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished study answer" in err[0]
+
+
+def test_the_plan_lists_each_missing_seed_once_and_only_trains_the_one_asked_for(
+    study_data, capsys
+):
+    """`seeds --plan` gives one goal per missing seed, longest answer first; `--only K`
+    trains the K-th alone; a seed already trained leaves the plan."""
+    import pandas as pd
+
+    from experiments.tracking import results
+
+    for model in ("vgg", "resnet"):
+        assert main(["search", "--step", "task2-step3", "--model", model, *TINY]) == 0
+    capsys.readouterr()
+    plan = ["seeds", "--plan", "--step", "task2-step3", "--model", "vgg", "--model", "resnet"]
+    assert main([*plan, "--seeds", "2"]) == 0
+    goals = capsys.readouterr().out.split()
+    assert sorted(goals) == sorted(
+        f"task2-step3.{m}.{k}" for m in ("vgg", "resnet") for k in (1, 2)
+    )
+    took = {
+        m: (lambda r: r["end_time"] - r["start_time"])(results.final_run("task2-step3", m))
+        for m in ("vgg", "resnet")
+    }
+    longest = max(took, key=lambda m: pd.Timedelta(took[m]))
+    assert goals[0].split(".")[1] == longest and goals[1].split(".")[1] == longest
+    assert (
+        main(["seeds", "--step", "task2-step3", "--model", "vgg", "--seeds", "2", "--only", "2"])
+        == 0
+    )
+    (seed,) = runs_in("task2-step3", "tags.role = 'seed'")
+    answer = results.final_run("task2-step3", "vgg")
+    assert seed.data.params["seed"] == str(int(answer["params.seed"]) + 2)
+    assert "(2 seeds)" in capsys.readouterr().out  # the answer and the one seed so far
+    assert main([*plan, "--seeds", "2"]) == 0
+    assert "task2-step3.vgg.2" not in capsys.readouterr().out.split()
+    assert main(["seeds", "--step", "task2-step3", "--model", "vgg", "--only", "3"]) == 2
+    assert "only=3" in capsys.readouterr().err

@@ -89,21 +89,29 @@ def _search(args: argparse.Namespace) -> None:
 def _seeds(args: argparse.Namespace) -> None:
     from experiments.core.statistics import seed_summary
     from experiments.core.steps import get_step
-    from experiments.search.seeds import answer_of, run_seeds
+    from experiments.search.seeds import answer_of, plan, run_seeds, seed_runs
     from experiments.tracking import results
 
-    evaluated = get_step(args.step).primary_eval
-    for model in args.model or list(MODELS):
-        answer_id, _, name = answer_of(args.step, model)
-        done = run_seeds(args.step, model, args.seeds)
-        values = [results.run_metrics(answer_id).get(f"{evaluated}_acc")]
-        for run in done:
+    models = args.model or list(MODELS)
+    if args.plan:  # the goals, one per line, for make's scheduler (Makefile: full-seeds)
+        for step, model, k in plan(args.step, models, args.seeds):
+            print(f"{step}.{model}.{k}")
+        return
+    if len(args.step) > 1:
+        raise SystemExit("seeds: one --step at a time (several only with --plan)")
+    (step,) = args.step
+    evaluated = get_step(step).primary_eval
+    for model in models:
+        answer_id, _, name = answer_of(step, model)
+        for run in run_seeds(step, model, args.seeds, args.only):
             state = "trained" if run.trained else "found"
             acc = run.metrics.get(f"{evaluated}_acc", float("nan"))
             print(
                 f"[{name}] seed {run.seed}: run {run.run_id} ({state}), {evaluated}_acc {acc:.4f}"
             )
-            values.append(acc)
+        values = [results.run_metrics(answer_id).get(f"{evaluated}_acc")]
+        for _, run in seed_runs(step, model, answer_id).iterrows():  # every seed so far
+            values.append(results.metrics_of(run).get(f"{evaluated}_acc", float("nan")))
         print(f"[{name}] {evaluated}_acc over seeds: {seed_summary(values).format()}", flush=True)
 
 
@@ -207,12 +215,22 @@ def _add_seeds(commands) -> None:
     seeds = commands.add_parser(
         "seeds", help="retrain a finished study's answer with more seeds (only the seed changes)"
     )
-    seeds.add_argument("--step", required=True, choices=list(STEPS))
+    seeds.add_argument(
+        "--step", required=True, action="append", choices=list(STEPS), help="repeatable with --plan"
+    )
     seeds.add_argument(
         "--model", action="append", choices=list(MODELS), help="repeatable (default: all)"
     )
     seeds.add_argument(
         "--seeds", type=at_least_one, default=2, help="seeds beside the answer's own (default 2)"
+    )
+    seeds.add_argument(
+        "--only", type=at_least_one, help="train only the ONLY-th of the --seeds (one make goal)"
+    )
+    seeds.add_argument(
+        "--plan",
+        action="store_true",
+        help="print STEP.MODEL.K for each missing seed of the steps and models, longest first",
     )
     seeds.set_defaults(func=_seeds)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import pandas as pd
+
 from experiments.core.settings import TrainConfig
 from experiments.core.steps import training_step
 from experiments.search.study import study_name
@@ -55,10 +57,13 @@ def answer_of(step_name: str, model: str) -> tuple[str, str, str]:
     return answer["run_id"], parent_id, study_name(step.name, model)
 
 
-def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
-    """`count` more seeds of the study answer of (step, model), trained where missing."""
+def run_seeds(step_name: str, model: str, count: int, only: int | None = None) -> list[SeedRun]:
+    """`count` more seeds of the study answer of (step, model), trained where missing;
+    `only`: the `only`-th of them alone (1 ... count), for one scheduling goal per seed."""
     if count < 1:
         raise ValueError(f"seeds={count}: expected an integer >= 1")
+    if only is not None and not 1 <= only <= count:
+        raise ValueError(f"only={only}: expected one of the {count} seeds, 1 ... {count}")
     store.init()
     step = training_step(step_name)
     answer_id, parent_id, name = answer_of(step_name, model)
@@ -67,7 +72,8 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
     data = load_step_data(step)
     check_same_data(step_name, answer_id, data)
     done: list[SeedRun] = []
-    for seed in range(answer_cfg.seed + 1, answer_cfg.seed + 1 + count):
+    wanted = range(1, count + 1) if only is None else (only,)
+    for seed in (answer_cfg.seed + k for k in wanted):
         found = results.runs(
             step.name, model=model, role=SEED_ROLE, seed_of=answer_id, seed=str(seed)
         )
@@ -92,6 +98,30 @@ def run_seeds(step_name: str, model: str, count: int) -> list[SeedRun]:
             log_answer_tta(outcome.run_id, data)
         done.append(SeedRun(seed, outcome.run_id, outcome.metrics, trained=True))
     return done
+
+
+def plan(steps: list[str], models: list[str], count: int) -> list[tuple[str, str, int]]:
+    """(step, model, k) for each of the `count` more seeds of every finished answer of
+    `steps` x `models` that has no COMPLETE run yet, longest first: ordered by how long the
+    answer's own run took (a seed repeats it), so that JOBS lanes end close together. An
+    answer missing stops with `answer_of`'s line."""
+    goals = []
+    for step_name in steps:
+        step = training_step(step_name)
+        for model in models:
+            answer_id, _, _ = answer_of(step_name, model)
+            answer = results.final_run(step.name, model)
+            took = (answer["end_time"] - answer["start_time"]).total_seconds()
+            logged = answer.get("params.seed")  # the flat settings are the run's params
+            base = int(logged) if logged is not None and not pd.isna(logged) else None
+            if base is None:
+                base = config_from_flat(load_checkpoint(answer_id).checkpoint["config"]).seed
+            done = set(seed_runs(step_name, model, answer_id).get("tags.seed", []))
+            for k in range(1, count + 1):
+                if str(base + k) not in done:
+                    goals.append((took, step_name, model, k))
+    goals.sort(key=lambda goal: -goal[0])  # stable: ties keep the order of steps and models
+    return [(step_name, model, k) for _, step_name, model, k in goals]
 
 
 def seed_runs(step_name: str, model: str, answer_id: str):

@@ -83,7 +83,8 @@ def run_seeds(step_name: str, model: str, count: int, only: int | None = None) -
             continue
         cfg = config_from_flat({**flat, "seed": seed})
         print(
-            f"[{name}] seed {seed} of answer {answer_id[:12]} ({len(done) + 1}/{count})", flush=True
+            f"[{name}] seed {seed} of answer {answer_id[:12]} ({seed - answer_cfg.seed}/{count})",
+            flush=True,
         )
         outcome = train_and_log(
             data,

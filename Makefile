@@ -142,15 +142,23 @@ SEEDS ?= 2
 SEEDED_STEPS = $(filter-out task2-step1,$(STEPS))# the steps whose studies train (full's seeds)
 FULL_SEEDS ?= 2
 # PROFILE=full: FULL_SEEDS more seeds of every trained answer, one goal per missing seed, all
-# steps at once, longest first (`seeds --plan`), JOBS at a time with NPROC / JOBS threads each
-FULL_SEED_THREADS = $(shell t=$$(( $(NPROC) / $(JOBS) )); echo $$(( t > 0 ? t : 1 )))
+# steps at once, longest first (`seeds --plan`), min(JOBS, goals) at a time, the cores shared
+# among them; `make -n` lists every seed goal instead (the plan reads the store)
+FULL_SEED_GOALS = $(foreach s,$(SEEDED_STEPS),$(foreach m,$(SELECTED),$(foreach k,$(shell seq $(FULL_SEEDS)),seed.$(s).$(m).$(k))))
+DRY_RUN = $(findstring n,$(firstword -$(MAKEFLAGS)))
 full-seeds: $(STAMP)
 	$(CHECK_MODELS)
+ifneq (,$(DRY_RUN))
+	$(MAKE) --no-print-directory -j$(JOBS) $(FULL_SEED_GOALS) STUDY_THREADS=1
+else
 	goals=$$($(PY) -m experiments seeds --plan $(foreach s,$(SEEDED_STEPS),--step $(s)) \
 		$(foreach m,$(SELECTED),--model $(m)) --seeds $(FULL_SEEDS)) || exit 1; \
-	echo "$$(echo $$goals | wc -w) seed runs to train, $(JOBS) at a time"; \
-	[ -z "$$goals" ] || $(MAKE) --no-print-directory -j$(JOBS) \
-		$$(printf 'seed.%s ' $$goals) STUDY_THREADS=$(FULL_SEED_THREADS)
+	n=$$(echo $$goals | wc -w); j=$$(( $(JOBS) < n ? $(JOBS) : n )); \
+	t=$$(( $(NPROC) / (j > 0 ? j : 1) )); t=$$(( t > 0 ? t : 1 )); \
+	echo "$$n seed runs to train, $$j at a time, $$t thread(s) each"; \
+	[ "$$n" -eq 0 ] || $(MAKE) --no-print-directory -j$(JOBS) \
+		$$(printf 'seed.%s ' $$goals) STUDY_THREADS=$$t
+endif
 
 seed.%: $(STAMP)
 	OMP_NUM_THREADS=$(STUDY_THREADS) $(PY) -m experiments seeds --step $(word 1,$(subst ., ,$*)) --model $(word 2,$(subst ., ,$*)) --seeds $(FULL_SEEDS) --only $(word 3,$(subst ., ,$*))

@@ -117,38 +117,44 @@ def test_without_a_report_or_with_a_bad_start_nothing_is_written(tmp_path):
 
 
 def test_a_run_resumed_on_a_store_with_older_studies_adds_the_earlier_sittings(tmp_path):
-    """Two earlier sittings: one run that ended, and one killed -9 (left RUNNING) whose
-    process was found dead 20 minutes after its last metric, ended then by an older version.
-    Each sitting counts from its first start to its last logged metric, not to when it was
-    found dead, and the row says the whole and the last sitting."""
-    import mlflow
+    """Sittings before this one, each from its runs' first start to their last logged metric:
+    a run that finished; one ended 20 min after its last metric when found dead (that end
+    is not its own); one left RUNNING by a process killed with -9; one stopped with Ctrl-C
+    5 min after its last metric (its end is its own). Runs from before this profile's first
+    study (another profile's) and study parents are not counted."""
     from mlflow.tracking import MlflowClient
 
     from experiments.tracking import store
 
     store.init()
     client = MlflowClient()
-    hour = 3600 * 1000
-    now_ms = int(time.time() * 1000)
-    first = client.create_run(store.experiment_id("task1-step1"), start_time=now_ms - 5 * hour)
-    client.log_metric(first.info.run_id, "val_acc", 0.9, timestamp=now_ms - 4 * hour)
-    client.set_terminated(first.info.run_id, "FINISHED", end_time=now_ms - 4 * hour)
-    second = client.create_run(store.experiment_id("task1-step1"), start_time=now_ms - 3 * hour)
-    client.log_metric(second.info.run_id, "val_acc", 0.9, timestamp=now_ms - 2 * hour)
-    client.set_tag(second.info.run_id, "interrupted", "true")
-    client.set_terminated(second.info.run_id, "KILLED", end_time=now_ms - 2 * hour + 1_200_000)
-    with mlflow.start_run(experiment_id=store.experiment_id("task2-step3")):
-        mlflow.log_metric("val_acc", 0.5)  # this sitting's: not an earlier one
+    minute = 60 * 1000
+    now = int(time.time() * 1000)
+    experiment = store.experiment_id("task1-step1")
+
+    def run(start, metric, end=None, status="FINISHED", **tags):
+        made = client.create_run(experiment, start_time=now - start * minute, tags=tags)
+        client.log_metric(made.info.run_id, "val_acc", 0.9, timestamp=now - metric * minute)
+        if status != "RUNNING":
+            client.set_terminated(made.info.run_id, status, end_time=now - end * minute)
+
+    run(480, 460, 450, **{"budget.profile": "cpu", "role": "study"})  # another profile's
+    run(470, 455, 450)
+    run(300, 240, 240, **{"budget.profile": "full", "role": "study"})  # a parent: left out
+    run(300, 240, 240)  # sitting 1: 60 min
+    run(180, 120, 100, "KILLED", interrupted="true")  # sitting 2 ...
+    run(150, 118, status="RUNNING")  # ... to here: 62 min
+    run(90, 70, 65, "KILLED", interrupted="true")  # sitting 3: 25 min
     reports = tmp_path / "reports"
     _report(reports)
     points.record("full", time.time() - 60, reports)
     row = pd.read_csv(reports / points.POINTS_CSV).set_index("profile").loc["full"]
     assert bool(row["resumed"]) is True
-    assert row["sittings"] == 3
-    assert row["earlier_s"] == pytest.approx(2 * 3600, abs=2)
+    assert row["sittings"] == 4
+    assert row["earlier_s"] == pytest.approx((60 + 62 + 25) * 60, abs=2)
     lines = (reports / "operating_points.md").read_text().splitlines()
     (line,) = [line for line in lines if line.startswith("| full")]
-    assert "2 h 01 min in 3 sittings, the last 1 min 00 s" in line
+    assert "2 h 28 min in 4 sittings, the last 1 min 00 s" in line
 
 
 def test_earlier_sittings_are_the_runs_spans_joined_across_short_gaps_and_cut_at_the_start():

@@ -40,3 +40,43 @@ def test_make_reproduce_full_seeds_every_trained_answer_and_cpu_does_not(tmp_pat
     assert "--profile full" in full.stdout
     cpu = _make(project, "-n", "reproduce", "JOBS=1")
     assert cpu.returncode == 0 and " seeds --step" not in cpu.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize(
+    ("plan", "plan_exit", "expected"),
+    [
+        (
+            "task2-step3.vgg.2 task1-step1.resnet.1",
+            0,
+            ["task2-step3 vgg 2", "task1-step1 resnet 1"],
+        ),
+        ("", 0, []),  # every seed trained: nothing runs, and make succeeds
+        ("", 1, None),  # the plan fails (a study without an answer): make fails, nothing runs
+    ],
+)
+def test_full_seeds_trains_exactly_the_planned_goals(tmp_path, plan, plan_exit, expected):
+    """`make full-seeds` asks `seeds --plan` for the missing seeds and trains each goal once
+    with `--only K`; the interpreter here is a stand-in that logs what it was asked."""
+    project = _project_copy(tmp_path)
+    log = tmp_path / "calls.log"
+    python = project / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--plan*) '
+        f'for g in {plan}; do echo "$g"; done; '
+        f'[ {plan_exit} -eq 0 ] || echo "error: no answer" >&2; exit {plan_exit};; esac\n'
+        f'echo "$OMP_NUM_THREADS $*" >> {log}\n'
+    )
+    python.chmod(0o755)
+    made = _make(project, "full-seeds", "JOBS=2", "MODELS=vgg resnet")
+    if expected is None:
+        assert made.returncode != 0 and not log.exists()
+        return
+    assert made.returncode == 0, made.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    asked = sorted(" ".join(c.split()[i] for i in (5, 7, 11)) for c in calls)  # step, model, k
+    assert asked == sorted(expected)
+    assert all("--seeds 2 --only" in call for call in calls)
+    assert f"{len(expected)} seed runs to train" in made.stdout

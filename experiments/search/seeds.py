@@ -101,10 +101,20 @@ def run_seeds(step_name: str, model: str, count: int, only: int | None = None) -
     return done
 
 
+def _training_seconds(answer: pd.Series) -> float:
+    """About how long the answer's training took: its epochs times its last epoch's seconds
+    (a resumed answer's run spans only its last sitting), else its run's span, else 0."""
+    epochs, seconds = answer.get("metrics.epochs_run"), answer.get("metrics.epoch_seconds")
+    if epochs is not None and seconds is not None and pd.notna(epochs) and pd.notna(seconds):
+        return float(epochs) * float(seconds)
+    span = answer.get("end_time") - answer.get("start_time")
+    return span.total_seconds() if pd.notna(span) else 0.0
+
+
 def plan(steps: list[str], models: list[str], count: int) -> list[tuple[str, str, int]]:
     """(step, model, k) for each of the `count` more seeds of every finished answer of
     `steps` x `models` that has no COMPLETE run yet, longest first: ordered by how long the
-    answer's own run took (a seed repeats it), so that JOBS lanes end close together. An
+    answer's training took (a seed repeats it), so that JOBS lanes end close together. An
     answer missing stops with `answer_of`'s line."""
     goals = []
     for step_name in steps:
@@ -112,7 +122,7 @@ def plan(steps: list[str], models: list[str], count: int) -> list[tuple[str, str
         for model in models:
             answer_id, _, _ = answer_of(step_name, model)
             answer = results.final_run(step.name, model)
-            took = (answer["end_time"] - answer["start_time"]).total_seconds()
+            took = _training_seconds(answer)
             logged = answer.get("params.seed")  # the flat settings are the run's params
             base = int(logged) if logged is not None and not pd.isna(logged) else None
             if base is None:

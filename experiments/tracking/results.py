@@ -105,14 +105,19 @@ def last_logged(client: MlflowClient, run_id: str) -> int | None:
     return max(stamps) if stamps else None
 
 
+QUIET_S = 600  # an interrupted run that logged nothing for this long before its end was dead
+
+
 def run_spans(frame: pd.DataFrame, alive: bool = True) -> pd.DataFrame:
-    """`start` and `end` (UTC timestamps) of each run of `frame` (rows of `search`). A run
-    ended as interrupted by an older version, which ended it when found dead, ends when it
-    last logged a metric (`last_logged`; its start where it logged none). A RUNNING run
-    ends now where `alive`, else (runs of a sitting that is over) when it last logged."""
+    """`start` and `end` (UTC timestamps) of each run of `frame` (rows of `search`). An
+    interrupted run whose end lies more than `QUIET_S` after its last logged metric was
+    ended when found dead, not when it stopped: it ends at that metric (`last_logged`; at
+    its start where it logged none). One stopped with Ctrl-C keeps its end. A RUNNING run ends now where
+    `alive`, else (runs of a sitting that is over) when it last logged."""
     spans = pd.DataFrame(index=frame.index)
-    spans["start"] = pd.to_datetime(frame["start_time"], utc=True)
-    spans["end"] = pd.to_datetime(frame["end_time"], utc=True)
+    for name in ("start", "end"):
+        stamps = pd.to_datetime(frame[f"{name}_time"], utc=True)
+        spans[name] = stamps.dt.as_unit("ms") if len(stamps) else stamps
     tags = frame.get("tags.interrupted", pd.Series(None, index=frame.index, dtype=object))
     dead = (tags == "true") | ((frame["status"] == "RUNNING") & (not alive))
     client = MlflowClient()
@@ -120,7 +125,8 @@ def run_spans(frame: pd.DataFrame, alive: bool = True) -> pd.DataFrame:
         stamp = last_logged(client, frame.at[index, "run_id"])
         last = pd.Timestamp(stamp, unit="ms", tz="UTC") if stamp else spans.at[index, "start"]
         ended = spans.at[index, "end"]
-        spans.at[index, "end"] = last if pd.isna(ended) else min(ended, last)
+        if pd.isna(ended) or (ended - last).total_seconds() > QUIET_S:
+            spans.at[index, "end"] = last
     return spans.fillna({"end": pd.Timestamp.now(tz="UTC")})
 
 

@@ -370,3 +370,26 @@ def test_promote_refuses_candidates_selected_on_other_data(studies, tmp_path, mo
         assert last.startswith("error: promote: ") and "was selected on" in last
         assert ("TRAIN" if task == "1" else "SELECT2") in last and str(other) in last
     assert MlflowClient().search_registered_models() == []
+
+
+def test_seed_runs_join_the_answers_as_one_more_candidate_that_registers(studies, monkeypatch):
+    """With `make seeds` run, the recipe adds one candidate: every answer with its seed runs,
+    chosen like the rest on SELECT2, and registrable like any ensemble."""
+    from experiments.search.seeds import run_seeds
+
+    before = {c.label for c in task2_candidates()}
+    made = [run.run_id for model in ("vgg", "hybrid") for run in run_seeds("task2-step3", model, 1)]
+    candidates = {c.label: c for c in task2_candidates()}
+    label = "all 2 Task 2 answers and their 2 seed runs"
+    assert set(candidates) == before | {label, f"{label} (TTA)"}
+    together = candidates[label]
+    answers = set(candidates["task2-step3: all 2 answers"].run_ids)
+    assert set(together.run_ids) == answers | set(made) and len(together.run_ids) == 4
+    ties = registry.tied(list(candidates.values()))
+    if label in set(ties["name"]):  # tied: the most members wins
+        assert choose(2).label in (label, f"{label} (TTA)")
+    monkeypatch.setattr(registry, "choose", lambda task: together)
+    promoted, _, created = promote(2)
+    assert created and promoted is together
+    registered = MlflowClient().get_model_version_by_alias("glyph-task2", ALIAS)
+    assert registered.tags["members"] == "4"

@@ -89,7 +89,7 @@ def _search(args: argparse.Namespace) -> None:
 def _seeds(args: argparse.Namespace) -> None:
     from experiments.core.statistics import seed_summary
     from experiments.core.steps import get_step
-    from experiments.search.seeds import answer_of, plan, run_seeds, seed_runs
+    from experiments.search.seeds import answer_of, plan, run_seeds
     from experiments.tracking import results
 
     models = args.model or list(MODELS)
@@ -110,7 +110,7 @@ def _seeds(args: argparse.Namespace) -> None:
                 f"[{name}] seed {run.seed}: run {run.run_id} ({state}), {evaluated}_acc {acc:.4f}"
             )
         values = [results.run_metrics(answer_id).get(f"{evaluated}_acc")]
-        for _, run in seed_runs(step, model, answer_id).iterrows():  # every seed so far
+        for _, run in results.seed_runs(step, model, answer_id).iterrows():  # every seed so far
             values.append(results.metrics_of(run).get(f"{evaluated}_acc", float("nan")))
         print(f"[{name}] {evaluated}_acc over seeds: {seed_summary(values).format()}", flush=True)
 

@@ -14,7 +14,6 @@ import pandas as pd
 
 from experiments.core import statistics as st
 from experiments.core.steps import STEPS, training_step
-from experiments.search.seeds import seed_runs
 from experiments.tracking import results
 from experiments.training.inference import ProbabilityCache
 
@@ -70,7 +69,7 @@ def _interval(acc: float, n: float) -> st.Interval:
 def _seed_values(cell: pd.Series, evaluated: str) -> list[float]:
     """The cell's accuracy over seeds: the answer's own, then each seed run's."""
     values = [float(cell["accuracy"])]
-    found = seed_runs(cell["step"], cell["model"], cell["run_id"])
+    found = results.seed_runs(cell["step"], cell["model"], cell["run_id"])
     if not found.empty and f"metrics.{evaluated}_acc" in found:
         values += [float(v) for v in found[f"metrics.{evaluated}_acc"].dropna()]
     return values
@@ -125,7 +124,7 @@ def _versus_baseline(cell: pd.Series, eval_set: EvalSet | None) -> dict:
 
 def _run_values(step: str, model: str, run_id: str, evaluated: str) -> list[float]:
     value = results.run_metrics(run_id).get(f"{evaluated}_acc")
-    found = seed_runs(step, model, run_id)
+    found = results.seed_runs(step, model, run_id)
     values = [] if value is None else [value]
     if not found.empty and f"metrics.{evaluated}_acc" in found:
         values += [float(v) for v in found[f"metrics.{evaluated}_acc"].dropna()]

@@ -25,7 +25,7 @@ from experiments.training.runner import (
     train_and_log,
 )
 
-SEED_ROLE = "seed"
+SEED_ROLE = results.SEED_ROLE
 
 
 @dataclass(frozen=True)
@@ -127,22 +127,12 @@ def plan(steps: list[str], models: list[str], count: int) -> list[tuple[str, str
             base = int(logged) if logged is not None and not pd.isna(logged) else None
             if base is None:
                 base = config_from_flat(load_checkpoint(answer_id).checkpoint["config"]).seed
-            done = set(seed_runs(step_name, model, answer_id).get("tags.seed", []))
+            done = set(results.seed_runs(step_name, model, answer_id).get("tags.seed", []))
             for k in range(1, count + 1):
                 if str(base + k) not in done:
                     goals.append((took, step_name, model, k))
     goals.sort(key=lambda goal: -goal[0])  # stable: ties keep the order of steps and models
     return [(step_name, model, k) for _, step_name, model, k in goals]
-
-
-def seed_runs(step_name: str, model: str, answer_id: str):
-    """The COMPLETE seed runs of an answer (a DataFrame, newest first), one per seed: a seed
-    trained twice (two `make seeds` at once) counts once, its newest run."""
-    step = training_step(step_name)
-    found = results.runs(step.name, model=model, role=SEED_ROLE, seed_of=answer_id)
-    if found.empty or "tags.seed" not in found:
-        return found
-    return found.drop_duplicates(subset=["tags.seed"], keep="first").reset_index(drop=True)
 
 
 def check_same_data(step_name: str, answer_id: str, data) -> None:

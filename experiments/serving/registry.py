@@ -282,6 +282,17 @@ def task2_answers() -> list[pd.Series]:
     return answers
 
 
+def answer_seeds(answers: list[pd.Series]) -> list[pd.Series]:
+    """The COMPLETE seed runs of the answers (`make seeds`), answer by answer."""
+    return [
+        row
+        for answer in answers
+        for _, row in results.seed_runs(
+            results.tag(answer, "step"), results.tag(answer, "model"), answer["run_id"]
+        ).iterrows()
+    ]
+
+
 def task2_candidates() -> list[Champion]:
     """Every Task 2 candidate of the fixed recipe, scored on SELECT2 (its labels: allowed in
     Task 2 and never trained on by any Task 2 step). TEST2 is not read."""
@@ -303,6 +314,12 @@ def task2_candidates() -> list[Champion]:
             groups.append((f"{step}: all {len(members)} answers", members))
     if len(steps) > 1:
         groups.append((f"all {len(answers)} Task 2 answers", answers))
+    seeds = answer_seeds(answers)
+    if seeds:  # `make seeds`: each answer again with only the seed changed
+        check_selected_on(seeds, selection)
+        sizes.update({row["run_id"]: parameters_of(row) for row in seeds})
+        label = f"all {len(answers)} Task 2 answers and their {len(seeds)} seed runs"
+        groups.append((label, answers + seeds))
     candidates = []
     for label, members in groups:
         for tta in (False, True):

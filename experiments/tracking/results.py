@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from experiments.core.steps import training_step
 from experiments.tracking import store
 
 MAX_RESULTS = 5000
@@ -128,6 +129,19 @@ def run_spans(frame: pd.DataFrame, alive: bool = True) -> pd.DataFrame:
         if pd.isna(ended) or (ended - last).total_seconds() > QUIET_S:
             spans.at[index, "end"] = last
     return spans.fillna({"end": pd.Timestamp.now(tz="UTC")})
+
+
+SEED_ROLE = "seed"  # experiments/search/seeds.py: more seeds of a study's answer
+
+
+def seed_runs(step_name: str, model: str, answer_id: str) -> pd.DataFrame:
+    """The COMPLETE seed runs of an answer (newest first), one per seed: a seed trained
+    twice (two `make seeds` at once) counts once, its newest run."""
+    step = training_step(step_name)
+    found = runs(step.name, model=model, role=SEED_ROLE, seed_of=answer_id)
+    if found.empty or "tags.seed" not in found:
+        return found
+    return found.drop_duplicates(subset=["tags.seed"], keep="first").reset_index(drop=True)
 
 
 def study_models(experiment: str) -> pd.DataFrame:

@@ -31,7 +31,9 @@ COLUMNS = [
     *("champion_test2", "champion_low", "champion_high", "black_met", "baseline_met"),
     *("reference_met", "tflop", "date", "commit", "resumed", "earlier_s", "sittings"),
 ]
-SITTING_GAP_S = 600  # runs of one sitting follow each other within seconds; a longer gap ends it
+# runs of one sitting follow each other within seconds; a gap as long as a dead run is quiet
+# (`results.QUIET_S`) ends it
+SITTING_GAP_S = results.QUIET_S
 START = "<!-- operating points: written by `make reproduce` (python -m experiments points) -->"
 END = "<!-- end of operating points -->"
 HEADLINE = {1: ("task1-step1",), 2: ("task2-step2", "task2-step3")}

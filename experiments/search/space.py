@@ -194,9 +194,9 @@ class Budget:
 # the whole validation split; finals of at least 300k images, 11 epochs of TRAIN);
 # docs/reproduce.md, "On a GPU", says what one H200 measured of it.
 # `quick` runs the whole pipeline (every step, model, report) at a smoke-test budget; `full`
-# spends what the quality goals need (11 epochs of TRAIN per final, where the TEST
-# black half reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every
-# answer). docs/reproduce.md has each profile's measured row.
+# aims at the quality goals (11 epochs of TRAIN per final, where VGG's TEST black half
+# reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every answer).
+# docs/reproduce.md has each profile's measured row, reports/full/ the report of `full`'s.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "trials": 2,

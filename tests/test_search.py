@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pandas as pd
 import pytest
@@ -181,6 +183,34 @@ def test_budget_epochs_spend_the_image_budgets(images, final_images, trial_image
         assert abs(trial * seen - trial_images) <= seen / 2
     final = budget.final_role({}, images)
     assert final["epochs"] == epochs and final["patience"] == epochs  # whole schedule, no stop
+
+
+@given(
+    images=st.integers(100, 200_000),
+    factor=st.floats(0.1, 10, allow_nan=False),
+    model=st.sampled_from(["vgg", "resnet", "efficientnet", "hybrid"]),
+)
+def test_a_models_epoch_scale_multiplies_its_final_epochs_and_no_other(images, factor, model):
+    plain = Budget(final_images=300_000, final_max_epochs=40)
+    scaled = Budget(final_images=300_000, final_max_epochs=40, final_epoch_scale={model: factor})
+    epochs = plain.retrain_epochs(images)
+    raw = math.ceil(300_000 / images - 1e-9)  # the unscaled epochs before the bounds
+    expected = min(40, max(1, math.ceil(raw * factor - 1e-9)))
+    assert scaled.retrain_epochs(images, model) == expected
+    assert scaled.final_role({}, images, model)["epochs"] == expected
+    assert scaled.final_role({}, images, model)["patience"] == expected
+    other = next(m for m in ("vgg", "resnet") if m != model)
+    assert scaled.retrain_epochs(images, other) == epochs == scaled.retrain_epochs(images)
+    assert scaled.final_role({"epochs": 4}, images, model)["epochs"] == 4  # a trial's own
+
+
+def test_a_bad_epoch_scale_is_refused_with_the_model_and_factor():
+    with pytest.raises(ValueError, match="final_epoch_scale lenet=2"):
+        Budget(final_epoch_scale={"lenet": 2})
+    with pytest.raises(ValueError, match="final_epoch_scale vgg=0"):
+        Budget(final_epoch_scale={"vgg": 0})
+    with pytest.raises(ValueError, match="final_epoch_scale vgg=nan"):
+        Budget(final_epoch_scale={"vgg": float("nan")})
 
 
 def test_given_epochs_win_over_the_image_budgets():
@@ -381,6 +411,14 @@ def test_the_study_plan_holds_every_role_s_settings_resolved_once(study_data):
     assert plan.key(final) == plan.key(plan.baseline()) != plan.key(trial)
     with pytest.raises(ValueError, match="contradicts step task2-mixed"):
         StudyPlan.build(STEPS["task2-mixed"], "vgg", Budget(overrides={"polarity": "keep"}))
+    # a model's epoch scale reaches its final and baseline, and no other model's
+    from dataclasses import replace
+
+    three = replace(budget, final_images=3 * plan.train_images, final_epoch_scale={"vgg": 2})
+    doubled = StudyPlan.build(STEPS["task2-mixed"], "vgg", three).with_data(plan.data)
+    assert doubled.final(params).epochs == doubled.baseline().epochs == 6
+    other = StudyPlan.build(STEPS["task2-mixed"], "resnet", three).with_data(plan.data)
+    assert other.final(other.defaults()).epochs == 3
 
 
 def test_a_study_from_before_data_keys_is_not_resumed(study_data, capsys):

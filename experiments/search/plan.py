@@ -168,7 +168,7 @@ class StudyPlan:
 
     def final(self, params: dict[str, Any]) -> TrainConfig:
         """A final's settings: `params` on the whole split for the budget's final epochs."""
-        return self.settings(params, self.budget.final_role(params, self.train_images))
+        return self.settings(params, self.budget.final_role(params, self.train_images, self.model))
 
     def defaults(self) -> dict[str, Any]:
         """The searched params of the hand-set defaults (trial 0 of every study)."""

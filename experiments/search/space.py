@@ -24,7 +24,7 @@ import optuna
 
 from experiments.core.preprocess import NORMALIZATIONS, POLARITIES, SEARCHED_AUGMENTATIONS
 from experiments.core.settings import FREEZE, OPTIMIZERS, SCHEDULES, resolve_device
-from models import search_space
+from models import MODELS, search_space
 
 BATCH_SIZES = (64, 128, 256)
 # the fine-tunes' fixed optimiser and their defaults when nothing is searched (`train`)
@@ -120,6 +120,9 @@ class Budget:
     final_images: int = 80_000
     final_max_epochs: int = 30
     final_min_epochs: int = 1
+    # per model, a factor on its final's epochs (then capped at final_max_epochs): a model
+    # whose epoch costs a fraction of another's trains more epochs in about the same time
+    final_epoch_scale: dict[str, float] = field(default_factory=dict)
     # None: a final trains its whole schedule (fixed-length cosine) and keeps its best
     # validation epoch; an integer brings back early stopping with that patience
     final_patience: int | None = None
@@ -150,6 +153,12 @@ class Budget:
             raise ValueError(f"baseline={self.baseline}: expected final or trial")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"--timeout {self.timeout}: expected a positive number of seconds")
+        for model, factor in self.final_epoch_scale.items():
+            if model not in MODELS or not (math.isfinite(factor) and factor > 0):
+                raise ValueError(
+                    f"final_epoch_scale {model}={factor}: expected a model of "
+                    f"{', '.join(MODELS)} and a positive factor"
+                )
 
     def trial_epochs(self, train_images: int) -> int:
         if self.epochs:
@@ -157,10 +166,11 @@ class Budget:
         seen = min(self.train_subset or train_images, train_images)
         return int(min(20, max(2, round(self.trial_images / seen))))
 
-    def retrain_epochs(self, train_images: int) -> int:
+    def retrain_epochs(self, train_images: int, model: str | None = None) -> int:
         if self.final_epochs:
             return self.final_epochs
         epochs = math.ceil(self.final_images / train_images - 1e-9)  # whole epochs, rounded up
+        epochs = math.ceil(epochs * self.final_epoch_scale.get(model, 1.0) - 1e-9)
         return int(min(self.final_max_epochs, max(self.final_min_epochs, epochs)))
 
     def trial_role(self, params: dict[str, Any], train_images: int, number: int) -> dict[str, Any]:
@@ -172,9 +182,12 @@ class Budget:
             "seed": self.seed + number,
         }
 
-    def final_role(self, params: dict[str, Any], train_images: int) -> dict[str, Any]:
-        """What a final retrain fixes: the whole split, its epochs, patience and seed."""
-        epochs = params.get("epochs") or self.retrain_epochs(train_images)
+    def final_role(
+        self, params: dict[str, Any], train_images: int, model: str | None = None
+    ) -> dict[str, Any]:
+        """What a final retrain of `model` fixes: the whole split, its epochs, patience and
+        seed."""
+        epochs = params.get("epochs") or self.retrain_epochs(train_images, model)
         return {
             "epochs": epochs,
             "patience": self.final_patience or epochs,
@@ -195,7 +208,8 @@ class Budget:
 # docs/reproduce.md, "On a GPU", says what one H200 measured of it.
 # `quick` runs the whole pipeline (every step, model, report) at a smoke-test budget; `full`
 # aims at the quality goals (11 epochs of TRAIN per final, where VGG's TEST black half
-# reaches its target; `make reproduce PROFILE=full` also adds 2 seeds to every answer).
+# reaches its target, 33 for EfficientNet; `make reproduce PROFILE=full` also adds 2 seeds
+# to every answer).
 # docs/reproduce.md has each profile's measured row, reports/full/ the report of `full`'s.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -215,6 +229,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "trial_images": 16_000,
         "final_images": 300_000,
         "final_max_epochs": 40,
+        # an EfficientNet epoch costs about a third of a VGG one on a CPU: its finals train 3x
+        # the epochs (33 of TRAIN, 18 of TRAIN2) in about a VGG final's time (CHANGELOG.md)
+        "final_epoch_scale": {"efficientnet": 3},
     },
     "gpu": {
         "trials": 10,

@@ -59,12 +59,15 @@ def pretrained_run(step: Step, model: str, budget: Budget, create: bool = True) 
         settings.pop(key, None)  # a full-split run; its epochs come from the budget, like a final
     settings.pop("patience", None)  # like a final's: from the budget
     settings.update(polarity=polarity or settings.get("polarity", "keep"), seed=budget.seed)
+    scale = budget.final_epoch_scale.get(model, 1.0)
     key = pretrain_key(
         {
             **settings,
             "final_images": budget.final_images,
             "final_epochs": budget.final_epochs,
             "final_patience": budget.final_patience,
+            # named only where it changes the epochs, so that the keys of the runs before it hold
+            **({"final_epoch_scale": scale} if scale != 1.0 else {}),
         }
     )
     found = results.runs(PRETRAIN.name, role="pretrain", pretrain_key=key)
@@ -81,7 +84,7 @@ def pretrained_run(step: Step, model: str, budget: Budget, create: bool = True) 
 
 def _pretrain(model: str, settings: dict[str, Any], key: str, origin: str, budget: Budget) -> str:
     data = load_step_data(PRETRAIN)
-    cfg = resolve(model, base=settings, role=budget.final_role({}, data.train_images))
+    cfg = resolve(model, base=settings, role=budget.final_role({}, data.train_images, model))
     print(
         f"[{PRETRAIN.name}/{model}] pretraining on TRAIN with polarity {cfg.polarity} "
         f"(settings of {origin}), {cfg.epochs} epochs",

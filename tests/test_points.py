@@ -104,6 +104,27 @@ def test_the_table_goes_between_the_markers_and_nowhere_else(tmp_path):
     assert plain.read_text() == "no markers here\n"
 
 
+def test_rows_added_to_the_csv_by_hand_are_shown_by_profile_then_cpu_class(tmp_path):
+    reports = tmp_path / "reports"
+    _report(reports)
+    path = reports / points.POINTS_CSV
+    table = points.upsert(points.measure("full", 900, reports), path)
+    rows = [table]
+    for profile, cpu_class in (("cpu", "bf16"), ("quick", "bf16"), ("cpu", "avx2")):
+        row = table.iloc[[0]].assign(profile=profile, cpu_class=cpu_class)
+        rows.append(row.assign(cpu=f"{profile}-{cpu_class}-cpu"))
+    pd.concat(rows).to_csv(path, index=False)  # a row appended from another clone's CSV
+    points.render(reports)
+    lines = (reports / "operating_points.md").read_text().splitlines()
+    shown = [
+        line.split("|")[1].strip() for line in lines if line.startswith("| ") and "-cpu" in line
+    ]
+    assert shown == ["quick", "cpu", "cpu"]
+    cpus = [line for line in lines if "-cpu" in line]
+    assert "cpu-avx2-cpu" in cpus[1] and "cpu-bf16-cpu" in cpus[2]
+    assert lines.index(cpus[-1]) < next(i for i, line in enumerate(lines) if "| full" in line)
+
+
 def test_without_a_report_or_with_a_bad_start_nothing_is_written(tmp_path):
     reports = tmp_path / "reports"
     with pytest.raises(FileNotFoundError, match="comparison.csv"):

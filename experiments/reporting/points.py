@@ -116,16 +116,20 @@ def earlier_sittings(
     return blocks
 
 
+def ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows by profile (quick, cpu, full, gpu), then by CPU class."""
+    order = {name: i for i, name in enumerate(("quick", "cpu", "full", "gpu"))}
+    return table.sort_values(
+        ["profile", "cpu_class"], key=lambda c: c.map(order) if c.name == "profile" else c
+    )
+
+
 def upsert(row: dict, path: Path) -> pd.DataFrame:
     """`row` into the CSV at `path`, replacing the row of its (profile, CPU class)."""
     old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
     keep = ~((old["profile"] == row["profile"]) & (old["cpu_class"] == row["cpu_class"]))
     rows = [r for r in (old[keep], pd.DataFrame([row], columns=COLUMNS)) if not r.empty]
-    table = pd.concat(rows, ignore_index=True)
-    order = {name: i for i, name in enumerate(("quick", "cpu", "full", "gpu"))}
-    table = table.sort_values(
-        ["profile", "cpu_class"], key=lambda c: c.map(order) if c.name == "profile" else c
-    )
+    table = ordered(pd.concat(rows, ignore_index=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
     return table
@@ -159,6 +163,7 @@ def _with_interval(value: float, low: float, high: float, digits: int = 3) -> st
 
 def table_markdown(table: pd.DataFrame) -> str:
     """The operating-points table as markdown, one row per measured (profile, CPU class)."""
+    table = ordered(table)
     shown = pd.DataFrame(
         {
             "profile": table["profile"],

@@ -20,6 +20,7 @@ reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -194,18 +195,20 @@ def _clone(url: str, clone: Path, target: Path, limit: float, say: Callable[[str
         str(clone),
     ]
     relay = _Relay(say)
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=git_environment(),
-        start_new_session=True,  # its own group: stopped as a whole, not by the terminal
-    )
-    reader = threading.Thread(target=relay.read, args=(process.stderr,), daemon=True)
-    reader.start()
-    with _sigterm_interrupts():
+    with _sigterm_interrupts() as interrupts:
+        with interrupts.held():  # a SIGTERM while git starts acts once its group is known
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=git_environment(),
+                start_new_session=True,  # its own group: stopped as a whole, not by the terminal
+            )
+            reader = threading.Thread(target=relay.read, args=(process.stderr,), daemon=True)
+            reader.start()
         try:
+            interrupts.act_on_held()
             start = time.monotonic()
             quiet_since = start
             quiet_interval = min(QUIET_INTERVAL, limit / 3)
@@ -289,13 +292,31 @@ class _sigterm_interrupts:
 
     def __enter__(self):
         self.previous = None
+        self.holding = self.held_signal = False
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._interrupt)
         return self
 
-    @staticmethod
-    def _interrupt(signum, frame):
+    def _interrupt(self, signum, frame):
+        if self.holding:  # inside `held()`: noted, raised by `act_on_held()`
+            self.held_signal = True
+            return
         raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        """A SIGTERM inside this block waits for `act_on_held()` instead of interrupting a
+        child process half started (whose group nobody would then stop)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+    def act_on_held(self) -> None:
+        if self.held_signal:
+            self.held_signal = False
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         if self.previous is not None:

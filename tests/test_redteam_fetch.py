@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from synthetic import write_study_data
 
+from data_tools import fetch
 from data_tools.__main__ import main as data_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +242,22 @@ def test_fetch_if_missing_fetches_only_when_no_datasets_folder_is_found(tmp_path
     done = fetch_if_missing(tmp_path / "named")
     assert done.returncode == 0, done.stderr
     assert {"TRAIN", "TEST", "TEST2"} <= {p.name for p in (tmp_path / "named").iterdir()}
+
+
+def test_a_sigterm_while_git_starts_waits_until_its_group_can_be_stopped():
+    """Between fork and exec a SIGTERM must neither kill the fetch outright nor interrupt
+    Popen half-way: either would leave git running in its own group with nobody to stop it."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    before = signal.getsignal(signal.SIGTERM)
+    with fetch._sigterm_interrupts() as interrupts:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run: nothing raised inside the block
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.act_on_held()
+        interrupts.act_on_held()  # acted on once
+        with pytest.raises(KeyboardInterrupt):  # outside the block: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -195,20 +195,20 @@ def _clone(url: str, clone: Path, target: Path, limit: float, say: Callable[[str
         str(clone),
     ]
     relay = _Relay(say)
+    process = reader = None
     with _sigterm_interrupts() as interrupts:
-        with interrupts.held():  # a SIGTERM while git starts acts once its group is known
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=git_environment(),
-                start_new_session=True,  # its own group: stopped as a whole, not by the terminal
-            )
-            reader = threading.Thread(target=relay.read, args=(process.stderr,), daemon=True)
-            reader.start()
         try:
-            interrupts.act_on_held()
+            with interrupts.held():  # a SIGTERM while git starts acts once its group is known
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env=git_environment(),
+                    start_new_session=True,  # its own group: stopped as a whole
+                )
+                reader = threading.Thread(target=relay.read, args=(process.stderr,), daemon=True)
+                reader.start()
             start = time.monotonic()
             quiet_since = start
             quiet_interval = min(QUIET_INTERVAL, limit / 3)
@@ -225,8 +225,10 @@ def _clone(url: str, clone: Path, target: Path, limit: float, say: Callable[[str
                     quiet_since = now
                 time.sleep(0.1)
         finally:
-            _stop_group(process)
-            reader.join(timeout=STOP_GRACE)
+            if process is not None:
+                _stop_group(process)
+            if reader is not None:
+                reader.join(timeout=STOP_GRACE)
     if process.returncode != 0:
         reason = relay.reason or "git failed"
         raise DatasetError(target, f"cannot clone {mask_url(url)} ({reason})")
@@ -298,22 +300,20 @@ class _sigterm_interrupts:
         return self
 
     def _interrupt(self, signum, frame):
-        if self.holding:  # inside `held()`: noted, raised by `act_on_held()`
+        if self.holding:  # inside `held()`: raised when the block ends
             self.held_signal = True
             return
         raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def held(self):
-        """A SIGTERM inside this block waits for `act_on_held()` instead of interrupting a
-        child process half started (whose group nobody would then stop)."""
+        """A SIGTERM inside this block is raised as KeyboardInterrupt when the block ends, not
+        while a child process is half started (its group would then have nobody to stop it)."""
         self.holding = True
         try:
             yield
         finally:
             self.holding = False
-
-    def act_on_held(self) -> None:
         if self.held_signal:
             self.held_signal = False
             raise KeyboardInterrupt
